@@ -1,0 +1,455 @@
+"""The agent daemon: one GGUF expert on one box, serving distributions over MQTT.
+
+Structure (STYLE.md): the daemon owns one task group of named loops -- the MQTT session (with
+its reconnect loop), the engine worker, telemetry and the watchdog. Model, meter, clock and the
+MQTT client factory are injected; :func:`moe2.cli.agent.run` wires the real ones.
+
+Requests arriving in the same tick are processed as one batch in the engine thread: all steps
+due in it are decoded in one llama.cpp call, and the meter's energy delta over that call is
+shared among its sessions in proportion to the tokens each one evaluated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+import numpy as np
+
+from moe2.agent.engine import DecodeJob, Engine, EngineError, softmax_topk
+from moe2.agent.meters import EnergyMeter, EstimatedMeter
+from moe2.agent.sessions import Session, SessionError, SessionTable
+from moe2.agent.stats import AgentStats
+from moe2.shared import __version__, wire
+from moe2.shared.config import AgentConfig
+from moe2.shared.mqtt import Backoff, get_prop, payload_bytes, response_properties
+from moe2.shared.sdnotify import Notifier, watchdog_interval_s
+from moe2.shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+ClientFactory = Callable[[aiomqtt.Will], aiomqtt.Client]
+
+
+@dataclass
+class Work:
+    """One inbound RPC: the decoded message (or the decode error) and where to reply."""
+
+    msg: wire.OpenSession | wire.Step | wire.CloseSession | None
+    error: str | None
+    response_topic: str | None
+    correlation: bytes | None
+
+
+@dataclass
+class _Job:
+    work_index: int
+    session: Session
+    tokens: list[int]
+    seq: int
+    k: int
+    is_open: bool
+
+
+class AgentDaemon:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        engine: Engine,
+        meter: EnergyMeter,
+        client_factory: ClientFactory,
+        *,
+        device: str = "cpu",
+        topics: Topics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.meter = meter
+        self.client_factory = client_factory
+        self.device = device
+        self.topics = topics or Topics(cfg.root)
+        self.clock = clock
+        self.wall = wall
+        self.notifier = notifier or Notifier()
+        info = engine.info
+        self.max_prompt_tokens = min(cfg.max_prompt_tokens or info.n_ctx - 1, info.n_ctx - 1)
+        self.table = SessionTable(
+            max_sessions=cfg.max_sessions, n_ctx=info.n_ctx, n_vocab=info.n_vocab,
+            max_k=cfg.max_k,
+        )
+        self.stats = AgentStats()
+        self._queue: asyncio.Queue[Work] = asyncio.Queue()
+        self._client: aiomqtt.Client | None = None
+        self._stopping = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._ready_sent = False
+        self._entered = False
+        self.connections = 0  # successful MQTT sessions so far (tests read it)
+
+    # ------------------------------------------------------------------ messages
+    def status(self, state: str) -> wire.AgentStatus:
+        info = self.engine.info
+        return wire.AgentStatus(
+            agent_id=self.cfg.id, state="online" if state == "online" else "offline",
+            model=info.name, quant=info.quant, n_ctx=info.n_ctx, n_vocab=info.n_vocab,
+            vocab_fp=info.vocab_fp, bos_id=info.bos_id, eos_id=info.eos_id,
+            chat_template=info.chat_template is not None, device=self.device,
+            meter=self.meter.kind, version=__version__, max_sessions=self.cfg.max_sessions,
+            ts=self.wall(),
+        )
+
+    def will(self) -> aiomqtt.Will:
+        t = self.topics.agent_status(self.cfg.id)
+        return aiomqtt.Will(t.topic, t.encode(self.status("offline")), qos=1, retain=True)
+
+    def telemetry(self) -> wire.Telemetry:
+        energy_j = self.meter.read_energy_j()
+        tps, jpt = self.stats.snapshot_rate(self.clock(), energy_j)
+        return wire.Telemetry(
+            agent_id=self.cfg.id, ts=self.wall(), power_w=self.meter.read_power_w(),
+            energy_j=energy_j, tokens_total=self.stats.tokens_total, tokens_per_s=tps,
+            joules_per_token=jpt, step_latency_s=self.stats.step_latency_s(),
+            open_sessions=len(self.table.sessions), meter=self.meter.kind,
+            latency_by_ctx=self.stats.latency_bins(), temperature_c=self.meter.temperature_c(),
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    def request_stop(self) -> None:
+        """Signal handler: finish in-flight work, publish offline, exit."""
+        if self._stopping.is_set():
+            return
+        log.info("agent %s: stopping", self.cfg.id)
+        self._stopping.set()
+
+    async def run(self) -> int:
+        if self._entered:
+            raise RuntimeError("AgentDaemon.run() may be called once")
+        self._entered = True
+        self.notifier.notify("STATUS=connecting")
+        async with asyncio.TaskGroup() if hasattr(asyncio, "TaskGroup") else _TaskGroup() as tg:
+            session = tg.create_task(self._session_loop(), name="mqtt-session")
+            worker = tg.create_task(self._worker_loop(), name="engine-worker")
+            telemetry = tg.create_task(self._telemetry_loop(), name="telemetry")
+            watchdog = tg.create_task(self._watchdog_loop(), name="watchdog")
+            expiry = tg.create_task(self._expiry_loop(), name="expiry")
+            await self._stopping.wait()
+            # Drain: let queued and in-flight work finish (up to the timeout).
+            deadline = self.clock() + self.cfg.drain_timeout_s
+            while (not self._queue.empty() or self._busy) and self.clock() < deadline:
+                await asyncio.sleep(0.02)
+            for t in (worker, telemetry, watchdog, expiry):
+                t.cancel()
+            self.notifier.stopping()
+            await self._publish_offline()
+            session.cancel()
+        return 0
+
+    _busy = False
+
+    async def _publish_offline(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        t = self.topics.agent_status(self.cfg.id)
+        with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+            await asyncio.wait_for(
+                client.publish(t.topic, t.encode(self.status("offline")), qos=1, retain=True),
+                timeout=3.0,
+            )
+
+    async def _session_loop(self) -> None:
+        backoff = Backoff()
+        while True:
+            client = self.client_factory(self.will())
+            try:
+                async with client:
+                    self._client = client
+                    await self._on_connect(client)
+                    backoff.reset()
+                    async for message in client.messages:
+                        self._on_message(message)
+            except aiomqtt.MqttError as exc:
+                self._client = None
+                self._connected.clear()
+                delay = backoff.next_delay_s()
+                log.warning("agent %s: broker connection lost (%s); retrying in %.1fs",
+                            self.cfg.id, exc, delay)
+                await asyncio.sleep(delay)
+            finally:
+                self._client = None
+                self._connected.clear()
+
+    async def _on_connect(self, client: aiomqtt.Client) -> None:
+        await client.subscribe(self.topics.agent_rpc(self.cfg.id), qos=0)
+        info = self.engine.info
+        vt = self.topics.agent_vocab(self.cfg.id)
+        await client.publish(
+            vt.topic,
+            vt.encode(wire.Vocab(agent_id=self.cfg.id, vocab_fp=info.vocab_fp,
+                                 pieces=list(info.pieces))),
+            qos=1, retain=True,
+        )
+        st = self.topics.agent_status(self.cfg.id)
+        await client.publish(st.topic, st.encode(self.status("online")), qos=1, retain=True)
+        self.connections += 1
+        self._connected.set()
+        log.info("agent %s: online (model %s, %s, meter %s)", self.cfg.id, info.name,
+                 info.quant or "?", self.meter.kind)
+        if not self._ready_sent:
+            self._ready_sent = True
+            self.notifier.ready(f"serving {info.name}")
+
+    def _on_message(self, message: aiomqtt.Message) -> None:
+        data = payload_bytes(message)
+        rt = get_prop(message, "ResponseTopic")
+        corr = get_prop(message, "CorrelationData")
+        try:
+            msg = wire.decode_agent_inbound(data)
+        except wire.DecodeError as exc:
+            log.debug("agent %s: malformed request (%s)", self.cfg.id, exc)
+            if rt:
+                self._queue.put_nowait(Work(None, f"malformed request: {exc}", rt, corr))
+            return
+        self._queue.put_nowait(Work(msg, None, rt, corr))
+
+    async def _worker_loop(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            self._busy = True
+            try:
+                if self._stopping.is_set() and self.cfg.drain_timeout_s <= 0:
+                    replies = [self._shutdown_reply(w) for w in batch]
+                else:
+                    replies = await asyncio.to_thread(self.process, batch)
+            finally:
+                self._busy = False
+            await self._send_replies(batch, replies)
+
+    def _shutdown_reply(self, w: Work) -> wire.Reply:
+        return wire.Reply(agent_id=self.cfg.id, errors=[wire.ErrorItem(
+            code=wire.ErrorCode.SHUTTING_DOWN, message="agent is shutting down")])
+
+    async def _send_replies(self, batch: Sequence[Work], replies: Sequence[wire.Reply | None]) -> None:
+        client = self._client
+        for w, r in zip(batch, replies, strict=True):
+            if r is None or not w.response_topic:
+                continue
+            if client is None:
+                log.debug("agent %s: reply dropped, not connected", self.cfg.id)
+                continue
+            try:
+                await client.publish(
+                    w.response_topic, wire.encode(r), qos=0,
+                    properties=response_properties(correlation_data=w.correlation),
+                )
+            except aiomqtt.MqttError as exc:
+                log.debug("agent %s: reply not sent: %s", self.cfg.id, exc)
+
+    # ------------------------------------------------------------------ engine thread
+    def process(self, batch: Sequence[Work]) -> list[wire.Reply | None]:
+        """Blocking: validate, tokenise, decode and build one reply per work item."""
+        now = self.clock()
+        dists: list[list[wire.Distribution]] = [[] for _ in batch]
+        errors: list[list[wire.ErrorItem]] = [[] for _ in batch]
+        pending: list[_Job] = []
+        for i, w in enumerate(batch):
+            if w.msg is None:
+                errors[i].append(wire.ErrorItem(code=wire.ErrorCode.MALFORMED,
+                                                message=w.error or "malformed"))
+                continue
+            try:
+                self._admit(i, w.msg, now, pending, errors[i])
+            except SessionError as exc:  # whole-message errors (open)
+                sid = w.msg.session_id if isinstance(w.msg, wire.OpenSession) else None
+                errors[i].append(exc.item(sid, 0 if sid else None))
+        # Rounds: a session may appear once per llama_decode call.
+        while pending:
+            seen: set[int] = set()
+            round_jobs: list[_Job] = []
+            later: list[_Job] = []
+            for j in pending:
+                (later if j.session.seq_id in seen else round_jobs).append(j)
+                seen.add(j.session.seq_id)
+            pending = later
+            self._decode_round(round_jobs, dists, errors)
+        replies: list[wire.Reply | None] = []
+        for i, w in enumerate(batch):
+            if isinstance(w.msg, wire.CloseSession) and not errors[i]:
+                replies.append(None)  # closes need no answer
+            else:
+                replies.append(wire.Reply(agent_id=self.cfg.id, dists=dists[i], errors=errors[i]))
+        return replies
+
+    def _admit(self, i: int, msg: wire.OpenSession | wire.Step | wire.CloseSession, now: float,
+               pending: list[_Job], errors: list[wire.ErrorItem]) -> None:
+        if isinstance(msg, wire.CloseSession):
+            for sid in msg.session_ids:
+                s = self.table.close(sid)
+                if s is not None:
+                    self.engine.free(s.seq_id)
+            return
+        if isinstance(msg, wire.OpenSession):
+            self.table.check_k(msg.k)
+            if msg.session_id in self.table.sessions:
+                raise SessionError(wire.ErrorCode.SESSION_EXISTS,
+                                   f"session {msg.session_id!r} is already open")
+            tokens = self.tokenize_request(msg)
+            if len(tokens) > self.max_prompt_tokens:
+                raise SessionError(
+                    wire.ErrorCode.PROMPT_TOO_LONG,
+                    f"prompt has {len(tokens)} tokens; this agent accepts at most "
+                    f"{self.max_prompt_tokens}",
+                )
+            s = self.table.open(msg.session_id, len(tokens), msg.k, now)
+            s.busy = True
+            pending.append(_Job(i, s, tokens, 0, msg.k, True))
+            return
+        for item in msg.items:
+            try:
+                s = self.table.step(item.session_id, item.token, item.seq, item.k, now)
+            except SessionError as exc:
+                errors.append(exc.item(item.session_id, item.seq))
+                continue
+            s.busy = True
+            pending.append(_Job(i, s, [item.token], item.seq, item.k, False))
+
+    def tokenize_request(self, msg: wire.OpenSession) -> list[int]:
+        eng = self.engine
+        if msg.tokens is not None:
+            self.table.check_tokens(msg.tokens)
+            return list(msg.tokens)
+        template = eng.info.chat_template is not None and not msg.raw
+        if msg.messages is not None:
+            pairs = [(m.role, m.content) for m in msg.messages]
+        else:
+            pairs = [("user", msg.prompt or "")]
+        if not template:
+            text = "\n".join(c for _r, c in pairs)
+            return eng.tokenize(text, add_bos=True, parse_special=False)
+        try:
+            rendered = eng.render_chat(pairs)
+        except Exception as exc:  # noqa: BLE001 - a template error is the request's problem
+            raise SessionError(wire.ErrorCode.BAD_REQUEST,
+                               f"chat template failed: {exc}") from None
+        bos_text = getattr(eng, "bos_text", lambda: "")()
+        add_bos = not (bos_text and rendered.startswith(bos_text))
+        return eng.tokenize(rendered, add_bos=add_bos, parse_special=True)
+
+    def _decode_round(self, jobs: list[_Job], dists: list[list[wire.Distribution]],
+                      errors: list[list[wire.ErrorItem]]) -> None:
+        decode_jobs = [DecodeJob(j.session.seq_id, j.tokens, j.session.n_past) for j in jobs]
+        e0 = self.meter.read_energy_j()
+        t0 = self.clock()
+        try:
+            if isinstance(self.meter, EstimatedMeter):
+                with self.meter.busy():
+                    logits = self.engine.decode(decode_jobs)
+            else:
+                logits = self.engine.decode(decode_jobs)
+        except EngineError as exc:
+            log.error("agent %s: decode failed: %s", self.cfg.id, exc)
+            for j in jobs:
+                errors[j.work_index].append(wire.ErrorItem(
+                    code=wire.ErrorCode.INTERNAL, message=f"decode failed: {exc}",
+                    session_id=j.session.session_id, seq=j.seq))
+                self.table.close(j.session.session_id)
+                self.engine.free(j.session.seq_id)
+            return
+        latency_s = self.clock() - t0
+        energy_j = max(0.0, self.meter.read_energy_j() - e0)
+        n_tokens = sum(len(j.tokens) for j in jobs)
+        for j, lg in zip(jobs, logits, strict=True):
+            s = j.session
+            s.n_past += len(j.tokens)
+            s.last_seq = j.seq
+            s.busy = False
+            ids, probs, rest = softmax_topk(lg, j.k)
+            share = energy_j * len(j.tokens) / n_tokens if n_tokens else 0.0
+            dists[j.work_index].append(wire.Distribution(
+                session_id=s.session_id, seq=j.seq,
+                probs=wire.Distribution.pack_probs(probs),
+                ids=b"" if ids is None else wire.Distribution.pack_ids(ids),
+                rest_mass=rest, n_past=s.n_past, n_evaluated=len(j.tokens),
+                energy_j=share, latency_s=latency_s,
+            ))
+            if not j.is_open:
+                self.stats.record_step(latency_s, s.n_past)
+        self.stats.record_tokens(sum(1 for j in jobs if not j.is_open))
+
+    # ------------------------------------------------------------------ periodic loops
+    async def _telemetry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.telemetry_interval_s)
+            client = self._client
+            if client is None or not self._connected.is_set():
+                continue
+            try:
+                msg = await asyncio.to_thread(self.telemetry)
+                t = self.topics.agent_telemetry(self.cfg.id)
+                await client.publish(t.topic, t.encode(msg), qos=0)
+            except aiomqtt.MqttError as exc:
+                log.debug("telemetry not sent: %s", exc)
+            except Exception:
+                log.exception("agent %s: telemetry failed", self.cfg.id)
+
+    async def _watchdog_loop(self) -> None:
+        if not self.notifier.enabled:
+            return
+        interval = watchdog_interval_s(default_s=5.0)
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _expiry_loop(self) -> None:
+        period = min(5.0, max(0.5, self.cfg.idle_timeout_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            expired = self.table.expired(self.clock(), self.cfg.idle_timeout_s)
+            if expired:
+                log.info("agent %s: closing %d idle session(s)", self.cfg.id, len(expired))
+                self._queue.put_nowait(Work(wire.CloseSession(session_ids=expired), None,
+                                            None, None))
+
+
+class _TaskGroup:
+    """Minimal asyncio.TaskGroup for Python 3.10 (cancel the rest when one task fails)."""
+
+    def __init__(self) -> None:
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def create_task(self, coro: Any, *, name: str | None = None) -> asyncio.Task[Any]:
+        t = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.append(t)
+        return t
+
+    async def __aenter__(self) -> _TaskGroup:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pending = set(self._tasks)
+        error: BaseException | None = None
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                if not t.cancelled() and t.exception() is not None and error is None:
+                    error = t.exception()
+                    for p in pending:
+                        p.cancel()
+        if error is not None:
+            raise error
+
+
+def _np_ok() -> bool:  # keep numpy import used for type checkers of callers
+    return np.__version__ != ""

@@ -1,0 +1,304 @@
+"""The GGUF engine: llama.cpp through llama-cpp-python's C API, many sessions in one context.
+
+Every session owns one KV-cache sequence (``seq_id``) of a single llama.cpp context created with
+``n_seq_max = max_sessions`` and a unified KV buffer. A step decodes only the newly appended
+token at the session's next position, so the history is never processed again; steps of several
+sessions due in the same tick are decoded in ONE ``llama_decode`` call (one batch), which is
+also the window over which the energy meter's delta is shared.
+
+All methods here are blocking and must run off the event loop (the daemon calls them through
+its engine thread). The class is not thread-safe; the daemon serialises calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+log = logging.getLogger(__name__)
+
+# general.file_type values (llama_ftype) -> name, for the status message
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
+}
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    quant: str
+    n_vocab: int
+    n_ctx: int
+    bos_id: int
+    eos_id: int
+    vocab_fp: str
+    chat_template: str | None
+    n_params: int
+    pieces: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    """Append ``tokens`` to sequence ``seq_id`` starting at position ``pos0``."""
+
+    seq_id: int
+    tokens: Sequence[int]
+    pos0: int
+
+
+class Engine(Protocol):
+    """What the agent daemon needs from a model runtime (a fake implements it in tests)."""
+
+    info: ModelInfo
+    evaluated_tokens: int
+
+    def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]: ...
+
+    def render_chat(self, messages: Sequence[tuple[str, str]]) -> str: ...
+
+    def decode(self, jobs: Sequence[DecodeJob]) -> list[npt.NDArray[np.float32]]: ...
+
+    def free(self, seq_id: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def vocab_fingerprint(pieces: Sequence[bytes], attrs: Sequence[int]) -> str:
+    """Two experts may be fused only when this matches: same ids mean the same strings."""
+    h = hashlib.sha256()
+    h.update(len(pieces).to_bytes(4, "little"))
+    for p, a in zip(pieces, attrs, strict=True):
+        h.update(len(p).to_bytes(4, "little"))
+        h.update(p)
+        h.update(int(a).to_bytes(4, "little", signed=True))
+    return h.hexdigest()[:32]
+
+
+def softmax_topk(
+    logits: npt.NDArray[np.float32], k: int
+) -> tuple[npt.NDArray[np.int32] | None, npt.NDArray[np.float64], float]:
+    """Temperature-1 softmax over the true logits; the top ``k`` ids (None = all) sorted by
+    probability, their probabilities, and the mass outside them."""
+    x = logits.astype(np.float64)
+    x -= x.max()
+    p = np.exp(x)
+    p /= p.sum()
+    if k <= 0 or k >= p.shape[0]:
+        return None, p, 0.0
+    idx = np.argpartition(-p, k - 1)[:k]
+    idx = idx[np.argsort(-p[idx], kind="stable")]
+    top = p[idx]
+    rest = float(max(0.0, 1.0 - top.sum()))
+    return idx.astype(np.int32), top, rest
+
+
+class LlamaEngine:
+    """llama.cpp model + one multi-sequence context."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        n_ctx: int,
+        max_sessions: int,
+        n_gpu_layers: int = 0,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        kv_type: str = "f16",
+        flash_attn: bool = False,
+        verbose: bool = False,
+    ) -> None:
+        import llama_cpp as L
+        from llama_cpp import _logger
+
+        _logger.set_verbose(verbose)
+        self._L = L
+        if not os.path.isfile(model_path):
+            raise EngineError(f"model file {model_path!r} does not exist")
+        L.llama_backend_init()
+        mparams = L.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        model = L.llama_model_load_from_file(model_path.encode(), mparams)
+        if not model:
+            raise EngineError(f"llama.cpp could not load {model_path!r} (not a valid GGUF?)")
+        self._model = model
+        cparams = L.llama_context_default_params()
+        self.n_ctx_per_session = n_ctx
+        cparams.n_ctx = n_ctx * max_sessions
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = max_sessions
+        cparams.kv_unified = True
+        threads = n_threads or max(1, (os.cpu_count() or 2))
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        # Explicit, so distributions are reproducible against a plain llama-cpp-python Llama
+        # (which also disables flash attention by default) and a float32 KV cache can be asked
+        # for where exactness matters more than memory (logit checks, calibration).
+        cparams.flash_attn_type = (
+            L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        kv_ggml = {"f16": L.GGML_TYPE_F16, "f32": L.GGML_TYPE_F32, "q8_0": L.GGML_TYPE_Q8_0}
+        if kv_type not in kv_ggml:
+            raise EngineError(f"kv_type must be one of {', '.join(kv_ggml)}, got {kv_type!r}")
+        cparams.type_k = kv_ggml[kv_type]
+        cparams.type_v = kv_ggml[kv_type]
+        ctx = L.llama_init_from_model(model, cparams)
+        if not ctx:
+            L.llama_model_free(model)
+            raise EngineError("llama.cpp could not create a context (out of memory?)")
+        self._ctx = ctx
+        self._mem = L.llama_get_memory(ctx)
+        self._vocab = L.llama_model_get_vocab(model)
+        self.n_batch = n_batch
+        self._batch = L.llama_batch_init(n_batch, 0, 1)
+        n_vocab = int(L.llama_vocab_n_tokens(self._vocab))
+        self._n_vocab = n_vocab
+        self.evaluated_tokens = 0
+        pieces = tuple(self._piece(t) for t in range(n_vocab))
+        attrs = [int(L.llama_vocab_get_attr(self._vocab, t)) for t in range(n_vocab)]
+        self._bos_text = self._piece(int(L.llama_vocab_bos(self._vocab)), special=True)
+        ftype = self._meta("general.file_type")
+        self.info = ModelInfo(
+            name=self._meta("general.name") or os.path.basename(model_path),
+            quant=FILE_TYPES.get(int(ftype), f"ftype{ftype}") if ftype and ftype.isdigit() else "",
+            n_vocab=n_vocab,
+            n_ctx=n_ctx,
+            bos_id=int(L.llama_vocab_bos(self._vocab)),
+            eos_id=int(L.llama_vocab_eos(self._vocab)),
+            vocab_fp=vocab_fingerprint(pieces, attrs),
+            chat_template=self._meta("tokenizer.chat_template") or None,
+            n_params=int(L.llama_model_n_params(model)),
+            pieces=pieces,
+        )
+        self._eog = frozenset(t for t in range(n_vocab) if L.llama_vocab_is_eog(self._vocab, t))
+
+    # ------------------------------------------------------------------ metadata
+    def _meta(self, key: str) -> str:
+        buf = ctypes.create_string_buffer(4096)
+        n = self._L.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        if n < 0:
+            return ""
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            self._L.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    @property
+    def eog_ids(self) -> frozenset[int]:
+        return self._eog
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (self._L.llama_token * n_max)()
+        n = self._L.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, parse_special)
+        if n < 0:
+            n_max = -n
+            buf = (self._L.llama_token * n_max)()
+            n = self._L.llama_tokenize(
+                self._vocab, data, len(data), buf, n_max, add_bos, parse_special
+            )
+        return list(buf[:n])
+
+    def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
+        """Render with the GGUF's own Jinja chat template (as llama-cpp-python does)."""
+        template = self.info.chat_template
+        if not template:
+            raise EngineError("this model has no chat template")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        bos = self._bos_text.decode("utf-8", errors="replace")
+        eos = self._piece(self.info.eos_id, special=True).decode("utf-8", errors="replace")
+        rendered: str = env.from_string(template).render(
+            messages=[{"role": r, "content": c} for r, c in messages],
+            bos_token=bos,
+            eos_token=eos,
+            add_generation_prompt=True,
+        )
+        return rendered
+
+    def bos_text(self) -> str:
+        return self._bos_text.decode("utf-8", errors="replace")
+
+    # ------------------------------------------------------------------ decoding
+    def decode(self, jobs: Sequence[DecodeJob]) -> list[npt.NDArray[np.float32]]:
+        """Decode every job's tokens (one batch when they fit) and return, per job, the logits
+        after its last token. Raises :class:`EngineError` when llama.cpp refuses the batch."""
+        L = self._L
+        out: list[npt.NDArray[np.float32] | None] = [None] * len(jobs)
+        # Flatten into (job index, token, pos, wants_logits) and feed n_batch at a time.
+        flat: list[tuple[int, int, int, bool]] = []
+        for j, job in enumerate(jobs):
+            n = len(job.tokens)
+            for i, tok in enumerate(job.tokens):
+                flat.append((j, int(tok), job.pos0 + i, i == n - 1))
+        b = self._batch
+        for start in range(0, len(flat), self.n_batch):
+            chunk = flat[start : start + self.n_batch]
+            for i, (j, tok, pos, want) in enumerate(chunk):
+                b.token[i] = tok
+                b.pos[i] = pos
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = jobs[j].seq_id
+                b.logits[i] = want
+            b.n_tokens = len(chunk)
+            rc = L.llama_decode(self._ctx, b)
+            if rc != 0:
+                raise EngineError(f"llama_decode failed with code {rc}")
+            self.evaluated_tokens += len(chunk)
+            for i, (j, _tok, _pos, want) in enumerate(chunk):
+                if want:
+                    ptr = L.llama_get_logits_ith(self._ctx, i)
+                    out[j] = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
+        return [o if o is not None else np.zeros(self._n_vocab, np.float32) for o in out]
+
+    def free(self, seq_id: int) -> None:
+        self._L.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+
+    def close(self) -> None:
+        L = self._L
+        if getattr(self, "_batch", None) is not None:
+            L.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            L.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            L.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def load_engine(model_path: str, **kwargs: Any) -> LlamaEngine:
+    return LlamaEngine(model_path, **kwargs)

@@ -1,0 +1,110 @@
+"""Session bookkeeping for the agent: pure decisions, no llama.cpp and no MQTT.
+
+A session owns one KV-cache sequence id in the engine. :class:`SessionTable` validates every
+request against the bounds (max sessions, max context, k range, token range, step order) and
+returns typed errors instead of raising into the receive loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moe2.shared.wire import ErrorCode, ErrorItem
+
+
+@dataclass
+class Session:
+    session_id: str
+    seq_id: int
+    n_past: int = 0
+    last_seq: int = 0
+    last_used_s: float = 0.0
+    k: int = 0
+    busy: bool = False
+
+
+class SessionError(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def item(self, session_id: str | None, seq: int | None) -> ErrorItem:
+        return ErrorItem(code=self.code, message=self.message, session_id=session_id, seq=seq)
+
+
+@dataclass
+class SessionTable:
+    max_sessions: int
+    n_ctx: int
+    n_vocab: int
+    max_k: int
+    sessions: dict[str, Session] = field(default_factory=dict)
+    _free: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._free = list(range(self.max_sessions - 1, -1, -1))
+
+    def check_k(self, k: int) -> None:
+        if not (0 <= k <= min(self.max_k, self.n_vocab)):
+            raise SessionError(
+                ErrorCode.BAD_K,
+                f"k={k} is out of range: use 0 (full vocabulary) to {min(self.max_k, self.n_vocab)}",
+            )
+
+    def check_tokens(self, tokens: list[int]) -> None:
+        for t in tokens:
+            if not (0 <= t < self.n_vocab):
+                raise SessionError(ErrorCode.BAD_TOKEN, f"token id {t} is outside 0..{self.n_vocab - 1}")
+
+    def open(self, session_id: str, n_prompt: int, k: int, now_s: float) -> Session:
+        """Reserve a KV sequence for a new session with an ``n_prompt``-token prompt."""
+        self.check_k(k)
+        if session_id in self.sessions:
+            raise SessionError(ErrorCode.SESSION_EXISTS, f"session {session_id!r} is already open")
+        if n_prompt < 1:
+            raise SessionError(ErrorCode.BAD_REQUEST, "the prompt has no tokens")
+        if n_prompt >= self.n_ctx:
+            raise SessionError(
+                ErrorCode.PROMPT_TOO_LONG,
+                f"prompt has {n_prompt} tokens; this agent's context holds {self.n_ctx} "
+                f"(at most {self.n_ctx - 1} prompt tokens)",
+            )
+        if not self._free:
+            raise SessionError(
+                ErrorCode.TOO_MANY_SESSIONS,
+                f"all {self.max_sessions} sessions are in use; retry later",
+            )
+        s = Session(session_id, self._free.pop(), n_past=0, last_seq=0, last_used_s=now_s, k=k)
+        self.sessions[session_id] = s
+        return s
+
+    def step(self, session_id: str, token: int, seq: int, k: int, now_s: float) -> Session:
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise SessionError(ErrorCode.UNKNOWN_SESSION, f"no open session {session_id!r}")
+        self.check_k(k)
+        self.check_tokens([token])
+        if seq != s.last_seq + 1:
+            raise SessionError(
+                ErrorCode.BAD_REQUEST, f"step seq {seq} out of order (expected {s.last_seq + 1})"
+            )
+        if s.n_past + 1 > self.n_ctx:
+            raise SessionError(
+                ErrorCode.CONTEXT_FULL, f"session {session_id!r} reached the context of {self.n_ctx}"
+            )
+        s.last_used_s = now_s
+        s.k = k
+        return s
+
+    def close(self, session_id: str) -> Session | None:
+        s = self.sessions.pop(session_id, None)
+        if s is not None:
+            self._free.append(s.seq_id)
+        return s
+
+    def expired(self, now_s: float, idle_timeout_s: float) -> list[str]:
+        return [
+            sid for sid, s in self.sessions.items()
+            if not s.busy and now_s - s.last_used_s > idle_timeout_s
+        ]

@@ -1,0 +1,1 @@
+"""The ``moe2`` command line: one console script with subcommands."""

@@ -1,0 +1,1 @@
+"""The moe2 coordinator: gating, planning, token fusion and the phone API."""

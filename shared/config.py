@@ -1,0 +1,173 @@
+"""Configuration files (TOML) for the agent and the coordinator.
+
+Configs are frozen, strict structs: an unknown key or a wrong type is a :class:`ConfigError` with
+one clear line (the CLI exits with code 2). The command line wins over the file: CLI modules
+apply their flags with :func:`override`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one line meant for the operator."""
+
+
+class _Cfg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class TlsSection(_Cfg):
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+
+
+class MeterSection(_Cfg):
+    """Which energy meter an agent uses. ``auto`` probes NVML, INA3221, tegrastats, RAPL,
+    then falls back to an estimate (labelled ``estimated``) of ``estimated_watts`` while busy."""
+
+    kind: Literal["auto", "nvml", "ina3221", "tegrastats", "jtop", "rapl", "estimated"] = "auto"
+    estimated_watts: float = 10.0
+    idle_watts: float = 0.0
+    gpu_index: int = 0
+    rails: list[str] = []
+    sample_interval_s: float = 0.1
+
+
+class AgentConfig(_Cfg):
+    id: str = ""
+    model: str = ""
+    broker: str = "mqtt://127.0.0.1:1883"
+    root: str = "moe2"
+    n_ctx: int = 2048
+    n_gpu_layers: int = 0
+    n_threads: int | None = None
+    n_batch: int = 512
+    #: KV cache element type: f16 (llama.cpp's default), f32 (exact) or q8_0 (small)
+    kv_type: Literal["f16", "f32", "q8_0"] = "f16"
+    flash_attn: bool = False
+    max_sessions: int = 16
+    max_prompt_tokens: int | None = None
+    idle_timeout_s: float = 300.0
+    telemetry_interval_s: float = 2.0
+    max_k: int = 4096
+    device: str = "auto"
+    metrics_port: int | None = None
+    drain_timeout_s: float = 5.0
+    meter: MeterSection = MeterSection()
+    tls: TlsSection = TlsSection()
+
+    def validate(self) -> AgentConfig:
+        if not self.id:
+            raise ConfigError("agent id is required (--id NAME or id = \"...\" in the config)")
+        if not self.model:
+            raise ConfigError("model is required (--model FILE.gguf or model = \"...\")")
+        if not os.path.isfile(self.model):
+            raise ConfigError(f"model file {self.model!r} does not exist")
+        _positive("n_ctx", self.n_ctx)
+        _positive("max_sessions", self.max_sessions)
+        _positive("n_batch", self.n_batch)
+        _positive("telemetry_interval_s", self.telemetry_interval_s)
+        _positive("idle_timeout_s", self.idle_timeout_s)
+        if self.max_prompt_tokens is not None:
+            _positive("max_prompt_tokens", self.max_prompt_tokens)
+        return self
+
+
+class AppSection(_Cfg):
+    """An application class: its latency budget in seconds per generated token (paper eq. 8)."""
+
+    max_latency_s: float = 1.0
+    top_k: int | None = None
+
+
+class PlannerSection(_Cfg):
+    method: Literal["smo", "exact", "exhaustive", "greedy", "random"] = "smo"
+    #: energy budget in joules per generated token (paper eq. 11); None = unlimited
+    max_energy_j: float | None = None
+    #: a per-request joule budget, converted to J/token with expected_tokens
+    max_request_energy_j: float | None = None
+    expected_tokens: int = 64
+    interval_s: float = 10.0
+    change_fraction: float = 0.2
+    calibration: str | None = None
+    epsilon: float = 1e-6
+    enabled: bool = True
+
+
+class CoordinatorConfig(_Cfg):
+    id: str = "coordinator"
+    broker: str = "mqtt://127.0.0.1:1883"
+    root: str = "moe2"
+    group: str = "coordinators"
+    gate: str | None = None
+    tokenizer: str | None = None
+    dist_k: int = 64
+    top_k: int | None = None
+    unknown_expert_weight: float = 0.0
+    step_deadline_min_s: float = 2.0
+    step_deadline_factor: float = 20.0
+    open_deadline_s: float = 30.0
+    drain_timeout_s: float = 10.0
+    max_concurrent: int = 256
+    max_concurrent_per_client: int = 16
+    rate_per_client_per_s: float = 50.0
+    max_prompt_chars: int = 16384
+    max_tokens_limit: int = 1024
+    metrics_port: int | None = None
+    apps: dict[str, AppSection] = {}
+    planner: PlannerSection = PlannerSection()
+    tls: TlsSection = TlsSection()
+
+    def validate(self) -> CoordinatorConfig:
+        if self.dist_k < 0:
+            raise ConfigError("dist_k must be >= 0 (0 = the full vocabulary)")
+        if self.top_k is not None:
+            _positive("top_k", self.top_k)
+        if self.gate is not None and not os.path.isfile(self.gate):
+            raise ConfigError(f"gate file {self.gate!r} does not exist")
+        _positive("max_concurrent", self.max_concurrent)
+        _positive("max_tokens_limit", self.max_tokens_limit)
+        for name, app in self.apps.items():
+            _positive(f"apps.{name}.max_latency_s", app.max_latency_s)
+        return self
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value!r}")
+
+
+def load(path: str | os.PathLike[str] | None, kind: type[T]) -> T:
+    """Read a TOML file into ``kind`` (defaults when ``path`` is None)."""
+    if path is None:
+        return kind()
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {str(p)!r}: {exc.strerror or exc}") from None
+    try:
+        return msgspec.toml.decode(data, type=kind)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"config {str(p)!r}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"config {str(p)!r} is not valid TOML: {exc}") from None
+
+
+def override(cfg: T, **changes: Any) -> T:
+    """Apply command-line values (None means "not given on the command line")."""
+    given = {k: v for k, v in changes.items() if v is not None}
+    try:
+        return msgspec.structs.replace(cfg, **given)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None

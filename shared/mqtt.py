@@ -1,0 +1,156 @@
+"""MQTT session helpers: broker URLs, client construction, reconnect backoff.
+
+aiomqtt 2.x does not reconnect by itself: every long-lived component wraps its session in one
+loop (``async for attempt in reconnecting(...)``) with jittered, capped exponential backoff and
+re-subscribes inside it.
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+
+class BrokerUrlError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class BrokerUrl:
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+
+    def redacted(self) -> str:
+        auth = f"{self.username}:***@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerUrl:
+    """``mqtt://[user:pass@]host:port`` or ``mqtts://...`` (default ports 1883 / 8883)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise BrokerUrlError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise BrokerUrlError(f"broker URL {url!r} has no host")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise BrokerUrlError(f"broker URL {url!r}: {exc}") from None
+    tls = parts.scheme == "mqtts"
+    return BrokerUrl(
+        host=parts.hostname,
+        port=port or (8883 if tls else 1883),
+        tls=tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+    )
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+
+
+def make_client(
+    url: BrokerUrl,
+    *,
+    identifier: str | None = None,
+    will: aiomqtt.Will | None = None,
+    tls: TlsOptions | None = None,
+    keepalive_s: int = 10,
+    clean_start: bool = True,
+    max_queued_outgoing: int | None = 10000,
+) -> aiomqtt.Client:
+    """An MQTT 5 client for ``url``; TLS from the URL scheme with an optional private CA."""
+    tls_context: ssl.SSLContext | None = None
+    if url.tls:
+        tls_context = ssl.create_default_context(cafile=tls.ca_file if tls else None)
+        if tls and tls.cert_file:
+            tls_context.load_cert_chain(tls.cert_file, tls.key_file)
+        if tls and tls.insecure:
+            tls_context.check_hostname = False
+            tls_context.verify_mode = ssl.CERT_NONE
+    kwargs: dict[str, Any] = {}
+    if max_queued_outgoing is not None:
+        kwargs["max_queued_outgoing_messages"] = max_queued_outgoing
+    return aiomqtt.Client(
+        hostname=url.host,
+        port=url.port,
+        username=url.username,
+        password=url.password,
+        identifier=identifier,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        will=will,
+        tls_context=tls_context,
+        keepalive=keepalive_s,
+        clean_start=clean_start,
+        **kwargs,
+    )
+
+
+class Backoff:
+    """Jittered, capped exponential backoff (full jitter). ``reset()`` after a good session."""
+
+    def __init__(
+        self, initial_s: float = 0.2, cap_s: float = 5.0, rng: random.Random | None = None
+    ) -> None:
+        self.initial_s = initial_s
+        self.cap_s = cap_s
+        self._attempt = 0
+        self._rng = rng or random.Random()
+
+    def next_delay_s(self) -> float:
+        ceiling = min(self.cap_s, self.initial_s * (2**self._attempt))
+        self._attempt = min(self._attempt + 1, 30)
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+def response_properties(
+    response_topic: str | None = None,
+    correlation_data: bytes | None = None,
+    content_type: str | None = None,
+) -> Properties:
+    """MQTT 5 PUBLISH properties for request/response."""
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if response_topic is not None:
+        props.ResponseTopic = response_topic
+    if correlation_data is not None:
+        props.CorrelationData = correlation_data
+    if content_type is not None:
+        props.ContentType = content_type
+    return props
+
+
+def get_prop(message: aiomqtt.Message, name: str) -> Any:
+    """A PUBLISH property of a received message, or None."""
+    props = message.properties
+    if props is None:
+        return None
+    return getattr(props, name, None)
+
+
+def payload_bytes(message: aiomqtt.Message) -> bytes:
+    p = message.payload
+    if isinstance(p, (bytes, bytearray)):
+        return bytes(p)
+    if isinstance(p, str):
+        return p.encode()
+    if p is None:
+        return b""
+    return str(p).encode()

@@ -1,0 +1,138 @@
+"""Typed topics: every topic string of the system is built here and nowhere else.
+
+A :class:`TypedTopic` knows its pattern under the configurable root (default ``moe2``) and the
+payload type it carries, so a publisher cannot put a telemetry struct on a status topic and a
+receive loop decodes with the right decoder. Phone-facing topics carry JSON or MessagePack by
+content type and are therefore untyped here (see :mod:`moe2.shared.wire` for the phone codecs).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import msgspec
+
+from . import wire
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+def valid_name(name: str) -> bool:
+    """Ids that become topic levels: no wildcards, separators or control characters."""
+    return bool(_NAME_RE.match(name))
+
+
+def check_name(kind: str, name: str) -> str:
+    if not valid_name(name):
+        raise ValueError(
+            f"{kind} {name!r} is not valid: use 1-64 characters from letters, digits, '_', '.', '-'"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class TypedTopic(Generic[T]):
+    """A concrete topic and the protocol message type that travels on it."""
+
+    topic: str
+    payload: type[T]
+    retain: bool = False
+
+    def encode(self, msg: T) -> bytes:
+        if not isinstance(msg, self.payload):
+            raise TypeError(f"{self.topic} carries {self.payload.__name__}, not {type(msg).__name__}")
+        return wire.encode(msg)
+
+    def decode(self, data: bytes) -> T:
+        return wire.decode_as(data, self.payload)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """All topics under one root. Build once from config; pass it around."""
+
+    root: str = "moe2"
+
+    def __post_init__(self) -> None:
+        if not self.root or any(c in self.root for c in "+#\0") or self.root.startswith("$"):
+            raise ValueError(f"topic root {self.root!r} is not valid")
+
+    # ---- agents
+    def agent_status(self, agent_id: str) -> TypedTopic[wire.AgentStatus]:
+        return TypedTopic(f"{self.root}/agents/{agent_id}/status", wire.AgentStatus, retain=True)
+
+    def agent_telemetry(self, agent_id: str) -> TypedTopic[wire.Telemetry]:
+        return TypedTopic(f"{self.root}/agents/{agent_id}/telemetry", wire.Telemetry)
+
+    def agent_vocab(self, agent_id: str) -> TypedTopic[wire.Vocab]:
+        return TypedTopic(f"{self.root}/agents/{agent_id}/vocab", wire.Vocab, retain=True)
+
+    def agent_rpc(self, agent_id: str) -> str:
+        """Where coordinators send Open/Step/Close (union-decoded by the agent)."""
+        return f"{self.root}/agents/{agent_id}/rpc"
+
+    @property
+    def all_agent_status(self) -> str:
+        return f"{self.root}/agents/+/status"
+
+    @property
+    def all_agent_telemetry(self) -> str:
+        return f"{self.root}/agents/+/telemetry"
+
+    def agent_id_of(self, topic: str) -> str | None:
+        """``root/agents/{id}/...`` -> id, else None."""
+        prefix = f"{self.root}/agents/"
+        if not topic.startswith(prefix):
+            return None
+        rest = topic[len(prefix):].split("/")
+        return rest[0] if len(rest) >= 2 and rest[0] else None
+
+    # ---- coordinators
+    def coordinator_inbox(self, coordinator_id: str) -> TypedTopic[wire.Reply]:
+        """Agents' replies to one coordinator (the Response Topic of its RPCs)."""
+        return TypedTopic(f"{self.root}/coordinators/{coordinator_id}/inbox", wire.Reply)
+
+    def coordinator_status(self, coordinator_id: str) -> TypedTopic[wire.CoordinatorStatus]:
+        return TypedTopic(
+            f"{self.root}/coordinators/{coordinator_id}/status", wire.CoordinatorStatus, retain=True
+        )
+
+    @property
+    def all_coordinator_status(self) -> str:
+        return f"{self.root}/coordinators/+/status"
+
+    @property
+    def plan(self) -> TypedTopic[wire.PlanMsg]:
+        return TypedTopic(f"{self.root}/plan", wire.PlanMsg, retain=True)
+
+    # ---- phones (public API)
+    def request(self, client_id: str) -> str:
+        return f"{self.root}/requests/{client_id}"
+
+    def requests_shared(self, group: str = "coordinators") -> str:
+        """Shared subscription: several coordinators split the phones' requests."""
+        return f"$share/{group}/{self.root}/requests/+"
+
+    @property
+    def all_requests(self) -> str:
+        return f"{self.root}/requests/+"
+
+    def response_prefix(self, client_id: str) -> str:
+        return f"{self.root}/responses/{client_id}/"
+
+    def client_of_request(self, topic: str) -> str | None:
+        prefix = f"{self.root}/requests/"
+        if not topic.startswith(prefix):
+            return None
+        rest = topic[len(prefix):]
+        return rest if rest and "/" not in rest else None
+
+    def response_allowed(self, client_id: str, response_topic: str) -> bool:
+        """A reply may only go below the requesting phone's own response prefix."""
+        return response_topic.startswith(self.response_prefix(client_id)) and not any(
+            c in response_topic for c in "+#\0"
+        )

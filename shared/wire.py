@@ -1,0 +1,463 @@
+"""The one wire module: every message that crosses MQTT, typed, tagged and versioned.
+
+Agent <-> coordinator traffic is MessagePack; phones may use JSON or MessagePack (chosen by
+the MQTT 5 content type). Every struct is frozen and rejects unknown fields; decoders are built
+once at import and every failure surfaces as :class:`DecodeError` and nothing else, so a hostile
+payload can never raise anything a receive loop does not expect.
+
+Probability vectors travel as little-endian float32 bytes and token ids as int32 bytes: a
+full-vocabulary distribution of 32k entries is 128 KiB this way instead of ~290 KiB of msgpack
+floats, and it decodes with ``numpy.frombuffer`` without a Python loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any, Literal, TypeVar, Union
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+PROTOCOL_VERSION = 1
+PHONE_API_VERSION = 1
+
+CONTENT_TYPE_MSGPACK = "application/msgpack"
+CONTENT_TYPE_JSON = "application/json"
+
+
+class DecodeError(ValueError):
+    """A payload that is not a valid message of the expected kind and version."""
+
+
+class ErrorCode(str, enum.Enum):
+    """Typed error codes shared by agents, coordinators and phones."""
+
+    MALFORMED = "malformed"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_SESSION = "unknown_session"
+    SESSION_EXISTS = "session_exists"
+    BAD_K = "bad_k"
+    BAD_TOKEN = "bad_token"
+    BAD_REQUEST = "bad_request"
+    PROMPT_TOO_LONG = "prompt_too_long"
+    CONTEXT_FULL = "context_full"
+    TOO_MANY_SESSIONS = "too_many_sessions"
+    TOO_MANY_REQUESTS = "too_many_requests"
+    RATE_LIMITED = "rate_limited"
+    NO_EXPERTS = "no_experts"
+    VOCAB_MISMATCH = "vocab_mismatch"
+    SHUTTING_DOWN = "shutting_down"
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"
+
+
+class _Strict(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type", omit_defaults=True
+):
+    pass
+
+
+def _check_version(v: int) -> None:
+    if v != PROTOCOL_VERSION:
+        raise ValueError(f"protocol version {v} is not supported (this side speaks {PROTOCOL_VERSION})")
+
+
+# --------------------------------------------------------------------------- agent presence
+
+
+class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    role: str
+    content: str
+
+
+class AgentStatus(_Strict, tag="status"):
+    """Retained on ``agents/{id}/status``; the ``offline`` form is also the Last Will."""
+
+    agent_id: str
+    state: Literal["online", "offline"]
+    model: str = ""
+    quant: str = ""
+    n_ctx: int = 0
+    n_vocab: int = 0
+    vocab_fp: str = ""
+    bos_id: int = -1
+    eos_id: int = -1
+    chat_template: bool = False
+    device: str = ""
+    meter: str = ""
+    version: str = ""
+    max_sessions: int = 0
+    ts: float = 0.0
+    v: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+
+
+class LatencyBin(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    """Median per-token step latency for contexts up to ``ctx_upto`` tokens."""
+
+    ctx_upto: int
+    latency_s: float
+    n: int
+
+
+class Telemetry(_Strict, tag="telemetry"):
+    agent_id: str
+    ts: float
+    power_w: float
+    energy_j: float
+    tokens_total: int
+    tokens_per_s: float
+    joules_per_token: float
+    step_latency_s: float
+    open_sessions: int
+    meter: str
+    latency_by_ctx: list[LatencyBin] = []
+    temperature_c: float | None = None
+    v: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+
+
+class Vocab(_Strict, tag="vocab"):
+    """Retained on ``agents/{id}/vocab``: each token id's text bytes (as llama.cpp renders
+    it, control tokens empty), so a coordinator can stream text without a tokenizer of its own.
+    Published once per connection; coordinators cache it by fingerprint."""
+
+    agent_id: str
+    vocab_fp: str
+    pieces: list[bytes]
+    v: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+
+
+# --------------------------------------------------------------------------- agent RPC
+
+
+class OpenSession(_Strict, tag="open"):
+    """Start a session: tokenise, evaluate the prompt, reply with the first distribution (seq 0).
+
+    Exactly one of ``prompt``, ``messages`` and ``tokens`` is given. ``raw`` skips the chat
+    template. ``k`` is how many top tokens to return per step; 0 means the full vocabulary.
+    """
+
+    session_id: str
+    k: int
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tokens: list[int] | None = None
+    raw: bool = False
+    v: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+        given = sum(x is not None for x in (self.prompt, self.messages, self.tokens))
+        if given != 1:
+            raise ValueError("exactly one of prompt, messages, tokens is required")
+        if not self.session_id or len(self.session_id) > 128:
+            raise ValueError("session_id must be 1..128 characters")
+
+
+class StepItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    """Append ``token`` to ``session_id`` and return the next distribution, tagged ``seq``."""
+
+    session_id: str
+    token: int
+    seq: int
+    k: int
+
+
+class Step(_Strict, tag="step"):
+    """Steps due for one agent in the same tick travel as one message."""
+
+    items: list[StepItem]
+    v: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+        if not self.items:
+            raise ValueError("a step carries at least one item")
+
+
+class CloseSession(_Strict, tag="close"):
+    session_ids: list[str]
+    v: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+
+
+class Distribution(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Next-token probabilities of one session after step ``seq``.
+
+    ``probs`` are float32 LE, from a temperature-1 softmax over the true logits; ``ids`` are
+    int32 LE and empty when the full vocabulary is sent in id order (k = 0). ``rest_mass`` is the
+    probability outside the returned ids. ``n_evaluated`` counts the tokens the engine decoded
+    for this step (1 for a step when the KV cache works; the prompt length at open).
+    ``energy_j`` is the meter's delta over the decode window, shared among the sessions in it.
+    """
+
+    session_id: str
+    seq: int
+    probs: bytes
+    ids: bytes = b""
+    rest_mass: float = 0.0
+    n_past: int = 0
+    n_evaluated: int = 0
+    energy_j: float = 0.0
+    latency_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.probs) % 4 or len(self.ids) % 4:
+            raise ValueError("probs and ids must be whole 4-byte values")
+        if self.ids and len(self.ids) != len(self.probs):
+            raise ValueError("ids and probs differ in length")
+
+    def prob_array(self) -> npt.NDArray[np.float32]:
+        return np.frombuffer(self.probs, dtype="<f4")
+
+    def id_array(self) -> npt.NDArray[np.int32]:
+        """Token ids of ``prob_array``; for a full-vocabulary reply, 0..n_vocab-1."""
+        if not self.ids:
+            return np.arange(len(self.probs) // 4, dtype=np.int32)
+        return np.frombuffer(self.ids, dtype="<i4")
+
+    @staticmethod
+    def pack_probs(a: npt.ArrayLike) -> bytes:
+        return np.ascontiguousarray(a, dtype="<f4").tobytes()
+
+    @staticmethod
+    def pack_ids(a: npt.ArrayLike) -> bytes:
+        return np.ascontiguousarray(a, dtype="<i4").tobytes()
+
+
+class ErrorItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    code: ErrorCode
+    message: str
+    session_id: str | None = None
+    seq: int | None = None
+
+
+class Reply(_Strict, tag="reply"):
+    """An agent's answer to one Open/Step/Close message: distributions and typed errors."""
+
+    agent_id: str
+    dists: list[Distribution] = []
+    errors: list[ErrorItem] = []
+    v: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+
+
+# --------------------------------------------------------------------------- coordinator
+
+
+class AppPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    experts: list[str] | None
+    feasible: bool
+    loss: float | None
+    latency_s: float | None
+    energy_j: float | None
+    max_latency_s: float | None = None
+
+
+class PlanMsg(_Strict, tag="plan"):
+    """Retained on ``plan``: the expert set each application class may use."""
+
+    coordinator_id: str
+    ts: float
+    method: str
+    max_energy_j: float | None
+    apps: dict[str, AppPlan]
+    joint: AppPlan
+    loss_source: str = "prior"
+    v: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+
+
+class CoordinatorStatus(_Strict, tag="coordinator"):
+    coordinator_id: str
+    state: Literal["online", "offline"]
+    gate: str = "uniform"
+    version: str = ""
+    ts: float = 0.0
+    v: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+
+
+AgentInbound = Union[OpenSession, Step, CloseSession]
+CoordinatorInbound = Union[Reply]
+AnyAgentMsg = Union[OpenSession, Step, CloseSession, Reply, AgentStatus, Telemetry, PlanMsg,
+                    CoordinatorStatus, Vocab]
+
+_encoder = msgspec.msgpack.Encoder()
+_agent_inbound = msgspec.msgpack.Decoder(AgentInbound)
+_any = msgspec.msgpack.Decoder(AnyAgentMsg)
+
+T = TypeVar("T")
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    """MessagePack bytes of a protocol message."""
+    return _encoder.encode(msg)
+
+
+def _wrap(exc: Exception) -> DecodeError:
+    return DecodeError(str(exc) or type(exc).__name__)
+
+
+def decode_agent_inbound(data: bytes) -> OpenSession | Step | CloseSession:
+    """Decode what a coordinator sends an agent; anything else raises :class:`DecodeError`."""
+    try:
+        return _agent_inbound.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
+            RecursionError, OverflowError) as exc:
+        raise _wrap(exc) from None
+
+
+_typed_decoders: dict[type[Any], msgspec.msgpack.Decoder[Any]] = {}
+
+
+def decode_as(data: bytes, kind: type[T]) -> T:
+    """Decode one message of a known kind (status, telemetry, reply, plan ...)."""
+    dec = _typed_decoders.get(kind)
+    if dec is None:
+        dec = _typed_decoders[kind] = msgspec.msgpack.Decoder(kind)
+    try:
+        out: T = dec.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
+            RecursionError, OverflowError) as exc:
+        raise _wrap(exc) from None
+    return out
+
+
+def decode_any(data: bytes) -> AnyAgentMsg:
+    try:
+        return _any.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
+            RecursionError, OverflowError) as exc:
+        raise _wrap(exc) from None
+
+
+# --------------------------------------------------------------------------- phone API
+
+
+class PhoneRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a phone publishes on ``requests/{client_id}`` (JSON or MessagePack)."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    app: str = "default"
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    raw: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of prompt or messages is required")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must not be empty")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if not (0.0 <= self.temperature <= 100.0):
+            raise ValueError("temperature must be in [0, 100]")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError("top_p must be in (0, 1]")
+        if not self.app or len(self.app) > 64:
+            raise ValueError("app must be 1..64 characters")
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+
+class ExpertUsage(msgspec.Struct, frozen=True):
+    id: str
+    weight: float
+    tokens: int
+    energy_j: float
+    dropped: bool
+    reason: str | None = None
+
+
+class TokenChunk(msgspec.Struct, frozen=True, tag_field="type", tag="token"):
+    index: int
+    text: str
+
+
+class FinalReply(msgspec.Struct, frozen=True, tag_field="type", tag="final"):
+    text: str
+    tokens: int
+    finish_reason: str
+    ttft_s: float | None
+    latency_s: float
+    energy_j: float
+    experts: list[ExpertUsage]
+    app: str = "default"
+    coordinator_id: str = ""
+
+
+class ErrorReplyPhone(msgspec.Struct, frozen=True, tag_field="type", tag="error"):
+    code: ErrorCode
+    message: str
+
+
+PhoneReply = Union[TokenChunk, FinalReply, ErrorReplyPhone]
+
+_phone_req_json = msgspec.json.Decoder(PhoneRequest)
+_phone_req_mp = msgspec.msgpack.Decoder(PhoneRequest)
+_phone_reply_json = msgspec.json.Decoder(PhoneReply)
+_phone_reply_mp = msgspec.msgpack.Decoder(PhoneReply)
+_json_encoder = msgspec.json.Encoder()
+
+
+def is_msgpack(content_type: str | None) -> bool:
+    return bool(content_type) and "msgpack" in str(content_type).lower()
+
+
+def decode_phone_request(data: bytes, content_type: str | None) -> PhoneRequest:
+    """Decode a phone's request; JSON unless the MQTT 5 content type names MessagePack."""
+    try:
+        if is_msgpack(content_type):
+            return _phone_req_mp.decode(data)
+        return _phone_req_json.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
+            RecursionError, OverflowError) as exc:
+        raise _wrap(exc) from None
+
+
+def encode_phone(msg: msgspec.Struct, content_type: str | None) -> bytes:
+    """Encode a reply in the phone's own format (the request's content type)."""
+    if is_msgpack(content_type):
+        return _encoder.encode(msg)
+    return _json_encoder.encode(msg)
+
+
+def decode_phone_reply(data: bytes, content_type: str | None) -> PhoneReply:
+    try:
+        if is_msgpack(content_type):
+            return _phone_reply_mp.decode(data)
+        return _phone_reply_json.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
+            RecursionError, OverflowError) as exc:
+        raise _wrap(exc) from None
+
+
+def to_builtins(msg: msgspec.Struct) -> Any:
+    """Plain dict/list form (for ``--json`` output)."""
+    return json.loads(_json_encoder.encode(msg))
