@@ -143,7 +143,9 @@ class LlamaEngine:
         cparams.n_ubatch = n_batch
         cparams.n_seq_max = max_sessions
         cparams.kv_unified = True
-        threads = n_threads or max(1, (os.cpu_count() or 2))
+        # Like llama-cpp-python: half the cores by default (llama.cpp's worker threads spin,
+        # so oversubscribing a small box costs far more than it gains).
+        threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.no_perf = True

@@ -268,6 +268,10 @@ class LossTable(LossModel):
         self._gpT = np.ascontiguousarray(self._gp.T)
         # −log p per sample and expert, clipped like the mixture: the bound's per-expert cost.
         self._cost = -np.log(np.maximum(p, PROB_FLOOR))
+        # Experts of each sample by descending p, for the bound's best-prefix mixture.
+        self._order = np.argsort(-p, axis=1, kind="stable")
+        self._gp_sorted = np.take_along_axis(self._gp, self._order, axis=1)
+        self._g_sorted = np.take_along_axis(g, self._order, axis=1)
         self._floor_loss = -math.log(PROB_FLOOR)
 
     @property
@@ -300,27 +304,60 @@ class LossTable(LossModel):
         """Valid for any L of this form, monotone or not.
 
         For T = I ∪ A (I = include, A ⊆ U = allowed ∖ include) the mixture of sample i is a
-        weighted average of I's mixture and A's, so it is at most max(mix_I,i, max_{n∈A} p_{i,n}).
-        Hence L(T) ≥ mean_i ℓ_i − F(A) with ℓ_i = −log mix_I,i and F(A) = mean_i max(0, ℓ_i −
-        min_{n∈A} −log p_{i,n}), a monotone submodular (facility-location) gain. So
-        F(A) ≤ min(F(U), Σ_{n∈A} F({n})), and the energy budget caps the sum by a fractional
-        knapsack. The branching suggestion is the best gain-per-joule expert of that knapsack.
+        weighted average of I's mixture and A's, so it is at most max(mix_I,i, max_{n∈A} p_{i,n}),
+        and at most m*_i, the best mixture any A ⊆ U reaches on sample i alone (a prefix of U
+        sorted by p_{i,n}: fractional programming). With ℓ_i = −log mix_I,i this gives
+        L(T) ≥ mean_i ℓ_i − F(A), F(A) = mean_i min(Γ_i, max_{n∈A} γ_{i,n}), where
+        γ_{i,n} = max(0, ℓ_i + log p_{i,n}) and Γ_i = max(0, ℓ_i + log m*_i). F is monotone
+        submodular (a truncated facility-location gain), so F(A) ≤ min(F(U), Σ_{n∈A} F({n})) and
+        the energy left caps the sum by a fractional knapsack. The branching suggestion is the
+        knapsack's best gain-per-joule expert.
         """
         inc = members(include)
         und = members(allowed & ~include)
         if inc:
-            mix = self._gp[:, inc].sum(axis=1) / self._g[:, inc].sum(axis=1)
-            ell = -np.log(np.maximum(mix, PROB_FLOOR))
+            a = self._gp[:, inc].sum(axis=1)
+            b = self._g[:, inc].sum(axis=1)
+            mix_inc = a / b
+            ell = -np.log(np.maximum(mix_inc, PROB_FLOOR))
         else:
+            a = np.zeros(self.n_samples)
+            b = np.zeros(self.n_samples)
+            mix_inc = a
             ell = np.full(self.n_samples, self._floor_loss)
         base = float(ell.mean())
         if not und:
             return base, -1
-        cost = self._cost[:, und]
-        gains = np.maximum(ell[:, None] - cost, 0.0).mean(axis=0)
-        gain_all = float(np.maximum(ell - cost.min(axis=1), 0.0).mean())
-        gain_knap, best = _fractional_knapsack(gains, energy_j[und], capacity_j)
-        return base - min(gain_all, gain_knap), und[best]
+        # m*_i: the best prefix of U by descending p_{i,n}, or I alone.
+        in_und = np.zeros(self.n_experts, dtype=np.float64)
+        in_und[und] = 1.0
+        in_sorted = in_und[self._order]
+        cum_x = a[:, None] + np.cumsum(self._gp_sorted * in_sorted, axis=1)
+        cum_y = b[:, None] + np.cumsum(self._g_sorted * in_sorted, axis=1)
+        ratio = np.divide(cum_x, cum_y, out=np.zeros_like(cum_x), where=cum_y > 0.0)
+        best_mix = np.maximum(ratio.max(axis=1), mix_inc)
+        cap = np.maximum(ell + np.log(np.maximum(best_mix, PROB_FLOOR)), 0.0)
+        gamma = np.minimum(np.maximum(ell[:, None] - self._cost[:, und], 0.0), cap[:, None])
+        gains = gamma.mean(axis=0)
+        e_und = energy_j[und]
+        gain_knap, best = _fractional_knapsack(gains, e_und, capacity_j)
+        if inc:
+            # Gate-aware modular bound: log(mix_T/mix_I) = log(1 + X_A/a) − log(1 + Y_A/b)
+            # ≤ Σ_{n∈A} [log(1 + x_n/a) − κ y_n], the first term being subadditive (concave) and
+            # the second below its chord over Y_A ∈ [0, Y_U] (κ = log(1 + Y_U/b)/Y_U).
+            x_und = self._gp[:, und]
+            y_und = self._g[:, und]
+            y_all = y_und.sum(axis=1)
+            kappa = np.log1p(y_all / b) / y_all
+            xa = np.divide(
+                x_und, a[:, None], out=np.full_like(x_und, np.inf), where=a[:, None] > 0.0
+            )
+            delta = np.log1p(xa) - kappa[:, None] * y_und
+            d_gains = np.minimum(np.maximum(delta, 0.0), cap[:, None]).mean(axis=0)
+            d_knap, d_best = _fractional_knapsack(d_gains, e_und, capacity_j)
+            if d_knap < gain_knap:
+                gain_knap, best = d_knap, d_best
+        return base - min(float(cap.mean()), gain_knap), und[best]
 
 
 class PriorLoss(LossModel):

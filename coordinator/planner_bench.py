@@ -54,7 +54,7 @@ def random_problem(
         probs = rng.beta(1.2, 6.0, size=(s, n))
         probs[rows, domain] = rng.beta(6.0, 1.5, size=s)
         logits = rng.normal(0.0, 1.0, size=(s, n))
-        logits[rows, domain] += 3.0
+        logits[rows, domain] += 2.0 + np.log(n)
         gates = np.exp(logits - logits.max(axis=1, keepdims=True))
         gates /= gates.sum(axis=1, keepdims=True)
     else:

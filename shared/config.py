@@ -110,7 +110,8 @@ class CoordinatorConfig(_Cfg):
     root: str = "moe2"
     group: str = "coordinators"
     gate: str | None = None
-    tokenizer: str | None = None
+    #: fixed gating values per expert instead of an ONNX gate (tests, manual routing)
+    fixed_gates: dict[str, float] = {}
     dist_k: int = 64
     top_k: int | None = None
     unknown_expert_weight: float = 0.0

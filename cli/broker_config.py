@@ -1,0 +1,109 @@
+"""``moe2 broker-config``: write a secured Mosquitto 2 configuration for a moe2 site."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+from pathlib import Path
+
+from moe2.cli._common import emit_json, fail
+
+HELP = "write a Mosquitto 2 config with per-role accounts, ACLs and a TLS listener"
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="directory to write the files into")
+    p.add_argument("--phones", type=_names, default=(), metavar="A,B",
+                   help="phone client ids (each may ask under requests/<id>)")
+    p.add_argument("--agents", type=_names, default=(), metavar="E0,E1", help="agent (expert) ids")
+    p.add_argument("--coordinators", type=_names, default=(), metavar="C0",
+                   help="coordinator ids")
+    p.add_argument("--monitors", type=_names, default=(), metavar="M0",
+                   help="read-only accounts for `moe2 monitor` (status, telemetry, plan)")
+    p.add_argument("--root", default="moe2", help="topic root (default moe2)")
+    p.add_argument("--port", type=int, default=1883,
+                   help="plain MQTT listener on 127.0.0.1 (default 1883; 0 = none)")
+    p.add_argument("--tls-port", type=int, default=8883, help="TLS listener (default 8883)")
+    p.add_argument("--tls-bind", default="",
+                   help="address the TLS listener binds (default: every interface)")
+    p.add_argument("--hostname", type=_names, default=(), metavar="NAME[,NAME]",
+                   help="names/IPs clients use to reach the broker, for the certificate "
+                        "(default: this host's name; localhost and 127.0.0.1 are always in)")
+    p.add_argument("--conf-dir",
+                   help="where the files will live on the broker host, for the paths in "
+                        "mosquitto.conf (default: --out)")
+    p.add_argument("--broker-user", default="mosquitto",
+                   help="user mosquitto runs as (default mosquitto); it must read the files")
+    p.add_argument("--iterations", type=int, default=101,
+                   help="PBKDF2 iterations of the password hashes (default 101, as "
+                        "mosquitto_passwd)")
+    p.add_argument("--rotate", action="store_true",
+                   help="new passwords and a new CA even when --out holds earlier ones")
+    p.add_argument("--json", action="store_true", help="print one JSON summary (no passwords)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from moe2.coordinator.brokerconf import (
+        BrokerConfigError,
+        BrokerSpec,
+        Fleet,
+        write_broker_config,
+    )
+
+    out = Path(args.out).expanduser().absolute()
+    conf_dir = Path(args.conf_dir) if args.conf_dir else out
+    if not conf_dir.is_absolute():
+        fail(f"--conf-dir {args.conf_dir!r} must be an absolute path")
+    if args.iterations < 1:
+        fail("--iterations must be >= 1")
+    fleet = Fleet(phones=args.phones, agents=args.agents, coordinators=args.coordinators,
+                  monitors=args.monitors)
+    spec = BrokerSpec(conf_dir=conf_dir, port=args.port, tls_port=args.tls_port,
+                      tls_bind=args.tls_bind, hostnames=args.hostname,
+                      broker_user=args.broker_user, root=args.root)
+    try:
+        files = write_broker_config(out, fleet, spec, iterations=args.iterations,
+                                    rotate=args.rotate)
+    except BrokerConfigError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write {out}: {exc.strerror or exc}")
+    summary = {
+        "out": str(out),
+        "conf": str(files.conf),
+        "passwd": str(files.passwd),
+        "acl": str(files.acl),
+        "credentials": str(files.credentials),
+        "ca_cert": str(files.tls.ca_cert),
+        "ca_key": str(files.tls.ca_key),
+        "server_cert": str(files.tls.server_cert),
+        "server_key": str(files.tls.server_key),
+        "sans": list(files.tls.sans),
+        "port": args.port or None,
+        "tls_port": args.tls_port,
+        "root": args.root,
+        "accounts": {a.name: {"username": a.username, "role": a.role} for a in files.accounts},
+        "needs_chown": [str(conf_dir / p.name) for p in files.needs_chown],
+        "broker_user": args.broker_user,
+    }
+    if args.json:
+        emit_json(summary)
+        return 0
+    print(f"wrote {files.conf} for {len(files.accounts)} accounts "
+          f"({', '.join(f'{a.role} {a.name}' for a in files.accounts)})")
+    print(f"  passwords: {files.credentials} (secret: hand each device only its own entry)")
+    print(f"  TLS: listener {args.tls_port}, CA {files.tls.ca_cert} "
+          f"(clients need it: --ca-file), SANs {', '.join(files.tls.sans)}")
+    print(f"  keep {files.tls.ca_key} off the broker host; it signs new server certificates")
+    if args.port:
+        print(f"  plain MQTT: 127.0.0.1:{args.port} only")
+    if files.needs_chown:
+        who = getpass.getuser()
+        print(f"  mosquitto runs as {args.broker_user!r}, not {who!r}: on the broker host run")
+        print(f"    sudo chown {args.broker_user}: " + " ".join(str(conf_dir / p.name) for p in files.needs_chown))
+    print(f"  start: mosquitto -c {files.conf}   (or include it from /etc/mosquitto/conf.d/)")
+    return 0

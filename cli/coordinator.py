@@ -1,0 +1,129 @@
+"""``moe2 coordinator``: gating, Top-k and token fusion, serving phones over MQTT 5."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+from moe2.cli._common import fail
+from moe2.shared.config import ConfigError, CoordinatorConfig, load, override
+from moe2.shared.topics import check_name
+
+HELP = "serve phones: gate, pick experts, fuse their next-token distributions"
+log = logging.getLogger("moe2.coordinator")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="coordinator TOML file (the command line wins over it)")
+    p.add_argument("--broker", help="mqtt://[user:pass@]host:port or mqtts://...")
+    p.add_argument("--id", help="this coordinator's name (default 'coordinator')")
+    p.add_argument("--root", help="topic root (default moe2)")
+    p.add_argument("--gate", help="gate exported to ONNX by `moe2 train-gate`")
+    p.add_argument("--dist-k", type=int,
+                   help="top tokens each expert returns per step (0 = the full vocabulary)")
+    p.add_argument("--top-k", type=int, help="experts fused per request (default: all in plan)")
+    p.add_argument("--group", help="shared-subscription group (default 'coordinators')")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--ca-file", help="CA certificate for mqtts://")
+    p.add_argument("--fixed-gate", action="append", default=[], metavar="EXPERT=VALUE",
+                   help="fixed gating value for an expert instead of a gate (repeatable)")
+
+
+def build_config(args: argparse.Namespace) -> CoordinatorConfig:
+    cfg = load(args.config, CoordinatorConfig)
+    fixed: dict[str, float] | None = None
+    if args.fixed_gate:
+        fixed = {}
+        for item in args.fixed_gate:
+            name, sep, value = item.partition("=")
+            try:
+                fixed[name] = float(value)
+            except ValueError:
+                raise ConfigError(f"--fixed-gate {item!r}: expected EXPERT=NUMBER") from None
+            if not sep or not name or not fixed[name] > 0:
+                raise ConfigError(f"--fixed-gate {item!r}: expected EXPERT=POSITIVE_NUMBER")
+    cfg = override(cfg, broker=args.broker, id=args.id, root=args.root, gate=args.gate,
+                   dist_k=args.dist_k, top_k=args.top_k, group=args.group,
+                   metrics_port=args.metrics_port, fixed_gates=fixed)
+    if args.ca_file:
+        cfg = override(cfg, tls=override(cfg.tls, ca_file=args.ca_file))
+    try:
+        check_name("coordinator id", cfg.id)
+        check_name("group", cfg.group)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return cfg.validate()
+
+
+def load_gate(cfg: CoordinatorConfig) -> Any:
+    from moe2.coordinator.gating import FixedGate, OnnxGate, UniformGate
+
+    if cfg.fixed_gates:
+        return FixedGate(dict(cfg.fixed_gates))
+    if cfg.gate:
+        return OnnxGate.load(cfg.gate)
+    log.warning("no gate configured: every expert gets the same weight (uniform gating)")
+    return UniformGate()
+
+
+def run(args: argparse.Namespace) -> int:
+    from moe2.shared.mqtt import BrokerUrlError, TlsOptions, make_client, parse_broker_url
+
+    try:
+        cfg = build_config(args)
+        url = parse_broker_url(cfg.broker)
+    except (ConfigError, BrokerUrlError) as exc:
+        fail(str(exc))
+    try:
+        gate = load_gate(cfg)
+    except ImportError as exc:
+        fail(f"the coordinator needs its extras: pip install 'moe2[coordinator]' ({exc})")
+    except (OSError, ValueError) as exc:
+        fail(f"cannot load gate {cfg.gate!r}: {exc}")
+    from moe2.coordinator.liveplan import LivePlanner
+    from moe2.coordinator.service import Coordinator
+
+    tls = TlsOptions(cfg.tls.ca_file, cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.insecure)
+
+    def client_factory(will: Any) -> Any:
+        return make_client(url, identifier=f"moe2-coordinator-{cfg.id}", will=will, tls=tls,
+                           keepalive_s=5)
+
+    planner = LivePlanner.from_config(cfg) if cfg.planner.enabled else None
+    metrics = None
+    if cfg.metrics_port is not None:
+        from moe2.coordinator.metrics import CoordinatorMetrics
+
+        metrics = CoordinatorMetrics(cfg.id)
+    coordinator = Coordinator(cfg, gate, client_factory, planner=planner, metrics=metrics)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                log.warning("second signal: exiting now")
+                os._exit(1)
+            coordinator.request_stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        server = None
+        if metrics is not None and cfg.metrics_port is not None:
+            server = metrics.serve(cfg.metrics_port, coordinator)
+        try:
+            return await coordinator.run()
+        finally:
+            if server is not None:
+                server.shutdown()
+
+    log.info("coordinator %s: broker %s, gate %s", cfg.id, url.redacted(),
+             getattr(gate, "kind", "?"))
+    return asyncio.run(main())

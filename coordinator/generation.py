@@ -1,0 +1,254 @@
+"""One phone request, end to end: gate, choose experts, open sessions, fused step loop, final.
+
+The runner gathers inputs (distributions over MQTT through :class:`AgentRpc`) and calls the pure
+pieces (:mod:`fusion`, :mod:`registry`, :mod:`textstream`); it emits token chunks and exactly one
+final or error message through the injected ``emit`` coroutine, whatever happens -- including
+cancellation at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moe2.coordinator.fusion import ExpertDist, mix, renormalise, sample, top_k_weights
+from moe2.coordinator.registry import Registry, choose_family
+from moe2.coordinator.rpc import AgentRpc, RpcError
+from moe2.coordinator.textstream import TextStream
+from moe2.shared import wire
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[wire.TokenChunk | wire.FinalReply | wire.ErrorReplyPhone], Awaitable[None]]
+
+
+class RequestFailed(Exception):
+    def __init__(self, code: wire.ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class ExpertState:
+    agent_id: str
+    weight: float
+    session_id: str
+    active: bool = True
+    tokens: int = 0
+    energy_j: float = 0.0
+    reason: str | None = None
+    n_past: int = 0
+    n_ctx: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    dist_k: int = 64
+    top_k: int | None = None
+    unknown_expert_weight: float = 0.0
+    step_deadline_min_s: float = 2.0
+    step_deadline_factor: float = 20.0
+    open_deadline_s: float = 30.0
+
+
+@dataclass
+class RequestContext:
+    """What the runner reads from the coordinator (injected; tests pass plain values)."""
+
+    rpc: AgentRpc
+    registry: Callable[[], Registry]
+    gate_values: Callable[[str], Awaitable[Mapping[str, float]]]
+    gate_is_uniform: bool
+    plan_for: Callable[[str], Sequence[str] | None]
+    top_k_for: Callable[[str], int | None]
+    coordinator_id: str
+    clock: Callable[[], float] = time.monotonic
+    sessions_prefix: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+
+
+def gate_text(req: wire.PhoneRequest) -> str:
+    if req.prompt is not None:
+        return req.prompt
+    users = [m.content for m in (req.messages or []) if m.role == "user"]
+    return users[-1] if users else (req.messages or [wire.ChatMessage("user", "")])[-1].content
+
+
+async def run_request(req: wire.PhoneRequest, ctx: RequestContext, settings: GenerationSettings,
+                      emit: Emit, request_id: str) -> None:
+    """Serve one accepted request; always ends with exactly one final or error message."""
+    t0 = ctx.clock()
+    experts: list[ExpertState] = []
+    finished = False
+    try:
+        final = await _generate(req, ctx, settings, emit, request_id, t0, experts)
+        finished = True
+        await emit(final)
+    except RequestFailed as exc:
+        finished = True
+        await emit(wire.ErrorReplyPhone(code=exc.code, message=exc.message))
+    except asyncio.CancelledError:
+        if not finished:
+            await _quiet_emit(emit, wire.ErrorReplyPhone(
+                code=wire.ErrorCode.SHUTTING_DOWN,
+                message="the coordinator stopped before this request finished; retry"))
+        raise
+    except Exception as exc:
+        log.exception("request %s failed", request_id)
+        if not finished:
+            await _quiet_emit(emit, wire.ErrorReplyPhone(
+                code=wire.ErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}"))
+    finally:
+        for e in experts:
+            if e.session_id:
+                ctx.rpc.close(e.agent_id, [e.session_id])
+
+
+async def _quiet_emit(emit: Emit, msg: wire.ErrorReplyPhone) -> None:
+    try:
+        await emit(msg)
+    except Exception:  # noqa: BLE001 - nothing more can be done for this phone
+        log.warning("could not deliver error to phone: %s", msg.message)
+
+
+async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: GenerationSettings,
+                    emit: Emit, request_id: str, t0: float,
+                    experts: list[ExpertState]) -> wire.FinalReply:
+    allowed = ctx.plan_for(req.app)
+    if allowed is not None and not allowed:
+        raise RequestFailed(wire.ErrorCode.NO_EXPERTS,
+                            f"the current plan allows no expert for app {req.app!r} "
+                            "(budgets infeasible?)")
+    reg = ctx.registry()
+    gates_raw = await ctx.gate_values(gate_text(req))
+    candidates_all = [a.agent_id for a in reg.online()]
+    if ctx.gate_is_uniform:
+        gates = dict.fromkeys(candidates_all, 1.0)
+    else:
+        gates = {c: gates_raw.get(c, settings.unknown_expert_weight) for c in candidates_all}
+    fam = choose_family(reg, allowed, gates)
+    if fam is None:
+        raise RequestFailed(wire.ErrorCode.NO_EXPERTS, "no expert is online for this request")
+    family, members = fam
+    weights = top_k_weights(gates, members, ctx.top_k_for(req.app) or settings.top_k)
+    if not weights:
+        raise RequestFailed(wire.ErrorCode.NO_EXPERTS,
+                            "the gate gives no weight to any available expert")
+    pieces = reg.pieces(family) or ()
+    n_vocab = len(pieces)
+    eos_ids = {reg.agents[m].status.eos_id for m in weights if m in reg.agents}
+    for i, (agent_id, w) in enumerate(weights.items()):
+        view = reg.agents[agent_id]
+        experts.append(ExpertState(agent_id, w, f"{ctx.sessions_prefix}-{request_id}-{i}",
+                                   n_ctx=view.status.n_ctx))
+    by_id = {e.agent_id: e for e in experts}
+
+    open_msg = {
+        "k": settings.dist_k, "raw": req.raw,
+        "prompt": req.prompt if req.messages is None else None,
+        "messages": req.messages,
+    }
+    futs = {e.agent_id: ctx.rpc.open(e.agent_id, wire.OpenSession(session_id=e.session_id,
+                                                                  **open_msg))  # type: ignore[arg-type]
+            for e in experts}
+    dists = await _gather(futs, settings.open_deadline_s, by_id)
+    stream = TextStream(pieces, req.stop_list())
+    rng = np.random.default_rng(req.seed)
+    n_tokens = 0
+    ttft_s: float | None = None
+    finish = "length"
+    seq = 0
+    while True:
+        active = [e for e in experts if e.active and e.agent_id in dists]
+        for e in experts:
+            if e.active and e.agent_id not in dists:
+                e.active = False
+        if not active:
+            raise RequestFailed(wire.ErrorCode.NO_EXPERTS,
+                                "every selected expert failed: " + "; ".join(
+                                    f"{e.agent_id}: {e.reason}" for e in experts))
+        w = renormalise({e.agent_id: e.weight for e in experts}, [e.agent_id for e in active])
+        parts = []
+        for e in active:
+            d = dists[e.agent_id]
+            e.energy_j += d.energy_j
+            e.n_past = d.n_past
+            parts.append((w[e.agent_id], ExpertDist(
+                d.prob_array(), None if not d.ids else d.id_array(), d.rest_mass)))
+        fused = mix(parts, n_vocab)
+        token = sample(fused, req.temperature, req.top_p, rng)
+        n_tokens += 1
+        for e in active:
+            e.tokens += 1
+        if token in eos_ids:
+            finish = "stop"
+            break
+        chunk = stream.push(token)
+        if chunk:
+            if ttft_s is None:
+                ttft_s = ctx.clock() - t0
+            await emit(wire.TokenChunk(index=n_tokens - 1, text=chunk))
+        if stream.stopped:
+            finish = "stop"
+            break
+        if n_tokens >= req.max_tokens:
+            finish = "length"
+            break
+        if any(e.n_past + 1 >= e.n_ctx for e in active):
+            finish = "length"  # the context of an expert is full
+            break
+        seq += 1
+        futs = {e.agent_id: ctx.rpc.step(e.agent_id, wire.StepItem(e.session_id, token, seq,
+                                                                  settings.dist_k))
+                for e in active}
+        dists = await _gather(futs, _deadline(ctx.registry(), active, settings), by_id)
+    tail = stream.flush()
+    if tail:
+        if ttft_s is None:
+            ttft_s = ctx.clock() - t0
+        await emit(wire.TokenChunk(index=n_tokens, text=tail))
+    return wire.FinalReply(
+        text=stream.text, tokens=n_tokens, finish_reason=finish, ttft_s=ttft_s,
+        latency_s=ctx.clock() - t0, energy_j=sum(e.energy_j for e in experts),
+        experts=[wire.ExpertUsage(id=e.agent_id, weight=e.weight, tokens=e.tokens,
+                                  energy_j=e.energy_j, dropped=not e.active, reason=e.reason)
+                 for e in experts],
+        app=req.app, coordinator_id=ctx.coordinator_id,
+    )
+
+
+def _deadline(reg: Registry, active: Sequence[ExpertState], s: GenerationSettings) -> float:
+    """Per-step deadline from the agents' measured step latency (slowest member)."""
+    lat = [v.step_latency_s() or 0.0 for e in active if (v := reg.agents.get(e.agent_id))]
+    return max(s.step_deadline_min_s, s.step_deadline_factor * max(lat, default=0.0))
+
+
+async def _gather(futs: Mapping[str, asyncio.Future[wire.Distribution]], timeout_s: float,
+                  by_id: Mapping[str, ExpertState]) -> dict[str, wire.Distribution]:
+    """Wait for every expert's distribution up to the deadline; the late and failed are dropped."""
+    if futs:
+        await asyncio.wait(list(futs.values()), timeout=timeout_s)
+    out: dict[str, wire.Distribution] = {}
+    for agent_id, fut in futs.items():
+        e = by_id[agent_id]
+        if not fut.done():
+            fut.cancel()
+            e.active = False
+            e.reason = f"missed the {timeout_s:.2f}s step deadline"
+            log.warning("expert %s dropped: %s", agent_id, e.reason)
+            continue
+        exc = fut.exception() if not fut.cancelled() else RpcError(
+            wire.ErrorCode.INTERNAL, "cancelled")
+        if exc is not None:
+            e.active = False
+            e.reason = exc.message if isinstance(exc, RpcError) else str(exc)
+            log.warning("expert %s dropped: %s", agent_id, e.reason)
+            continue
+        out[agent_id] = fut.result()
+    return out

@@ -1,0 +1,245 @@
+"""Live replanning: the SMO planner rerun from the fleet's telemetry.
+
+Per-agent profiles are robust running estimates (median of the last reports) of the per-token
+step latency -- taken at the expected context length where the agent measured it -- and of the
+joules per generated token. A replan happens every ``interval_s``, and at once when an agent
+joins or leaves or a profile moves by more than ``change_fraction``. The result is published
+retained on the plan topic, and requests of each application class use that class's set.
+
+Units: latency budgets are seconds per generated token (per application); the energy budget is
+joules per generated token, or a per-request budget divided by ``expected_tokens``.
+
+Loss: from a calibration file (``planner.calibration``, written by ``moe2 calibrate``) when it
+covers every expert considered; otherwise the documented prior of
+:meth:`moe2.coordinator.planner.LossTable.prior` (every expert alike: more experts, lower loss).
+Agents without telemetry yet are planned with latency 0 and energy 0 (optimistic until measured)
+so a new fleet serves at once; the first telemetry triggers a replan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moe2.coordinator import planner as pl
+from moe2.coordinator.registry import AgentView, Registry
+from moe2.shared import wire
+from moe2.shared.config import CoordinatorConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_APP = "default"
+
+
+@dataclass
+class Profile:
+    latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=5))
+    energy_j: deque[float] = field(default_factory=lambda: deque(maxlen=5))
+    last_ts: float = -1.0
+
+    def estimate(self) -> tuple[float, float]:
+        lat = statistics.median(self.latency_s) if self.latency_s else 0.0
+        en = statistics.median(self.energy_j) if self.energy_j else 0.0
+        return lat, en
+
+
+def latency_at(view: AgentView, context_tokens: int) -> float | None:
+    """The agent's measured per-token latency at ``context_tokens`` of history (the smallest
+    bin covering it; the largest measured bin beyond), else its overall step latency."""
+    t = view.telemetry
+    if t is None:
+        return None
+    bins = sorted(t.latency_by_ctx, key=lambda b: b.ctx_upto)
+    for b in bins:
+        if b.ctx_upto >= context_tokens and b.n > 0:
+            return b.latency_s
+    if bins:
+        return bins[-1].latency_s
+    return t.step_latency_s if t.step_latency_s > 0 else None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    names: tuple[str, ...]
+    gates: np.ndarray
+    target_probs: np.ndarray
+
+    @staticmethod
+    def load(path: str) -> Calibration:
+        """A plan-problem style file: ``{"experts": [names], "gates": [[..]], "target_probs":
+        [[..]]}`` (one row per calibration token, one column per expert)."""
+        data = json.loads(Path(path).read_text())
+        names = tuple(str(n) for n in data["experts"])
+        gates = np.asarray(data["gates"], dtype=np.float64)
+        probs = np.asarray(data["target_probs"], dtype=np.float64)
+        if gates.shape != probs.shape or gates.ndim != 2 or gates.shape[1] != len(names):
+            raise ValueError(f"calibration {path!r}: gates/target_probs must be samples x experts")
+        return Calibration(names, gates, probs)
+
+    def loss_for(self, names: Sequence[str]) -> pl.LossTable | None:
+        idx = {n: i for i, n in enumerate(self.names)}
+        if any(n not in idx for n in names):
+            return None
+        cols = [idx[n] for n in names]
+        return pl.LossTable(self.gates[:, cols], self.target_probs[:, cols])
+
+
+class LivePlanner:
+    def __init__(
+        self,
+        apps: Mapping[str, float],
+        *,
+        method: pl.Method = "smo",
+        max_energy_j: float | None = None,
+        interval_s: float = 10.0,
+        change_fraction: float = 0.2,
+        calibration: Calibration | None = None,
+        expected_context_tokens: int = 128,
+        epsilon: float = pl.DEFAULT_EPSILON,
+        coordinator_id: str = "coordinator",
+        clock: Any = time.monotonic,
+        wall: Any = time.time,
+    ) -> None:
+        self.apps = dict(apps) or {DEFAULT_APP: math.inf}
+        self.method = method
+        self.max_energy_j = max_energy_j
+        self.interval_s = interval_s
+        self.change_fraction = change_fraction
+        self.calibration = calibration
+        self.expected_context_tokens = expected_context_tokens
+        self.epsilon = epsilon
+        self.coordinator_id = coordinator_id
+        self.clock = clock
+        self.wall = wall
+        self.profiles: dict[str, Profile] = {}
+        self.plan: wire.PlanMsg | None = None
+        self.replans = 0
+        self._used: dict[str, tuple[float, float]] = {}
+        self._trigger = asyncio.Event()
+        self._registry: Registry = Registry()
+        self._loss_cache: dict[tuple[str, ...], pl.LossModel] = {}
+
+    @staticmethod
+    def from_config(cfg: CoordinatorConfig) -> LivePlanner:
+        p = cfg.planner
+        energy = p.max_energy_j
+        if p.max_request_energy_j is not None:
+            per_token = p.max_request_energy_j / max(1, p.expected_tokens)
+            energy = per_token if energy is None else min(energy, per_token)
+        calib = Calibration.load(p.calibration) if p.calibration else None
+        return LivePlanner(
+            {name: a.max_latency_s for name, a in cfg.apps.items()}, method=p.method,
+            max_energy_j=energy, interval_s=p.interval_s, change_fraction=p.change_fraction,
+            calibration=calib, epsilon=p.epsilon, coordinator_id=cfg.id,
+        )
+
+    # ------------------------------------------------------------------ inputs
+    def on_registry(self, before: Registry, after: Registry) -> None:
+        self._registry = after
+        if set(before.agents) != set(after.agents):
+            self._trigger.set()
+            return
+        for agent_id, view in after.agents.items():
+            t = view.telemetry
+            if t is None:
+                continue
+            prof = self.profiles.setdefault(agent_id, Profile())
+            if t.ts == prof.last_ts:
+                continue
+            prof.last_ts = t.ts
+            lat = latency_at(view, self.expected_context_tokens)
+            if lat is not None and lat > 0:
+                prof.latency_s.append(lat)
+            if t.joules_per_token > 0:
+                prof.energy_j.append(t.joules_per_token)
+            if self._moved(agent_id, prof.estimate()):
+                self._trigger.set()
+
+    def _moved(self, agent_id: str, now: tuple[float, float]) -> bool:
+        used = self._used.get(agent_id)
+        if used is None:
+            return True
+        for a, b in zip(used, now, strict=True):
+            if a == 0.0 and b == 0.0:
+                continue
+            if abs(b - a) > self.change_fraction * max(abs(a), 1e-12):
+                return True
+        return False
+
+    # ------------------------------------------------------------------ decisions
+    def allowed(self, app: str) -> Sequence[str] | None:
+        """The set for ``app``; None before the first plan (everyone may serve)."""
+        plan = self.plan
+        if plan is None:
+            return None
+        ap = plan.apps.get(app, plan.joint)
+        return ap.experts or []
+
+    def compute(self, reg: Registry) -> wire.PlanMsg | None:
+        views = reg.online()
+        # Drop the state of agents that left.
+        for gone in set(self.profiles) - {v.agent_id for v in views}:
+            self.profiles.pop(gone, None)
+        if not views:
+            return None
+        names = [v.agent_id for v in views]
+        est = {n: self.profiles.get(n, Profile()).estimate() for n in names}
+        key = tuple(names)
+        loss = self._loss_cache.get(key)
+        source = "prior"
+        if loss is None:
+            table = self.calibration.loss_for(names) if self.calibration else None
+            loss = table if table is not None else pl.LossTable.prior(len(names))
+            self._loss_cache = {key: loss}
+        if isinstance(loss, pl.LossTable):
+            source = "calibration"
+        problem = pl.Problem.create(
+            names, [est[n][0] for n in names], [est[n][1] for n in names], self.apps,
+            math.inf if self.max_energy_j is None else self.max_energy_j, loss)
+        plans = pl.plan_all(problem, self.method, seed=0, epsilon=self.epsilon)
+        self._used = est
+        self.replans += 1
+
+        def ap(r: pl.PlanResult, budget: float | None) -> wire.AppPlan:
+            return wire.AppPlan(
+                experts=None if r.subset is None else list(r.subset), feasible=r.feasible,
+                loss=r.loss, latency_s=r.latency_s, energy_j=r.energy_j,
+                max_latency_s=budget if budget is not None and math.isfinite(budget) else None)
+
+        return wire.PlanMsg(
+            coordinator_id=self.coordinator_id, ts=self.wall(), method=self.method,
+            max_energy_j=self.max_energy_j,
+            apps={a: ap(r, self.apps[a]) for a, r in plans["per_application"].items()},
+            joint=ap(plans["joint"], problem.joint_latency_s), loss_source=source)
+
+    def replan(self) -> wire.PlanMsg | None:
+        plan = self.compute(self._registry)
+        old, self.plan = self.plan, plan
+        if plan is not None and (old is None or old.apps != plan.apps):
+            log.info("plan: %s", ", ".join(
+                f"{a}={p.experts if p.feasible else 'INFEASIBLE'}" for a, p in plan.apps.items()))
+        return plan
+
+    # ------------------------------------------------------------------ loop
+    async def run(self, coordinator: Any) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._trigger.wait(), timeout=self.interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._trigger.clear()
+            self._registry = coordinator.registry
+            plan = self.replan()
+            if plan is not None:
+                await coordinator.publish_plan(plan)
