@@ -373,7 +373,9 @@ class AgentDaemon:
         for j, lg in zip(jobs, logits, strict=True):
             s = j.session
             s.n_past += len(j.tokens)
-            s.last_seq = j.seq
+            s.last_seq = max(s.last_seq, j.seq)
+            if not j.is_open:
+                s.pending -= 1
             s.busy = False
             ids, probs, rest = softmax_topk(lg, j.k)
             share = energy_j * len(j.tokens) / n_tokens if n_tokens else 0.0

@@ -21,6 +21,8 @@ class Session:
     last_used_s: float = 0.0
     k: int = 0
     busy: bool = False
+    #: steps admitted into the current batch but not decoded yet (each adds one token)
+    pending: int = 0
 
 
 class SessionError(Exception):
@@ -89,10 +91,14 @@ class SessionTable:
             raise SessionError(
                 ErrorCode.BAD_REQUEST, f"step seq {seq} out of order (expected {s.last_seq + 1})"
             )
-        if s.n_past + 1 > self.n_ctx:
+        if s.n_past + s.pending + 1 > self.n_ctx:
             raise SessionError(
                 ErrorCode.CONTEXT_FULL, f"session {session_id!r} reached the context of {self.n_ctx}"
             )
+        # Admitted: a second step of this session in the same batch (a retry, a duplicate)
+        # must follow this one, and this token counts against the context before decoding.
+        s.last_seq = seq
+        s.pending += 1
         s.last_used_s = now_s
         s.k = k
         return s

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moe2.coordinator.fusion import ExpertDist, mix, renormalise, sample, top_k_weights
+from moe2.coordinator.fusion import ExpertDist, Fused, mix, renormalise, sample, top_k_weights
 from moe2.coordinator.registry import Registry, choose_family
 from moe2.coordinator.rpc import AgentRpc, RpcError
 from moe2.coordinator.textstream import TextStream
@@ -70,6 +70,8 @@ class RequestContext:
     top_k_for: Callable[[str], int | None]
     coordinator_id: str
     clock: Callable[[], float] = time.monotonic
+    #: called with (request id, step, fused distribution, chosen token) -- tests and tracing
+    observer: Callable[[str, int, Fused, int], None] | None = None
     sessions_prefix: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
 
@@ -183,6 +185,8 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
                 d.prob_array(), None if not d.ids else d.id_array(), d.rest_mass)))
         fused = mix(parts, n_vocab)
         token = sample(fused, req.temperature, req.top_p, rng)
+        if ctx.observer is not None:
+            ctx.observer(request_id, seq, fused, token)
         n_tokens += 1
         for e in active:
             e.tokens += 1

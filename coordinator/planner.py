@@ -357,6 +357,19 @@ class LossTable(LossModel):
             d_knap, d_best = _fractional_knapsack(d_gains, e_und, capacity_j)
             if d_knap < gain_knap:
                 gain_knap, best = d_knap, d_best
+            # Tangent of log at mix_I: log(mix_T/mix_I) ≤ (mix_T − mix_I)/mix_I
+            # = Σ_{n∈A} y_n (p_n − mix_I) / (mix_I (b + Y_A)) ≤ Σ_{n∈A} y_n (p_n − mix_I)⁺ / (mix_I b).
+            p_und = self._p[:, und]
+            tangent = np.divide(
+                y_und * np.maximum(p_und - mix_inc[:, None], 0.0),
+                (mix_inc * b)[:, None],
+                out=np.full_like(p_und, np.inf),
+                where=mix_inc[:, None] > 0.0,
+            )
+            t_gains = np.minimum(tangent, cap[:, None]).mean(axis=0)
+            t_knap, t_best = _fractional_knapsack(t_gains, e_und, capacity_j)
+            if t_knap < gain_knap:
+                gain_knap, best = t_knap, t_best
         return base - min(float(cap.mean()), gain_knap), und[best]
 
 

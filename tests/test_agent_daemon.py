@@ -211,6 +211,29 @@ def test_one_batch_shares_energy_by_tokens_and_keeps_session_order() -> None:
     assert "a" not in daemon.table.sessions
 
 
+def test_duplicate_step_in_one_batch_is_decoded_once() -> None:
+    """A retried step that lands in the same tick as the original must not append the token
+    twice: the second copy is refused as out of order and the KV sequence stays consistent."""
+    engine = FakeEngine(n_ctx=8)
+    daemon = make_daemon(agent_config("dup0", max_sessions=2), engine,
+                         "mqtt://127.0.0.1:1")
+    daemon.process([_work(wire.OpenSession(session_id="s", k=2, tokens=[1, 4]))])
+    step = wire.Step(items=[wire.StepItem("s", 5, 1, 2)])
+    first, second = daemon.process([_work(step), _work(step)])
+    assert first is not None
+    assert second is not None
+    assert [(d.seq, d.n_past) for d in first.dists] == [(1, 3)]
+    assert [(e.code, e.seq) for e in second.errors] == [(E.BAD_REQUEST, 1)]
+    assert not second.dists
+    assert engine.history[daemon.table.sessions["s"].seq_id] == [1, 4, 5]
+    # steps beyond the context are counted before they are decoded, within one batch too
+    items = [wire.StepItem("s", 6 + i, 2 + i, 2) for i in range(6)]
+    [reply] = daemon.process([_work(wire.Step(items=items))])
+    assert reply is not None
+    assert [d.n_past for d in reply.dists] == [4, 5, 6, 7, 8]
+    assert [e.code for e in reply.errors] == [E.CONTEXT_FULL]
+
+
 def test_decode_failure_is_an_internal_error_and_frees_the_session() -> None:
     engine = FakeEngine()
     daemon = make_daemon(agent_config("f0", max_sessions=2), engine, "mqtt://127.0.0.1:1")
