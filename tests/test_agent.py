@@ -16,7 +16,12 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
-from agent_helpers import (
+
+from moe2.coordinator import gguf_models as gm
+from moe2.shared import __version__, wire
+from moe2.shared.localbroker import LocalBroker
+from moe2.shared.topics import Topics
+from tests.agent_helpers import (
     AgentRpcClient,
     assert_dist_matches,
     assert_not_degenerate,
@@ -24,12 +29,7 @@ from agent_helpers import (
     llama_tokenize,
     read_retained,
 )
-from conftest import Procs, log_of
-
-from moe2.coordinator import gguf_models as gm
-from moe2.shared import __version__, wire
-from moe2.shared.localbroker import LocalBroker
-from moe2.shared.topics import Topics
+from tests.conftest import Procs, log_of
 
 E = wire.ErrorCode
 TOPICS = Topics()

@@ -12,7 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from agent_helpers import (
+
+from moe2.agent.daemon import Work
+from moe2.agent.engine import DecodeJob, LlamaEngine
+from moe2.agent.meters import ManualClock, ManualMeter
+from moe2.coordinator import gguf_models as gm
+from moe2.shared import wire
+from moe2.shared.localbroker import LocalBroker
+from moe2.shared.mqtt import make_client, parse_broker_url, payload_bytes
+from moe2.shared.topics import Topics
+from tests.agent_helpers import (
     AgentRpcClient,
     FakeEngine,
     MeteredEngine,
@@ -25,15 +34,6 @@ from agent_helpers import (
     top_id,
     wait_until,
 )
-
-from moe2.agent.daemon import Work
-from moe2.agent.engine import DecodeJob, LlamaEngine
-from moe2.agent.meters import ManualClock, ManualMeter
-from moe2.coordinator import gguf_models as gm
-from moe2.shared import wire
-from moe2.shared.localbroker import LocalBroker
-from moe2.shared.mqtt import make_client, parse_broker_url, payload_bytes
-from moe2.shared.topics import Topics
 
 E = wire.ErrorCode
 

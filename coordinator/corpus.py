@@ -1,0 +1,334 @@
+"""A generated mixed-domain question/answer corpus with exact-match short answers.
+
+Eight task families that look clearly different to a sentence embedder (so k-means on MiniLM
+embeddings finds domains) and that a small llama model can learn as look-ups:
+
+==============  ==============================================  ===========
+family          example prompt                                  answer
+==============  ==============================================  ===========
+arithmetic      ``Q: What is 7 plus 5? A:``                     ``12``
+capitals        ``Q: Which city is the capital of Peru? A:``    ``Lima``
+colours         ``Q: What colour is a banana? A:``              ``yellow``
+antonyms        ``Q: What is the opposite of hot? A:``          ``cold``
+units           ``Q: Convert 7 metres to centimetres. A:``      ``700``
+letters         ``Q: How many letters are in the word cat? A:`` ``3``
+reverse         ``Q: Reverse the word frog. A:``                ``gorf``
+sequence        ``Q: What comes after Monday? A:``              ``Tuesday``
+==============  ==============================================  ===========
+
+Every family is enumerated completely (fact x template), de-duplicated, shuffled by the seed and
+split per family into ``train`` (expert fine-tuning), ``calib`` (gate training), ``validation``
+(gate early stopping, model selection) and ``test``. A prompt string occurs in exactly one split;
+facts are shared across splits through different templates, so held-out prompts are answerable.
+
+``Sample.prompt`` is the exact text a model is given (tokenised as is, with BOS); the model is
+expected to continue with ``" " + answer`` and then EOS. Exact match compares the generated text,
+stripped of surrounding whitespace, with ``Sample.answer``.
+
+Splits are stored as JSON lines ``{"prompt": ..., "answer": ..., "family": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "FAMILIES",
+    "PROMPT_TEMPLATE",
+    "SPLITS",
+    "Corpus",
+    "Sample",
+    "generate_corpus",
+    "read_jsonl",
+    "write_jsonl",
+]
+
+#: How a question becomes the text a model sees. The answer follows after one space.
+PROMPT_TEMPLATE = "Q: {question} A:"
+
+#: Split names in order, and the fraction of each family that goes to each.
+SPLITS: tuple[str, ...] = ("train", "calib", "validation", "test")
+_SPLIT_FRACTIONS: tuple[float, ...] = (0.6, 0.15, 0.1, 0.15)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One question/answer pair. ``prompt`` is the full model input (see the module doc)."""
+
+    prompt: str
+    answer: str
+    family: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"prompt": self.prompt, "answer": self.answer, "family": self.family}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, object]) -> Sample:
+        try:
+            prompt, answer, family = obj["prompt"], obj["answer"], obj.get("family", "")
+        except KeyError as exc:
+            raise ValueError(f"sample lacks {exc.args[0]!r}") from None
+        if not isinstance(prompt, str) or not isinstance(answer, str) or not isinstance(
+                family, str):
+            raise ValueError("prompt, answer and family must be strings")
+        return cls(prompt=prompt, answer=answer, family=family)
+
+
+def _q(question: str) -> str:
+    return PROMPT_TEMPLATE.format(question=question)
+
+
+# --------------------------------------------------------------------------- facts
+
+_CAPITALS = (
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
+    ("Japan", "Tokyo"), ("Canada", "Ottawa"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"),
+    ("Peru", "Lima"), ("Norway", "Oslo"), ("Greece", "Athens"), ("Chile", "Santiago"),
+    ("India", "Delhi"), ("China", "Beijing"), ("Brazil", "Brasilia"), ("Poland", "Warsaw"),
+    ("Portugal", "Lisbon"), ("Austria", "Vienna"), ("Sweden", "Stockholm"), ("Cuba", "Havana"),
+    ("Russia", "Moscow"), ("Ireland", "Dublin"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
+    ("Hungary", "Budapest"), ("Turkey", "Ankara"), ("Iran", "Tehran"), ("Iraq", "Baghdad"),
+    ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("Mexico", "Mexico City"),
+    ("Argentina", "Buenos Aires"), ("Colombia", "Bogota"), ("Morocco", "Rabat"),
+    ("Nigeria", "Abuja"), ("Ghana", "Accra"), ("Belgium", "Brussels"), ("Nepal", "Kathmandu"),
+    ("Australia", "Canberra"), ("Scotland", "Edinburgh"),
+)
+_COLOUR_THINGS = (
+    ("the sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black"),
+    ("a banana", "yellow"), ("a tomato", "red"), ("an orange", "orange"), ("a plum", "purple"),
+    ("a storm cloud", "grey"), ("a flamingo", "pink"), ("milk", "white"), ("a lemon", "yellow"),
+    ("a strawberry", "red"), ("a frog", "green"), ("chocolate", "brown"), ("the sea", "blue"),
+    ("an eggplant", "purple"), ("a crow", "black"), ("a carrot", "orange"), ("soil", "brown"),
+    ("an elephant", "grey"), ("a cucumber", "green"), ("a ruby", "red"), ("sand", "yellow"),
+    ("a pumpkin", "orange"), ("a sapphire", "blue"), ("a panda's ears", "black"),
+    ("a polar bear", "white"), ("a lime", "green"), ("a raven", "black"), ("blood", "red"),
+    ("a mouse", "grey"),
+)
+_ANTONYMS = (
+    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("up", "down"),
+    ("light", "dark"), ("old", "young"), ("rich", "poor"), ("early", "late"), ("hard", "soft"),
+    ("wet", "dry"), ("tall", "short"), ("open", "closed"), ("full", "empty"), ("loud", "quiet"),
+    ("strong", "weak"), ("clean", "dirty"), ("thick", "thin"), ("high", "low"), ("win", "lose"),
+    ("push", "pull"), ("buy", "sell"), ("left", "right"), ("inside", "outside"),
+    ("before", "after"), ("always", "never"), ("true", "false"), ("friend", "enemy"),
+    ("day", "night"), ("north", "south"), ("east", "west"), ("begin", "end"),
+    ("smooth", "rough"), ("cheap", "expensive"), ("near", "far"), ("sweet", "sour"),
+    ("brave", "afraid"), ("wide", "narrow"), ("arrive", "leave"), ("love", "hate"),
+)
+_UNITS = (
+    ("metres", "centimetres", 100), ("kilometres", "metres", 1000),
+    ("centimetres", "millimetres", 10), ("kilograms", "grams", 1000),
+    ("litres", "millilitres", 1000),
+)
+_LETTER_WORDS = (
+    "cat", "dog", "sun", "tree", "book", "fish", "house", "water", "apple", "river", "garden",
+    "window", "pencil", "rocket", "silver", "planet", "dragon", "market", "castle", "forest",
+    "winter", "summer", "coffee", "bridge", "letter", "number", "doctor", "animal", "button",
+    "candle", "mirror", "pocket", "ticket", "travel", "museum", "violin", "basket", "island",
+    "jacket", "kitten", "ladder", "meadow", "elephant", "computer", "mountain", "sandwich",
+    "umbrella", "keyboard", "notebook", "airplane", "tea", "egg", "milk", "bread", "cloud",
+    "chair", "table", "mouse", "horse", "zebra",
+)
+_REVERSE_WORDS = (
+    "cat", "dog", "sun", "pen", "cup", "hat", "box", "map", "bus", "car", "red", "top", "net",
+    "pig", "cow", "fox", "owl", "bee", "ant", "egg", "ink", "jam", "key", "leg", "arm", "ear",
+    "eye", "bed", "fan", "gem", "frog", "bird", "fish", "lamp", "desk", "ship", "rain", "snow",
+    "moon", "star", "ring", "drum", "milk", "corn", "rose", "wolf", "lion", "bear", "duck",
+    "goat",
+)
+_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
+           "September", "October", "November", "December")
+
+
+# --------------------------------------------------------------------------- families
+
+
+def _arithmetic() -> Iterator[tuple[str, str]]:
+    for a in range(13):
+        for b in range(13):
+            yield f"What is {a} plus {b}?", str(a + b)
+            yield f"Add {a} and {b}.", str(a + b)
+            if a >= b:
+                yield f"What is {a} minus {b}?", str(a - b)
+                yield f"Subtract {b} from {a}.", str(a - b)
+
+
+def _capitals() -> Iterator[tuple[str, str]]:
+    for country, capital in _CAPITALS:
+        yield f"What is the capital of {country}?", capital
+        yield f"Which city is the capital of {country}?", capital
+        yield f"Name the capital city of {country}.", capital
+        yield f"{country} has which city as its capital?", capital
+
+
+def _colours() -> Iterator[tuple[str, str]]:
+    for thing, colour in _COLOUR_THINGS:
+        yield f"What colour is {thing}?", colour
+        yield f"What is the colour of {thing}?", colour
+        yield f"Which colour is {thing} usually?", colour
+        yield f"Tell me the colour of {thing}.", colour
+
+
+def _antonyms() -> Iterator[tuple[str, str]]:
+    for a, b in _ANTONYMS:
+        for word, opposite in ((a, b), (b, a)):
+            yield f"What is the opposite of {word}?", opposite
+            yield f"Give the antonym of {word}.", opposite
+            yield f"Which word means the opposite of {word}?", opposite
+
+
+def _units() -> Iterator[tuple[str, str]]:
+    for big, small, factor in _UNITS:
+        for n in range(1, 41):
+            yield f"How many {small} are in {n} {big}?", str(n * factor)
+            yield f"Convert {n} {big} to {small}.", str(n * factor)
+
+
+def _letters() -> Iterator[tuple[str, str]]:
+    for word in _LETTER_WORDS:
+        yield f"How many letters are in the word {word}?", str(len(word))
+        yield f"Count the letters in {word}.", str(len(word))
+        yield f"How long is the word {word} in letters?", str(len(word))
+
+
+def _reverse() -> Iterator[tuple[str, str]]:
+    for word in _REVERSE_WORDS:
+        yield f"Reverse the word {word}.", word[::-1]
+        yield f"Spell {word} backwards.", word[::-1]
+        yield f"Write the letters of {word} in reverse order.", word[::-1]
+
+
+def _sequence() -> Iterator[tuple[str, str]]:
+    items: list[tuple[str, str, str]] = []  # (item, after, before)
+    for cycle in (_DAYS, _MONTHS):
+        n = len(cycle)
+        items.extend((cycle[i], cycle[(i + 1) % n], cycle[i - 1]) for i in range(n))
+    items.extend((str(i), str(i + 1), str(i - 1)) for i in range(1, 61))
+    for item, after, before in items:
+        yield f"What comes after {item}?", after
+        yield f"What comes right after {item}?", after
+        yield f"What comes before {item}?", before
+        yield f"What comes just before {item}?", before
+
+
+#: family name -> generator of (question, answer), in a fixed order.
+FAMILIES: dict[str, Callable[[], Iterator[tuple[str, str]]]] = {
+    "arithmetic": _arithmetic,
+    "capitals": _capitals,
+    "colours": _colours,
+    "antonyms": _antonyms,
+    "units": _units,
+    "letters": _letters,
+    "reverse": _reverse,
+    "sequence": _sequence,
+}
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The four splits; every prompt occurs in exactly one of them."""
+
+    splits: dict[str, tuple[Sample, ...]]
+    seed: int
+
+    def __getitem__(self, split: str) -> tuple[Sample, ...]:
+        return self.splits[split]
+
+    def all_samples(self) -> list[Sample]:
+        return [s for name in SPLITS for s in self.splits[name]]
+
+    def stats(self) -> dict[str, object]:
+        """Counts per split and family (for the manifest)."""
+        return {
+            "seed": self.seed,
+            "splits": {name: len(self.splits[name]) for name in SPLITS},
+            "families": {
+                name: dict(sorted(Counter(s.family for s in self.splits[name]).items()))
+                for name in SPLITS
+            },
+        }
+
+    def write(self, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+        """Write ``{split}.jsonl`` files; returns split -> path."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths: dict[str, Path] = {}
+        for name in SPLITS:
+            paths[name] = out / f"{name}.jsonl"
+            write_jsonl(paths[name], self.splits[name])
+        return paths
+
+
+def generate_corpus(
+    *,
+    seed: int = 0,
+    per_family: int | None = 240,
+    families: Sequence[str] | None = None,
+) -> Corpus:
+    """Enumerate each family, shuffle it with ``seed``, keep at most ``per_family`` prompts and
+    split them 60/15/10/15 into train/calib/validation/test (each split gets at least one
+    prompt of every family when ``per_family >= 4``)."""
+    names = list(FAMILIES) if families is None else list(families)
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown families: {unknown}; known: {list(FAMILIES)}")
+    if per_family is not None and per_family < len(SPLITS):
+        raise ValueError(f"per_family must be at least {len(SPLITS)}")
+    splits: dict[str, list[Sample]] = {name: [] for name in SPLITS}
+    seen: set[str] = set()
+    for family in names:
+        rng = random.Random(f"moe2-qa-{seed}-{family}")
+        pairs = list(dict.fromkeys(FAMILIES[family]()))  # dedupe, keep order
+        rng.shuffle(pairs)
+        if per_family is not None:
+            pairs = pairs[:per_family]
+        for split, chunk in zip(SPLITS, _split_sizes(len(pairs)), strict=True):
+            taken, pairs = pairs[:chunk], pairs[chunk:]
+            for question, answer in taken:
+                prompt = _q(question)
+                if prompt in seen:
+                    raise AssertionError(f"duplicate prompt {prompt!r}")
+                seen.add(prompt)
+                splits[split].append(Sample(prompt=prompt, answer=answer, family=family))
+    rng = random.Random(f"moe2-qa-{seed}-order")
+    for samples in splits.values():
+        rng.shuffle(samples)
+    return Corpus(splits={k: tuple(v) for k, v in splits.items()}, seed=seed)
+
+
+def _split_sizes(n: int) -> list[int]:
+    sizes = [max(1, round(n * f)) for f in _SPLIT_FRACTIONS[1:]]
+    return [n - sum(sizes), *sizes]
+
+
+def write_jsonl(path: str | os.PathLike[str], samples: Iterable[Sample]) -> None:
+    target = Path(path)
+    tmp = target.with_name(target.name + ".part")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for s in samples:
+            fh.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
+    os.replace(tmp, target)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[Sample]:
+    """Read a split written by :func:`write_jsonl` (blank lines are skipped)."""
+    out: list[Sample] = []
+    with Path(path).open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(Sample.from_json(json.loads(line)))
+            except (ValueError, AttributeError) as exc:
+                raise ValueError(f"{path}:{lineno}: {exc}") from None
+    return out
