@@ -80,10 +80,10 @@ def device_kind(n_gpu_layers: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moe2.shared.mqtt import BrokerUrlError, TlsOptions, make_client, parse_broker_url
+
     try:
         cfg = build_config(args)
-        from moe2.shared.mqtt import BrokerUrlError, TlsOptions, make_client, parse_broker_url
-
         url = parse_broker_url(cfg.broker)
     except (ConfigError, BrokerUrlError) as exc:
         fail(str(exc))

@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     if files.needs_chown:
         who = getpass.getuser()
         print(f"  mosquitto runs as {args.broker_user!r}, not {who!r}: on the broker host run")
-        print(f"    sudo chown {args.broker_user}: " + " ".join(str(conf_dir / p.name) for p in files.needs_chown))
+        paths = " ".join(str(conf_dir / p.name) for p in files.needs_chown)
+        print(f"    sudo chown {args.broker_user}: {paths}")
     print(f"  start: mosquitto -c {files.conf}   (or include it from /etc/mosquitto/conf.d/)")
     return 0

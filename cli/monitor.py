@@ -107,7 +107,9 @@ class _Session:
         from moe2.shared.mqtt import Backoff
 
         backoff = Backoff(cap_s=10.0)
-        while not self.stop.is_set():
+        while True:
+            if self.stop.is_set():
+                return
             try:
                 async with self.client() as client:
                     await self.subscribe(client)

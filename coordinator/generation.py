@@ -194,23 +194,21 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
             finish = "stop"
             break
         chunk = stream.push(token)
+        done = stream.stopped or n_tokens >= req.max_tokens or any(
+            e.n_past + 1 >= e.n_ctx for e in active)  # an expert's context is full
+        if not done:
+            # Send the next step before streaming this token: the phone's publish is then off
+            # the critical path, overlapping the agents' decode.
+            seq += 1
+            futs = {e.agent_id: ctx.rpc.step(e.agent_id, wire.StepItem(
+                e.session_id, token, seq, settings.dist_k)) for e in active}
         if chunk:
             if ttft_s is None:
                 ttft_s = ctx.clock() - t0
             await emit(wire.TokenChunk(index=n_tokens - 1, text=chunk))
-        if stream.stopped:
-            finish = "stop"
+        if done:
+            finish = "stop" if stream.stopped else "length"
             break
-        if n_tokens >= req.max_tokens:
-            finish = "length"
-            break
-        if any(e.n_past + 1 >= e.n_ctx for e in active):
-            finish = "length"  # the context of an expert is full
-            break
-        seq += 1
-        futs = {e.agent_id: ctx.rpc.step(e.agent_id, wire.StepItem(e.session_id, token, seq,
-                                                                  settings.dist_k))
-                for e in active}
         dists = await _gather(futs, _deadline(ctx.registry(), active, settings), by_id)
     tail = stream.flush()
     if tail:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Union
+from typing import Any
 
 from rich.console import Group, JustifyMethod, RenderableType
 from rich.table import Table
@@ -79,7 +79,7 @@ class CoordinatorSeen:
     status: wire.CoordinatorStatus
 
 
-Event = Union[StatusSeen, StatusCleared, TelemetrySeen, PlanSeen, CoordinatorSeen]
+Event = StatusSeen | StatusCleared | TelemetrySeen | PlanSeen | CoordinatorSeen
 
 
 def subscriptions(topics: Topics) -> list[str]:

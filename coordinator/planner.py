@@ -70,6 +70,10 @@ _ENERGY_RTOL: Final = 1e-9
 _CHUNK_ELEMENTS: Final = 1 << 22
 # Exact B&B prunes a node whose bound is within this of the incumbent.
 _EXACT_TOL: Final = 1e-12
+# Exact B&B finishes a node by enumeration when this few experts are undecided, and skips the
+# bound first when even fewer are.
+_EXACT_ENUMERATE: Final = 10
+_EXACT_ENUMERATE_NOW: Final = 5
 
 
 class PlannerError(ValueError):
@@ -113,27 +117,25 @@ def _fractional_knapsack(
 ) -> tuple[float, int]:
     """Best value of a fractional knapsack, and the position of the best value-per-weight item.
 
-    Items of zero weight are always taken whole. Used as an upper bound on a subadditive gain.
+    Items of zero weight are always taken whole; items of non-positive value never. Used as an
+    upper bound on a subadditive gain under the energy budget.
     """
-    safe = np.where(weights > 0.0, weights, 1.0)
-    ratio = np.where(weights > 0.0, values / safe, np.inf)
-    ratio = np.where(values > 0.0, ratio, 0.0)
+    useful = values > 0.0
+    v = np.where(useful, values, 0.0)
+    w = np.where(useful, weights, 0.0)
+    safe = np.where(w > 0.0, w, 1.0)
+    ratio = np.where(w > 0.0, v / safe, np.inf)
+    ratio = np.where(useful, ratio, -1.0)
     # Highest ratio first; among equal ratios (e.g. zero-weight items) the larger value first.
-    order = np.lexsort((-values, -ratio))
-    total = 0.0
-    left = capacity
-    for k in order.tolist():
-        v = float(values[k])
-        if v <= 0.0:
-            break
-        w = float(weights[k])
-        if w <= left:
-            total += v
-            left -= w
-        else:
-            if left > 0.0:
-                total += v * left / w
-            break
+    order = np.lexsort((-v, -ratio))
+    v_sorted = v[order]
+    w_sorted = w[order]
+    cum_w = np.cumsum(w_sorted)
+    whole = int(np.searchsorted(cum_w, capacity, side="right"))
+    total = float(v_sorted[:whole].sum())
+    if whole < len(order) and w_sorted[whole] > 0.0:
+        left = capacity - (float(cum_w[whole - 1]) if whole else 0.0)
+        total += float(v_sorted[whole]) * max(0.0, left) / float(w_sorted[whole])
     return total, int(order[0])
 
 
@@ -223,16 +225,22 @@ class LossModel(ABC):
         """L of each row of ``bits`` (k × n_experts, 0/1)."""
 
     def node_bound(
-        self, include: int, allowed: int, energy_j: FloatArray, capacity_j: float
+        self,
+        include: int,
+        allowed: int,
+        energy_j: FloatArray,
+        capacity_j: float,
+        stop_at: float = math.inf,
     ) -> tuple[float, int]:
         """A lower bound on L(T) over non-empty T with include ⊆ T ⊆ allowed and
         Σ_{n∈T∖include} energy_j[n] ≤ capacity_j, and a suggested expert to branch on (−1: none).
 
-        The default, valid only for monotone L, is L(allowed).
+        An implementation may return as soon as its bound reaches ``stop_at`` (the caller prunes
+        then). The default, valid only for monotone L, is L(allowed).
         """
         if not self.monotone:
             raise PlannerError(f"{type(self).__name__} is not monotone and defines no lower bound")
-        del include, energy_j, capacity_j
+        del include, energy_j, capacity_j, stop_at
         return self.loss(allowed), -1
 
 
@@ -299,78 +307,99 @@ class LossTable(LossModel):
         return out
 
     def node_bound(
-        self, include: int, allowed: int, energy_j: FloatArray, capacity_j: float
+        self,
+        include: int,
+        allowed: int,
+        energy_j: FloatArray,
+        capacity_j: float,
+        stop_at: float = math.inf,
     ) -> tuple[float, int]:
         """Valid for any L of this form, monotone or not.
 
-        For T = I ∪ A (I = include, A ⊆ U = allowed ∖ include) the mixture of sample i is a
-        weighted average of I's mixture and A's, so it is at most max(mix_I,i, max_{n∈A} p_{i,n}),
-        and at most m*_i, the best mixture any A ⊆ U reaches on sample i alone (a prefix of U
-        sorted by p_{i,n}: fractional programming). With ℓ_i = −log mix_I,i this gives
-        L(T) ≥ mean_i ℓ_i − F(A), F(A) = mean_i min(Γ_i, max_{n∈A} γ_{i,n}), where
-        γ_{i,n} = max(0, ℓ_i + log p_{i,n}) and Γ_i = max(0, ℓ_i + log m*_i). F is monotone
-        submodular (a truncated facility-location gain), so F(A) ≤ min(F(U), Σ_{n∈A} F({n})) and
-        the energy left caps the sum by a fractional knapsack. The branching suggestion is the
-        knapsack's best gain-per-joule expert.
+        Write T = I ∪ A (I = include, A ⊆ U = allowed ∖ include), ℓ_i = −log mix_I,i and
+        gain_i(A) = ℓ_i + log mix_T,i, so L(T) ≥ mean_i ℓ_i − mean_i max(0, gain_i(A)). Bounds on
+        the gain, tried from cheap to dear until the bound reaches ``stop_at``:
+
+        1. gain_i ≤ Γ_i = log(m*_i / mix_I,i)⁺, m*_i the best mixture any A ⊆ U reaches on sample i
+           alone (a prefix of U sorted by p_{i,n}: fractional programming).
+        2. (I ≠ ∅) tangent of log at mix_I: gain_i ≤ (mix_T − mix_I)/mix_I
+           ≤ Σ_{n∈A} y_n (p_n − mix_I)⁺ / (mix_I b), with x = g·p, y = g, a = Σ_I x, b = Σ_I y.
+        3. (I ≠ ∅) gain_i = log(1 + X_A/a) − log(1 + Y_A/b) ≤ Σ_{n∈A} [log(1 + x_n/a) − κ y_n]: the
+           first term is subadditive (concave), the second lies below its chord over
+           Y_A ∈ [0, Y_U], κ = log(1 + Y_U/b)/Y_U.
+        4. (I = ∅) facility location: gain_i ≤ max_{n∈A} (ℓ_i + log p_{i,n})⁺, subadditive in A.
+
+        Each per-expert sum is capped by Γ_i per sample, averaged, and maximised over the energy
+        left by a fractional knapsack. The branching suggestion is the last knapsack's best
+        gain-per-joule expert.
         """
         inc = members(include)
         und = members(allowed & ~include)
+        n_s = self.n_samples
         if inc:
             a = self._gp[:, inc].sum(axis=1)
             b = self._g[:, inc].sum(axis=1)
             mix_inc = a / b
             ell = -np.log(np.maximum(mix_inc, PROB_FLOOR))
         else:
-            a = np.zeros(self.n_samples)
-            b = np.zeros(self.n_samples)
+            a = np.zeros(n_s)
+            b = np.zeros(n_s)
             mix_inc = a
-            ell = np.full(self.n_samples, self._floor_loss)
+            ell = np.full(n_s, self._floor_loss)
         base = float(ell.mean())
         if not und:
             return base, -1
-        # m*_i: the best prefix of U by descending p_{i,n}, or I alone.
+        # 1. m*_i: the best prefix of U by descending p_{i,n}, or I alone.
         in_und = np.zeros(self.n_experts, dtype=np.float64)
         in_und[und] = 1.0
         in_sorted = in_und[self._order]
-        cum_x = a[:, None] + np.cumsum(self._gp_sorted * in_sorted, axis=1)
-        cum_y = b[:, None] + np.cumsum(self._g_sorted * in_sorted, axis=1)
+        cum_x = np.cumsum(self._gp_sorted * in_sorted, axis=1)
+        cum_x += a[:, None]
+        cum_y = np.cumsum(self._g_sorted * in_sorted, axis=1)
+        cum_y += b[:, None]
         ratio = np.divide(cum_x, cum_y, out=np.zeros_like(cum_x), where=cum_y > 0.0)
         best_mix = np.maximum(ratio.max(axis=1), mix_inc)
         cap = np.maximum(ell + np.log(np.maximum(best_mix, PROB_FLOOR)), 0.0)
-        gamma = np.minimum(np.maximum(ell[:, None] - self._cost[:, und], 0.0), cap[:, None])
-        gains = gamma.mean(axis=0)
+        gain = float(cap.mean())
         e_und = energy_j[und]
-        gain_knap, best = _fractional_knapsack(gains, e_und, capacity_j)
+        best = 0
         if inc:
-            # Gate-aware modular bound: log(mix_T/mix_I) = log(1 + X_A/a) − log(1 + Y_A/b)
-            # ≤ Σ_{n∈A} [log(1 + x_n/a) − κ y_n], the first term being subadditive (concave) and
-            # the second below its chord over Y_A ∈ [0, Y_U] (κ = log(1 + Y_U/b)/Y_U).
-            x_und = self._gp[:, und]
+            if base - gain >= stop_at:
+                return base - gain, -1
+            # 2. tangent
+            p_und = self._p[:, und]
             y_und = self._g[:, und]
+            scale = mix_inc * b
+            tangent = np.divide(
+                y_und * np.maximum(p_und - mix_inc[:, None], 0.0),
+                scale[:, None],
+                out=np.full_like(p_und, np.inf),
+                where=scale[:, None] > 0.0,
+            )
+            knap, best = _fractional_knapsack(
+                np.minimum(tangent, cap[:, None]).mean(axis=0), e_und, capacity_j
+            )
+            gain = min(gain, knap)
+            if base - gain >= stop_at:
+                return base - gain, und[best]
+            # 3. chord
+            x_und = self._gp[:, und]
             y_all = y_und.sum(axis=1)
             kappa = np.log1p(y_all / b) / y_all
             xa = np.divide(
                 x_und, a[:, None], out=np.full_like(x_und, np.inf), where=a[:, None] > 0.0
             )
-            delta = np.log1p(xa) - kappa[:, None] * y_und
-            d_gains = np.minimum(np.maximum(delta, 0.0), cap[:, None]).mean(axis=0)
-            d_knap, d_best = _fractional_knapsack(d_gains, e_und, capacity_j)
-            if d_knap < gain_knap:
-                gain_knap, best = d_knap, d_best
-            # Tangent of log at mix_I: log(mix_T/mix_I) ≤ (mix_T − mix_I)/mix_I
-            # = Σ_{n∈A} y_n (p_n − mix_I) / (mix_I (b + Y_A)) ≤ Σ_{n∈A} y_n (p_n − mix_I)⁺ / (mix_I b).
-            p_und = self._p[:, und]
-            tangent = np.divide(
-                y_und * np.maximum(p_und - mix_inc[:, None], 0.0),
-                (mix_inc * b)[:, None],
-                out=np.full_like(p_und, np.inf),
-                where=mix_inc[:, None] > 0.0,
+            chord = np.log1p(xa) - kappa[:, None] * y_und
+            knap, best = _fractional_knapsack(
+                np.minimum(np.maximum(chord, 0.0), cap[:, None]).mean(axis=0), e_und, capacity_j
             )
-            t_gains = np.minimum(tangent, cap[:, None]).mean(axis=0)
-            t_knap, t_best = _fractional_knapsack(t_gains, e_und, capacity_j)
-            if t_knap < gain_knap:
-                gain_knap, best = t_knap, t_best
-        return base - min(float(cap.mean()), gain_knap), und[best]
+        else:
+            # 4. facility location
+            gamma = np.maximum(ell[:, None] - self._cost[:, und], 0.0)
+            knap, best = _fractional_knapsack(
+                np.minimum(gamma, cap[:, None]).mean(axis=0), e_und, capacity_j
+            )
+        return base - min(gain, knap), und[best]
 
 
 class PriorLoss(LossModel):
@@ -410,11 +439,17 @@ class PriorLoss(LossModel):
         return self._of_a(bits @ self._a)
 
     def node_bound(
-        self, include: int, allowed: int, energy_j: FloatArray, capacity_j: float
+        self,
+        include: int,
+        allowed: int,
+        energy_j: FloatArray,
+        capacity_j: float,
+        stop_at: float = math.inf,
     ) -> tuple[float, int]:
         """a(T) ≤ a(I) + min(a(U), fractional knapsack of a over U), and L falls as a grows."""
         inc = members(include)
         und = members(allowed & ~include)
+        del stop_at
         a_inc = float(self._a[inc].sum())
         if not und:
             return float(self._of_a(np.array([a_inc]))[0]), -1
@@ -816,8 +851,10 @@ def exact(
     include the expert the bound suggests (best gain per joule; explored first) or exclude it.
     Every include child's I is evaluated as a candidate, so every feasible set is either
     evaluated or ruled out. Pruning: experts that no longer fit the energy left are dropped from
-    A, and a node whose lower bound reaches the incumbent is cut. The incumbent starts from
-    :func:`greedy`. With ``max_nodes`` the search may stop early (``capped=True``).
+    A, and a node whose lower bound reaches the incumbent is cut. A node with few undecided
+    experts left (≤ 10) is finished by vectorised enumeration of its subsets instead, which is
+    much cheaper per subset than a bound. The incumbent starts from :func:`greedy`. With
+    ``max_nodes`` the search may stop early (``capped=True``).
     """
     run = _Run(problem, "exact", max_latency_s)
     cand = run.candidates
@@ -840,8 +877,16 @@ def exact(
         if not und:
             continue
         allowed = inc | mask_of(und)
-        bound, branch = run.model.node_bound(inc, allowed, energy, left)
-        if bound >= inc_loss - _EXACT_TOL:
+        if len(und) > _EXACT_ENUMERATE_NOW:
+            bound, branch = run.model.node_bound(
+                inc, allowed, energy, left, stop_at=inc_loss - _EXACT_TOL
+            )
+            if bound >= inc_loss - _EXACT_TOL:
+                continue
+        if len(und) <= _EXACT_ENUMERATE:
+            e_mask, e_loss = _enumerate(run, inc, und)
+            if e_mask and e_loss < inc_loss:
+                inc_mask, inc_loss = e_mask, e_loss
             continue
         if branch < 0 or branch not in und:
             if static_order is None:
@@ -885,33 +930,46 @@ def exhaustive(
         )
     if k == 0:
         return run.result(0, optimal=True)
-    n = problem.n_experts
-    e_local = run.energy[idx]
+    best_mask, best_loss = _enumerate(run, 0, idx)
+    return run.result(
+        best_mask,
+        loss=best_loss,
+        nodes=(1 << k) - 1,
+        optimal=True,
+        bound=best_loss,
+    )
+
+
+def _enumerate(run: _Run, include: int, free: Sequence[int]) -> tuple[int, float]:
+    """Best feasible I ∪ A over every A ⊆ free (vectorised in chunks, uncached); (0, inf) if none.
+
+    Latency is not checked: callers pass only experts that meet the latency budget.
+    """
+    k = len(free)
+    n = run.problem.n_experts
+    free_idx = np.array(free, dtype=np.intp)
+    e_free = run.energy[free_idx]
+    e_inc = run.energy_of(include)
+    inc_bits = mask_bits([include], n)[0]
     best_loss = math.inf
     best_mask = 0
     chunk = 1 << 15
     total = 1 << k
-    for start in range(1, total, chunk):
+    for start in range(0 if include else 1, total, chunk):
         local = np.arange(start, min(total, start + chunk), dtype=np.uint64)
         local_bits = mask_bits(local, k)
-        ok = local_bits @ e_local <= run.cap_j
+        ok = e_inc + local_bits @ e_free <= run.cap_j
         if not ok.any():
             continue
-        bits = np.zeros((int(ok.sum()), n), dtype=np.float64)
-        bits[:, idx] = local_bits[ok]
+        bits = np.repeat(inc_bits[None, :], int(ok.sum()), axis=0)
+        bits[:, free_idx] = local_bits[ok]
         vals = run.model.evaluate_bits(bits)
         run.uncached_evaluations += len(vals)
         j = int(np.argmin(vals))
         if vals[j] < best_loss:
             best_loss = float(vals[j])
-            best_mask = mask_of(idx[b] for b in np.flatnonzero(bits[j, idx]).tolist())
-    return run.result(
-        best_mask,
-        loss=best_loss,
-        nodes=total - 1,
-        optimal=True,
-        bound=best_loss,
-    )
+            best_mask = mask_of(np.flatnonzero(bits[j]).tolist())
+    return best_mask, best_loss
 
 
 def _greedy_search(run: _Run) -> tuple[int, float]:

@@ -1,0 +1,199 @@
+"""``moe2 bench fusion``: what a fused step costs on top of the slowest expert, in MQTT round
+trips, and fused throughput under concurrency -- all measured side by side in one run.
+
+overhead = (fused per-token time - slowest expert's own per-token time) / bare MQTT round trip
+
+* fused per-token time: a phone's greedy request through the coordinator, steady state
+  ((latency - ttft) / (tokens - 1)), two experts fused, ``dist_k`` 64;
+* an expert's own per-token time: a direct llama-cpp-python greedy loop on the same GGUF, one
+  thread, in this process;
+* bare round trip: one aiomqtt client publishes a payload the size of a step reply, a second
+  echoes it back, through the same local mosquitto.
+
+Medians over repeated runs. Every process shares this machine's cores, which is the honest
+setting for a single edge box and the pessimistic one for the overhead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moe2.coordinator.gguf_models import make_test_experts
+from moe2.coordinator.phone import PhoneClient
+from moe2.shared import wire
+from moe2.shared.localbroker import LocalBroker
+from moe2.shared.mqtt import make_client, parse_broker_url, payload_bytes
+from moe2.shared.topics import Topics
+
+PROMPT = "What is the capital of France?"
+
+
+def _direct_per_token_s(path: Path, n_tokens: int, repeats: int) -> float:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=1, verbose=False)
+    n_vocab = llm.n_vocab()
+    times = []
+    for _ in range(repeats):
+        llm.reset()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+        toks = llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
+        llm.eval(toks)
+        t0 = time.perf_counter()
+        for _ in range(n_tokens):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                           shape=(n_vocab,))
+            llm.eval([int(np.argmax(logits))])
+        times.append((time.perf_counter() - t0) / n_tokens)
+    return statistics.median(times)
+
+
+async def _bare_rtt_s(url: str, payload_size: int, n: int) -> float:
+    u = parse_broker_url(url)
+    ping, pong = f"bench/{uuid.uuid4().hex}/ping", f"bench/{uuid.uuid4().hex}/pong"
+    payload = os.urandom(payload_size)
+    async with make_client(u, identifier="bench-a") as a, make_client(u, identifier="bench-b") as b:
+        await a.subscribe(pong, qos=0)
+        await b.subscribe(ping, qos=0)
+
+        async def echo() -> None:
+            async for m in b.messages:
+                await b.publish(pong, payload_bytes(m), qos=0)
+
+        task = asyncio.create_task(echo())
+        times = []
+        it = aiter(a.messages)
+        for i in range(n + 10):
+            t0 = time.perf_counter()
+            await a.publish(ping, payload, qos=0)
+            await anext(it)
+            if i >= 10:
+                times.append(time.perf_counter() - t0)
+        task.cancel()
+        return statistics.median(times)
+
+
+async def _wait_ready(url: str, n_experts: int) -> None:
+    for _ in range(200):
+        try:
+            async with make_client(parse_broker_url(url), identifier=f"w-{uuid.uuid4().hex[:6]}") as c:
+                t = Topics().plan
+                await c.subscribe(t.topic, qos=1)
+                m = await asyncio.wait_for(anext(aiter(c.messages)), 2.0)
+                plan = t.decode(payload_bytes(m))
+                if len(plan.joint.experts or []) == n_experts:
+                    return
+        except Exception:  # noqa: BLE001 - not ready yet
+            pass
+        await asyncio.sleep(0.3)
+    raise RuntimeError("the coordinator never planned with every expert")
+
+
+async def _fused(url: str, n_tokens: int, repeats: int, concurrency: tuple[int, ...]
+                 ) -> dict[str, Any]:
+    u = parse_broker_url(url)
+    req = wire.PhoneRequest(prompt=PROMPT, max_tokens=n_tokens, raw=True)
+    per_token: list[float] = []
+    async with make_client(u, identifier="bench-phone") as c, PhoneClient(c, "bench-phone") as ph:
+        for _ in range(2):  # warm up
+            await ph.ask(req)
+        for _ in range(repeats):
+            ans = await ph.ask(req)
+            f = ans.final
+            if f is None or f.tokens < 2 or f.ttft_s is None:
+                raise RuntimeError(f"bench request failed: {ans.error}")
+            per_token.append((f.latency_s - f.ttft_s) / (f.tokens - 1))
+    throughput: dict[str, float] = {}
+    for conc in concurrency:
+        n_clients = max(1, conc // 8)
+        clients = [make_client(u, identifier=f"bench-p{i}") for i in range(n_clients)]
+        phones = [PhoneClient(cl, f"bench-p{i}") for i, cl in enumerate(clients)]
+        for cl, ph in zip(clients, phones, strict=True):
+            await cl.__aenter__()
+            await ph.__aenter__()
+        try:
+            t0 = time.perf_counter()
+            answers = await asyncio.gather(*[phones[i % n_clients].ask(req, timeout_s=300)
+                                             for i in range(conc)])
+            wall = time.perf_counter() - t0
+        finally:
+            for cl, ph in zip(clients, phones, strict=True):
+                await ph.__aexit__(None, None, None)
+                await cl.__aexit__(None, None, None)
+        tokens = sum(a.final.tokens for a in answers if a.final is not None)
+        throughput[str(conc)] = tokens / wall
+    return {"per_token_s": statistics.median(per_token), "per_token_runs_s": per_token,
+            "tokens_per_s": throughput}
+
+
+def run_fusion_bench(*, quick: bool = False, out_dir: str | None = None,
+                     seed: int = 0) -> dict[str, Any]:
+    n_tokens = 24 if quick else 64
+    repeats = 3 if quick else 9
+    work = Path(out_dir or tempfile.mkdtemp(prefix="moe2-bench-fusion-"))
+    experts = make_test_experts(work, count=2)
+    direct = {e.name: _direct_per_token_s(e.path, n_tokens, repeats) for e in experts}
+    slowest = max(direct.values())
+    reply_size = len(wire.encode(wire.Reply(agent_id="e0", dists=[wire.Distribution(
+        session_id="x" * 24, seq=1, probs=bytes(4 * 64), ids=bytes(4 * 64))])))
+    procs: list[subprocess.Popen[bytes]] = []
+    with LocalBroker() as b:
+        try:
+            for e in experts:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "moe2.cli.main", "agent", "--broker", b.url,
+                     "--id", e.name, "--model", str(e.path), "--threads", "1",
+                     "--max-sessions", "64", "--n-ctx", "256", "--meter", "estimated"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            cfg = work / "coordinator.toml"
+            cfg.write_text("dist_k = 64\nmax_concurrent_per_client = 64\n"
+                           "rate_per_client_per_s = 1000.0\n")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "moe2.cli.main", "coordinator", "--broker", b.url,
+                 "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+            async def main() -> tuple[float, dict[str, Any], float]:
+                await _wait_ready(b.url, len(experts))
+                rtt_before = await _bare_rtt_s(b.url, reply_size, 100 if quick else 300)
+                fused = await _fused(b.url, n_tokens, repeats, (1, 8) if quick else (1, 8, 64))
+                rtt_after = await _bare_rtt_s(b.url, reply_size, 100 if quick else 300)
+                return rtt_before, fused, rtt_after
+
+            rtt_before, fused, rtt_after = asyncio.run(main())
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    rtt = statistics.median([rtt_before, rtt_after])
+    overhead = (fused["per_token_s"] - slowest) / rtt
+    return {
+        "bench": "fusion",
+        "experts": {e.name: {"params": e.n_params, "direct_per_token_ms": direct[e.name] * 1e3}
+                    for e in experts},
+        "dist_k": 64,
+        "tokens_per_request": n_tokens,
+        "repeats": repeats,
+        "bare_mqtt_rtt_ms": rtt * 1e3,
+        "bare_mqtt_rtt_payload_bytes": reply_size,
+        "slowest_expert_per_token_ms": slowest * 1e3,
+        "fused_per_token_ms": fused["per_token_s"] * 1e3,
+        "overhead_rtts": overhead,
+        "target_overhead_rtts": 1.5,
+        "fused_tokens_per_s": fused["tokens_per_s"],
+        "cpu_count": os.cpu_count(),
+    }
