@@ -86,18 +86,31 @@ def _q(question: str) -> str:
 
 # --------------------------------------------------------------------------- facts
 
-_CAPITALS = (
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
-    ("Japan", "Tokyo"), ("Canada", "Ottawa"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"),
-    ("Peru", "Lima"), ("Norway", "Oslo"), ("Greece", "Athens"), ("Chile", "Santiago"),
-    ("India", "Delhi"), ("China", "Beijing"), ("Brazil", "Brasilia"), ("Poland", "Warsaw"),
-    ("Portugal", "Lisbon"), ("Austria", "Vienna"), ("Sweden", "Stockholm"), ("Cuba", "Havana"),
-    ("Russia", "Moscow"), ("Ireland", "Dublin"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
-    ("Hungary", "Budapest"), ("Turkey", "Ankara"), ("Iran", "Tehran"), ("Iraq", "Baghdad"),
-    ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("Mexico", "Mexico City"),
-    ("Argentina", "Buenos Aires"), ("Colombia", "Bogota"), ("Morocco", "Rabat"),
-    ("Nigeria", "Abuja"), ("Ghana", "Accra"), ("Belgium", "Brussels"), ("Nepal", "Kathmandu"),
-    ("Australia", "Canberra"), ("Scotland", "Edinburgh"),
+#: (country, capital, continent, language)
+_COUNTRIES = (
+    ("France", "Paris", "Europe", "French"), ("Germany", "Berlin", "Europe", "German"),
+    ("Italy", "Rome", "Europe", "Italian"), ("Spain", "Madrid", "Europe", "Spanish"),
+    ("Japan", "Tokyo", "Asia", "Japanese"), ("Canada", "Ottawa", "North America", "English"),
+    ("Egypt", "Cairo", "Africa", "Arabic"), ("Kenya", "Nairobi", "Africa", "Swahili"),
+    ("Peru", "Lima", "South America", "Spanish"), ("Norway", "Oslo", "Europe", "Norwegian"),
+    ("Greece", "Athens", "Europe", "Greek"), ("Chile", "Santiago", "South America", "Spanish"),
+    ("India", "Delhi", "Asia", "Hindi"), ("China", "Beijing", "Asia", "Chinese"),
+    ("Brazil", "Brasilia", "South America", "Portuguese"),
+    ("Poland", "Warsaw", "Europe", "Polish"), ("Portugal", "Lisbon", "Europe", "Portuguese"),
+    ("Austria", "Vienna", "Europe", "German"), ("Sweden", "Stockholm", "Europe", "Swedish"),
+    ("Cuba", "Havana", "North America", "Spanish"), ("Russia", "Moscow", "Europe", "Russian"),
+    ("Ireland", "Dublin", "Europe", "English"), ("Finland", "Helsinki", "Europe", "Finnish"),
+    ("Denmark", "Copenhagen", "Europe", "Danish"), ("Hungary", "Budapest", "Europe", "Hungarian"),
+    ("Turkey", "Ankara", "Asia", "Turkish"), ("Iran", "Tehran", "Asia", "Persian"),
+    ("Iraq", "Baghdad", "Asia", "Arabic"), ("Thailand", "Bangkok", "Asia", "Thai"),
+    ("Vietnam", "Hanoi", "Asia", "Vietnamese"), ("Mexico", "Mexico City", "North America",
+                                                 "Spanish"),
+    ("Argentina", "Buenos Aires", "South America", "Spanish"),
+    ("Colombia", "Bogota", "South America", "Spanish"), ("Morocco", "Rabat", "Africa", "Arabic"),
+    ("Nigeria", "Abuja", "Africa", "English"), ("Ghana", "Accra", "Africa", "English"),
+    ("Nepal", "Kathmandu", "Asia", "Nepali"), ("Australia", "Canberra", "Oceania", "English"),
+    ("Indonesia", "Jakarta", "Asia", "Indonesian"), ("Ethiopia", "Addis Ababa", "Africa",
+                                                     "Amharic"),
 )
 _COLOUR_THINGS = (
     ("the sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black"),
@@ -106,10 +119,22 @@ _COLOUR_THINGS = (
     ("a strawberry", "red"), ("a frog", "green"), ("chocolate", "brown"), ("the sea", "blue"),
     ("an eggplant", "purple"), ("a crow", "black"), ("a carrot", "orange"), ("soil", "brown"),
     ("an elephant", "grey"), ("a cucumber", "green"), ("a ruby", "red"), ("sand", "yellow"),
-    ("a pumpkin", "orange"), ("a sapphire", "blue"), ("a panda's ears", "black"),
-    ("a polar bear", "white"), ("a lime", "green"), ("a raven", "black"), ("blood", "red"),
-    ("a mouse", "grey"),
+    ("a pumpkin", "orange"), ("a sapphire", "blue"), ("a lime", "green"),
+    ("a polar bear", "white"), ("a raven", "black"), ("blood", "red"), ("a mouse", "grey"),
+    ("a cherry", "red"),
 )
+#: (animal, legs, sound, young)
+_ANIMALS = (
+    ("cat", 4, "meow", "kitten"), ("dog", 4, "woof", "puppy"), ("cow", 4, "moo", "calf"),
+    ("duck", 2, "quack", "duckling"), ("sheep", 4, "baa", "lamb"), ("pig", 4, "oink", "piglet"),
+    ("horse", 4, "neigh", "foal"), ("lion", 4, "roar", "cub"), ("owl", 2, "hoot", "owlet"),
+    ("frog", 4, "croak", "tadpole"), ("goat", 4, "bleat", "kid"), ("hen", 2, "cluck", "chick"),
+    ("bee", 6, "buzz", "larva"), ("snake", 0, "hiss", "snakelet"), ("wolf", 4, "howl", "pup"),
+    ("goose", 2, "honk", "gosling"), ("mouse", 4, "squeak", "pinky"),
+    ("donkey", 4, "bray", "foal"), ("bear", 4, "growl", "cub"), ("crow", 2, "caw", "chick"),
+)
+_LEG_ONLY = (("spider", 8), ("ant", 6), ("crab", 10), ("octopus", 8), ("beetle", 6),
+             ("kangaroo", 2), ("penguin", 2), ("fish", 0), ("worm", 0), ("elephant", 4))
 _ANTONYMS = (
     ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("up", "down"),
     ("light", "dark"), ("old", "young"), ("rich", "poor"), ("early", "late"), ("hard", "soft"),
@@ -126,25 +151,15 @@ _UNITS = (
     ("centimetres", "millimetres", 10), ("kilograms", "grams", 1000),
     ("litres", "millilitres", 1000),
 )
-_LETTER_WORDS = (
-    "cat", "dog", "sun", "tree", "book", "fish", "house", "water", "apple", "river", "garden",
-    "window", "pencil", "rocket", "silver", "planet", "dragon", "market", "castle", "forest",
-    "winter", "summer", "coffee", "bridge", "letter", "number", "doctor", "animal", "button",
-    "candle", "mirror", "pocket", "ticket", "travel", "museum", "violin", "basket", "island",
-    "jacket", "kitten", "ladder", "meadow", "elephant", "computer", "mountain", "sandwich",
-    "umbrella", "keyboard", "notebook", "airplane", "tea", "egg", "milk", "bread", "cloud",
-    "chair", "table", "mouse", "horse", "zebra",
-)
-_REVERSE_WORDS = (
+_WORDS = (
     "cat", "dog", "sun", "pen", "cup", "hat", "box", "map", "bus", "car", "red", "top", "net",
-    "pig", "cow", "fox", "owl", "bee", "ant", "egg", "ink", "jam", "key", "leg", "arm", "ear",
-    "eye", "bed", "fan", "gem", "frog", "bird", "fish", "lamp", "desk", "ship", "rain", "snow",
-    "moon", "star", "ring", "drum", "milk", "corn", "rose", "wolf", "lion", "bear", "duck",
-    "goat",
+    "pig", "fox", "owl", "bee", "ant", "egg", "ink", "jam", "key", "leg", "arm", "bed", "fan",
+    "gem", "frog", "bird", "fish", "lamp", "desk", "ship", "rain", "snow", "moon", "star",
+    "ring", "drum", "milk", "corn", "rose", "wolf", "lion", "bear", "duck", "goat", "tree",
+    "book", "house", "water", "apple", "river", "garden", "window", "pencil", "rocket", "silver",
+    "planet", "dragon", "market", "castle", "forest", "winter", "summer", "coffee", "bridge",
+    "elephant", "computer", "mountain", "sandwich", "umbrella", "keyboard", "notebook",
 )
-_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
-           "September", "October", "November", "December")
 
 
 # --------------------------------------------------------------------------- families
@@ -160,30 +175,6 @@ def _arithmetic() -> Iterator[tuple[str, str]]:
                 yield f"Subtract {b} from {a}.", str(a - b)
 
 
-def _capitals() -> Iterator[tuple[str, str]]:
-    for country, capital in _CAPITALS:
-        yield f"What is the capital of {country}?", capital
-        yield f"Which city is the capital of {country}?", capital
-        yield f"Name the capital city of {country}.", capital
-        yield f"{country} has which city as its capital?", capital
-
-
-def _colours() -> Iterator[tuple[str, str]]:
-    for thing, colour in _COLOUR_THINGS:
-        yield f"What colour is {thing}?", colour
-        yield f"What is the colour of {thing}?", colour
-        yield f"Which colour is {thing} usually?", colour
-        yield f"Tell me the colour of {thing}.", colour
-
-
-def _antonyms() -> Iterator[tuple[str, str]]:
-    for a, b in _ANTONYMS:
-        for word, opposite in ((a, b), (b, a)):
-            yield f"What is the opposite of {word}?", opposite
-            yield f"Give the antonym of {word}.", opposite
-            yield f"Which word means the opposite of {word}?", opposite
-
-
 def _units() -> Iterator[tuple[str, str]]:
     for big, small, factor in _UNITS:
         for n in range(1, 41):
@@ -191,43 +182,88 @@ def _units() -> Iterator[tuple[str, str]]:
             yield f"Convert {n} {big} to {small}.", str(n * factor)
 
 
+def _capitals() -> Iterator[tuple[str, str]]:
+    for country, capital, _, _ in _COUNTRIES:
+        yield f"What is the capital of {country}?", capital
+        yield f"Which city is the capital of {country}?", capital
+        yield f"Name the capital city of {country}.", capital
+
+
+def _continents() -> Iterator[tuple[str, str]]:
+    for country, _, continent, _ in _COUNTRIES:
+        yield f"On which continent is {country}?", continent
+        yield f"Which continent is {country} in?", continent
+        yield f"{country} lies on which continent?", continent
+
+
+def _languages() -> Iterator[tuple[str, str]]:
+    for country, _, _, language in _COUNTRIES:
+        yield f"What language is spoken in {country}?", language
+        yield f"Which language do people in {country} speak?", language
+        yield f"Name the main language of {country}.", language
+
+
+def _antonyms() -> Iterator[tuple[str, str]]:
+    for a, b in _ANTONYMS:
+        for word, opposite in ((a, b), (b, a)):
+            yield f"What is the opposite of the word {word}?", opposite
+            yield f"Give the antonym of the word {word}.", opposite
+            yield f"Which word means the opposite of {word}?", opposite
+
+
 def _letters() -> Iterator[tuple[str, str]]:
-    for word in _LETTER_WORDS:
+    for word in _WORDS:
         yield f"How many letters are in the word {word}?", str(len(word))
-        yield f"Count the letters in {word}.", str(len(word))
+        yield f"Count the letters in the word {word}.", str(len(word))
         yield f"How long is the word {word} in letters?", str(len(word))
 
 
 def _reverse() -> Iterator[tuple[str, str]]:
-    for word in _REVERSE_WORDS:
+    for word in _WORDS[:50]:
         yield f"Reverse the word {word}.", word[::-1]
-        yield f"Spell {word} backwards.", word[::-1]
-        yield f"Write the letters of {word} in reverse order.", word[::-1]
+        yield f"Spell the word {word} backwards.", word[::-1]
+        yield f"Write the letters of the word {word} in reverse order.", word[::-1]
 
 
-def _sequence() -> Iterator[tuple[str, str]]:
-    items: list[tuple[str, str, str]] = []  # (item, after, before)
-    for cycle in (_DAYS, _MONTHS):
-        n = len(cycle)
-        items.extend((cycle[i], cycle[(i + 1) % n], cycle[i - 1]) for i in range(n))
-    items.extend((str(i), str(i + 1), str(i - 1)) for i in range(1, 61))
-    for item, after, before in items:
-        yield f"What comes after {item}?", after
-        yield f"What comes right after {item}?", after
-        yield f"What comes before {item}?", before
-        yield f"What comes just before {item}?", before
+def _colours() -> Iterator[tuple[str, str]]:
+    for thing, colour in _COLOUR_THINGS:
+        yield f"What colour is {thing}?", colour
+        yield f"What is the colour of {thing}?", colour
+        yield f"Which colour is {thing} usually?", colour
+
+
+def _animals() -> Iterator[tuple[str, str]]:
+    for animal, legs, sound, young in _ANIMALS:
+        yield f"How many legs does a {animal} have?", str(legs)
+        yield f"What sound does a {animal} make?", sound
+        yield f"What is a baby {animal} called?", young
+        yield f"What do you call a young {animal}?", young
+        yield f"Which noise does a {animal} make?", sound
+    for animal, legs in _LEG_ONLY:
+        yield f"How many legs does a {animal} have?", str(legs)
+        yield f"Count the legs of a {animal}.", str(legs)
 
 
 #: family name -> generator of (question, answer), in a fixed order.
 FAMILIES: dict[str, Callable[[], Iterator[tuple[str, str]]]] = {
     "arithmetic": _arithmetic,
-    "capitals": _capitals,
-    "colours": _colours,
-    "antonyms": _antonyms,
     "units": _units,
+    "capitals": _capitals,
+    "continents": _continents,
+    "languages": _languages,
+    "antonyms": _antonyms,
     "letters": _letters,
     "reverse": _reverse,
-    "sequence": _sequence,
+    "colours": _colours,
+    "animals": _animals,
+}
+
+#: family -> domain: the four groups a sentence embedder separates clearly.
+DOMAINS: dict[str, str] = {
+    "arithmetic": "math", "units": "math",
+    "capitals": "geography", "continents": "geography", "languages": "geography",
+    "antonyms": "words", "letters": "words", "reverse": "words",
+    "colours": "nature", "animals": "nature",
 }
 
 
