@@ -112,29 +112,6 @@ _COUNTRIES = (
     ("Indonesia", "Jakarta", "Asia", "Indonesian"), ("Ethiopia", "Addis Ababa", "Africa",
                                                      "Amharic"),
 )
-_COLOUR_THINGS = (
-    ("the sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black"),
-    ("a banana", "yellow"), ("a tomato", "red"), ("an orange", "orange"), ("a plum", "purple"),
-    ("a storm cloud", "grey"), ("a flamingo", "pink"), ("milk", "white"), ("a lemon", "yellow"),
-    ("a strawberry", "red"), ("a frog", "green"), ("chocolate", "brown"), ("the sea", "blue"),
-    ("an eggplant", "purple"), ("a crow", "black"), ("a carrot", "orange"), ("soil", "brown"),
-    ("an elephant", "grey"), ("a cucumber", "green"), ("a ruby", "red"), ("sand", "yellow"),
-    ("a pumpkin", "orange"), ("a sapphire", "blue"), ("a lime", "green"),
-    ("a polar bear", "white"), ("a raven", "black"), ("blood", "red"), ("a mouse", "grey"),
-    ("a cherry", "red"),
-)
-#: (animal, legs, sound, young)
-_ANIMALS = (
-    ("cat", 4, "meow", "kitten"), ("dog", 4, "woof", "puppy"), ("cow", 4, "moo", "calf"),
-    ("duck", 2, "quack", "duckling"), ("sheep", 4, "baa", "lamb"), ("pig", 4, "oink", "piglet"),
-    ("horse", 4, "neigh", "foal"), ("lion", 4, "roar", "cub"), ("owl", 2, "hoot", "owlet"),
-    ("frog", 4, "croak", "tadpole"), ("goat", 4, "bleat", "kid"), ("hen", 2, "cluck", "chick"),
-    ("bee", 6, "buzz", "larva"), ("snake", 0, "hiss", "snakelet"), ("wolf", 4, "howl", "pup"),
-    ("goose", 2, "honk", "gosling"), ("mouse", 4, "squeak", "pinky"),
-    ("donkey", 4, "bray", "foal"), ("bear", 4, "growl", "cub"), ("crow", 2, "caw", "chick"),
-)
-_LEG_ONLY = (("spider", 8), ("ant", 6), ("crab", 10), ("octopus", 8), ("beetle", 6),
-             ("kangaroo", 2), ("penguin", 2), ("fish", 0), ("worm", 0), ("elephant", 4))
 _ANTONYMS = (
     ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("up", "down"),
     ("light", "dark"), ("old", "young"), ("rich", "poor"), ("early", "late"), ("hard", "soft"),
@@ -225,25 +202,6 @@ def _reverse() -> Iterator[tuple[str, str]]:
         yield f"Write the letters of the word {word} in reverse order.", word[::-1]
 
 
-def _colours() -> Iterator[tuple[str, str]]:
-    for thing, colour in _COLOUR_THINGS:
-        yield f"What colour is {thing}?", colour
-        yield f"What is the colour of {thing}?", colour
-        yield f"Which colour is {thing} usually?", colour
-
-
-def _animals() -> Iterator[tuple[str, str]]:
-    for animal, legs, sound, young in _ANIMALS:
-        yield f"How many legs does a {animal} have?", str(legs)
-        yield f"What sound does a {animal} make?", sound
-        yield f"What is a baby {animal} called?", young
-        yield f"What do you call a young {animal}?", young
-        yield f"Which noise does a {animal} make?", sound
-    for animal, legs in _LEG_ONLY:
-        yield f"How many legs does a {animal} have?", str(legs)
-        yield f"Count the legs of a {animal}.", str(legs)
-
-
 #: family name -> generator of (question, answer), in a fixed order.
 FAMILIES: dict[str, Callable[[], Iterator[tuple[str, str]]]] = {
     "arithmetic": _arithmetic,
@@ -254,16 +212,14 @@ FAMILIES: dict[str, Callable[[], Iterator[tuple[str, str]]]] = {
     "antonyms": _antonyms,
     "letters": _letters,
     "reverse": _reverse,
-    "colours": _colours,
-    "animals": _animals,
 }
 
-#: family -> domain: the four groups a sentence embedder separates clearly.
+#: family -> domain: four groups that MiniLM embeddings separate clearly (k-means with K=4
+#: recovers them), each with the same prompt budget in :func:`generate_corpus`.
 DOMAINS: dict[str, str] = {
     "arithmetic": "math", "units": "math",
     "capitals": "geography", "continents": "geography", "languages": "geography",
     "antonyms": "words", "letters": "words", "reverse": "words",
-    "colours": "nature", "animals": "nature",
 }
 
 

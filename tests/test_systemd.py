@@ -237,7 +237,7 @@ class NotifySocket:
         """One notification and the sender's pid, or None after a short wait."""
         try:
             data, anc, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
-        except socket.timeout:
+        except TimeoutError:
             return None
         pid = None
         for level, kind, cdata in anc:

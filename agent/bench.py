@@ -1,0 +1,408 @@
+"""``moe2 bench agent``: tokens/s of one session stepped through MQTT vs a direct llama-cpp-python
+greedy loop on the same GGUF, side by side in one run.
+
+For each model (a tiny test expert and a ~51M-parameter one) the bench starts a real ``moe2
+agent`` subprocess on a private mosquitto it starts itself, then alternates runs of
+
+* **direct**: ``llama_cpp.Llama`` (same ``n_threads``, same f16 KV type, flash attention off),
+  evaluate the prompt, then greedily ``eval`` one token at a time, argmax over the logits;
+* **mqtt**: open a session on the agent with the same prompt tokens, then step it greedily,
+  one Step in flight at a time, each waiting for its Reply (top ``k`` ids, the coordinator's
+  default ``dist_k``), exactly as a coordinator with a single expert does.
+
+Figures are medians over the runs; the first run of each side is a warm-up (page faults of the
+memory-mapped weights) and is not counted. Besides tokens/s the result splits the MQTT path's
+per-token time into the agent's decode window (``Distribution.latency_s``) and the rest
+(MQTT round trip, event-loop/thread hops, softmax and top-k, msgpack), and measures a bare MQTT
+echo round trip through the same broker for reference.
+
+This is an offline tool: it builds its GGUFs with :mod:`moe2.coordinator.gguf_models` (the
+``dev``/``train`` extras), imported lazily so importing this module needs neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moe2.agent.engine import softmax_topk
+from moe2.shared import wire
+from moe2.shared.config import CoordinatorConfig
+from moe2.shared.localbroker import LocalBroker
+from moe2.shared.mqtt import (
+    get_prop,
+    make_client,
+    parse_broker_url,
+    payload_bytes,
+    response_properties,
+)
+from moe2.shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+PROMPT = "The capital of France is"
+TARGET_RATIO = 0.9
+ONLINE_TIMEOUT_S = 120.0
+STEP_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    path: Path
+    n_params: int
+    role: str  # "tiny" or "large"
+
+
+@dataclass
+class SideRuns:
+    """Per-run tokens/s of one side, plus every step's time (and the agent's decode window)."""
+
+    tokens_per_s: list[float] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
+    decode_s: list[float] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        tps = statistics.median(self.tokens_per_s)
+        out: dict[str, Any] = {
+            "tokens_per_s": tps,
+            "ms_per_token": 1000.0 / tps,
+            "runs_tokens_per_s": self.tokens_per_s,
+            "step_ms_median": 1000.0 * statistics.median(self.step_s),
+        }
+        if self.decode_s:
+            out["agent_decode_ms_median"] = 1000.0 * statistics.median(self.decode_s)
+        return out
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _make_models(work: Path, seed: int) -> list[BenchModel]:
+    """A tiny test expert and one of at least 50M parameters (reused when already there)."""
+    gm = importlib.import_module("moe2.coordinator.gguf_models")
+    tiny = gm.make_test_experts(work / "tiny", count=1, seeds=[1000 + seed])[0]
+    large = gm.make_large_expert(work / "large", seed=3000 + seed)
+    return [BenchModel(tiny.name, tiny.path, tiny.n_params, "tiny"),
+            BenchModel(large.name, large.path, large.n_params, "large")]
+
+
+# --------------------------------------------------------------------------- direct side
+
+
+class _Direct:
+    """A plain llama-cpp-python model, greedy one token at a time."""
+
+    def __init__(self, path: Path, *, n_ctx: int, n_threads: int) -> None:
+        import llama_cpp
+
+        self._L = llama_cpp
+        self.llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+            type_k=llama_cpp.GGML_TYPE_F16, type_v=llama_cpp.GGML_TYPE_F16, flash_attn=False,
+            verbose=False,
+        )
+        self.n_vocab = int(self.llm.n_vocab())
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=True))
+
+    def run(self, prompt: Sequence[int], n_tokens: int, into: SideRuns | None) -> list[int]:
+        llm, L = self.llm, self._L
+        llm.reset()
+        llm.eval(list(prompt))
+        out: list[int] = []
+        steps: list[float] = []
+        t_start = time.perf_counter()
+        for _ in range(n_tokens):
+            t0 = time.perf_counter()
+            logits = np.ctypeslib.as_array(L.llama_get_logits_ith(llm.ctx, -1),
+                                           shape=(self.n_vocab,))
+            tok = int(np.argmax(logits))
+            llm.eval([tok])
+            out.append(tok)
+            steps.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t_start
+        if into is not None:
+            into.tokens_per_s.append(n_tokens / elapsed)
+            into.step_s.extend(steps)
+            into.tokens.append(out)
+        return out
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+# --------------------------------------------------------------------------- MQTT side
+
+
+class _MqttStepper:
+    """A coordinator reduced to one session and one step in flight."""
+
+    def __init__(self, broker_url: str, agent_id: str, k: int) -> None:
+        self.topics = Topics()
+        self.agent_id = agent_id
+        self.k = k
+        self.name = f"bench-{uuid.uuid4().hex[:8]}"
+        self.inbox = self.topics.coordinator_inbox(self.name).topic
+        self.client = make_client(parse_broker_url(broker_url), identifier=self.name)
+        self._n = 0
+
+    async def wait_online(self, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+        status_topic = self.topics.agent_status(self.agent_id)
+        await self.client.subscribe(status_topic.topic, qos=1)
+        deadline = time.monotonic() + ONLINE_TIMEOUT_S
+        messages = aiter(self.client.messages)
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bench agent exited with {proc.returncode}: "
+                                   f"{log_path.read_text(errors='replace')[-2000:]}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"bench agent not online within {ONLINE_TIMEOUT_S}s")
+            try:
+                m = await asyncio.wait_for(anext(messages), timeout=min(left, 1.0))
+            except asyncio.TimeoutError:
+                continue
+            if str(m.topic) == status_topic.topic and \
+                    status_topic.decode(payload_bytes(m)).state == "online":
+                break
+        await self.client.unsubscribe(status_topic.topic)
+        await self.client.subscribe(self.inbox, qos=0)
+
+    async def call(self, msg: wire.OpenSession | wire.Step) -> wire.Reply:
+        self._n += 1
+        corr = self._n.to_bytes(8, "little")
+        await self.client.publish(self.topics.agent_rpc(self.agent_id), wire.encode(msg), qos=0,
+                                  properties=response_properties(self.inbox, corr))
+        messages = aiter(self.client.messages)
+        while True:
+            m = await asyncio.wait_for(anext(messages), timeout=STEP_TIMEOUT_S)
+            if get_prop(m, "CorrelationData") != corr:
+                continue
+            reply = wire.decode_as(payload_bytes(m), wire.Reply)
+            if reply.errors:
+                raise RuntimeError(f"agent error: {reply.errors[0].code.value}: "
+                                   f"{reply.errors[0].message}")
+            return reply
+
+    async def run(self, session_id: str, prompt: Sequence[int], n_tokens: int,
+                  into: SideRuns | None) -> list[int]:
+        reply = await self.call(wire.OpenSession(session_id=session_id, k=self.k,
+                                                 tokens=list(prompt)))
+        d = reply.dists[0]
+        out: list[int] = []
+        steps: list[float] = []
+        decodes: list[float] = []
+        t_start = time.perf_counter()
+        for seq in range(1, n_tokens + 1):
+            t0 = time.perf_counter()
+            tok = int(d.id_array()[0]) if d.ids else int(np.argmax(d.prob_array()))
+            reply = await self.call(wire.Step(items=[wire.StepItem(session_id, tok, seq,
+                                                                   self.k)]))
+            d = reply.dists[0]
+            out.append(tok)
+            steps.append(time.perf_counter() - t0)
+            decodes.append(d.latency_s)
+        elapsed = time.perf_counter() - t_start
+        await self.client.publish(self.topics.agent_rpc(self.agent_id),
+                                  wire.encode(wire.CloseSession(session_ids=[session_id])))
+        if into is not None:
+            into.tokens_per_s.append(n_tokens / elapsed)
+            into.step_s.extend(steps)
+            into.decode_s.extend(decodes)
+            into.tokens.append(out)
+        return out
+
+
+async def _echo_rtt_ms(broker_url: str, n: int) -> float:
+    """Median round trip of a 300-byte payload bounced by a second client through the broker."""
+    url = parse_broker_url(broker_url)
+    tag = uuid.uuid4().hex[:8]
+    ping, pong = f"bench/{tag}/ping", f"bench/{tag}/pong"
+    payload = b"x" * 300
+    async with make_client(url) as a, make_client(url) as b:
+        await b.subscribe(ping)
+        await a.subscribe(pong)
+
+        async def echo() -> None:
+            async for m in b.messages:
+                await b.publish(pong, payload_bytes(m))
+
+        task = asyncio.create_task(echo(), name="bench-echo")
+        try:
+            rtts: list[float] = []
+            replies = aiter(a.messages)
+            for i in range(n + 10):
+                t0 = time.perf_counter()
+                await a.publish(ping, payload)
+                await asyncio.wait_for(anext(replies), timeout=STEP_TIMEOUT_S)
+                if i >= 10:  # warm-up
+                    rtts.append(time.perf_counter() - t0)
+        finally:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+    return 1000.0 * statistics.median(rtts)
+
+
+# --------------------------------------------------------------------------- one model
+
+
+def _start_agent(model: BenchModel, broker_url: str, agent_id: str, *, n_ctx: int,
+                 n_threads: int, log_path: Path) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "moe2.cli.main", "--log-level", "WARNING", "agent",
+           "--broker", broker_url, "--id", agent_id, "--model", str(model.path),
+           "--n-ctx", str(n_ctx), "--threads", str(n_threads), "--kv-type", "f16",
+           "--meter", "estimated", "--telemetry-interval", "5"]
+    with log_path.open("wb") as logf:
+        return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int | None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+async def _bench_model(model: BenchModel, broker_url: str, work: Path, *, runs: int,
+                       n_tokens: int, k: int, n_threads: int, n_ctx: int) -> dict[str, Any]:
+    agent_id = f"bench-{model.role}"
+    log_path = work / f"agent-{model.role}.log"
+    proc = _start_agent(model, broker_url, agent_id, n_ctx=n_ctx, n_threads=n_threads,
+                        log_path=log_path)
+    direct = _Direct(model.path, n_ctx=n_ctx, n_threads=n_threads)
+    d_runs, m_runs = SideRuns(), SideRuns()
+    try:
+        prompt = direct.tokenize(PROMPT)
+        stepper = _MqttStepper(broker_url, agent_id, k)
+        async with stepper.client:
+            await stepper.wait_online(proc, log_path)
+            # warm-up (weights paged in, caches, JIT-free but first-touch costs)
+            direct.run(prompt, min(8, n_tokens), None)
+            await stepper.run("warmup", prompt, min(8, n_tokens), None)
+            # alternate the sides so drift in machine load hits both alike
+            for r in range(runs):
+                direct.run(prompt, n_tokens, d_runs)
+                await stepper.run(f"run{r}", prompt, n_tokens, m_runs)
+    finally:
+        direct.close()
+        rc = _stop(proc)
+    d, m = d_runs.summary(), m_runs.summary()
+    ratio = m["tokens_per_s"] / d["tokens_per_s"]
+    rest_ms = m["step_ms_median"] - m["agent_decode_ms_median"]
+    # softmax + top-k over the vocabulary, as the agent does per step (in this process)
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(direct.n_vocab).astype(np.float32)
+    t0 = time.perf_counter()
+    for _ in range(200):
+        softmax_topk(logits, k)
+    softmax_ms = 1000.0 * (time.perf_counter() - t0) / 200
+    return {
+        "name": model.name,
+        "role": model.role,
+        "n_params": model.n_params,
+        "file_mb": round(model.path.stat().st_size / 2**20, 2),
+        "n_vocab": direct.n_vocab,
+        "prompt_tokens": len(prompt),
+        "direct": d,
+        "mqtt": m,
+        "ratio": ratio,
+        "overhead_ms_per_token": m["ms_per_token"] - d["ms_per_token"],
+        "breakdown_ms": {
+            "direct_step": d["step_ms_median"],
+            "agent_decode": m["agent_decode_ms_median"],
+            "agent_decode_minus_direct": m["agent_decode_ms_median"] - d["step_ms_median"],
+            "mqtt_step_outside_decode": rest_ms,
+            "softmax_topk": softmax_ms,
+        },
+        "same_tokens": d_runs.tokens == m_runs.tokens,
+        "agent_exit_code": rc,
+    }
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run_agent_bench(*, quick: bool = False, out_dir: str | None = None,
+                    seed: int = 0) -> dict[str, Any]:
+    """Measure and return the figures (see the module docstring); prints nothing."""
+    runs, n_tokens = (2, 16) if quick else (5, 64)
+    k = CoordinatorConfig().dist_k
+    n_threads = os.cpu_count() or 1
+    n_ctx = 256
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    if out_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="moe2-bench-agent-")
+        work = Path(tmp.name)
+    else:
+        work = Path(out_dir)
+        work.mkdir(parents=True, exist_ok=True)
+    try:
+        models = _make_models(work, seed)
+
+        async def main(broker_url: str) -> tuple[list[dict[str, Any]], float]:
+            rtt = await _echo_rtt_ms(broker_url, 50 if quick else 200)
+            results = [await _bench_model(m, broker_url, work, runs=runs, n_tokens=n_tokens,
+                                          k=k, n_threads=n_threads, n_ctx=n_ctx)
+                       for m in models]
+            return results, rtt
+
+        with LocalBroker() as broker:
+            results, rtt_ms = asyncio.run(main(broker.url))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    large = next(r for r in results if r["role"] == "large")
+    import llama_cpp
+
+    return {
+        "bench": "agent",
+        "quick": quick,
+        "seed": seed,
+        "settings": {
+            "runs": runs, "tokens_per_run": n_tokens, "k": k,
+            "k_source": "coordinator default dist_k", "n_threads": n_threads,
+            "kv_type": "f16", "flash_attn": False, "n_ctx": n_ctx,
+            "agent": "moe2 agent subprocess (estimated meter)", "broker": "local mosquitto",
+            "steps_in_flight": 1, "statistic": "median over runs; first run per side is warm-up",
+        },
+        "machine": {
+            "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "system": platform.system(), "python": platform.python_version(),
+            "llama_cpp_python": getattr(llama_cpp, "__version__", "?"),
+            "loadavg_1m_before": load_before,
+            "loadavg_1m_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        },
+        "mqtt_echo_rtt_ms": rtt_ms,
+        "models": results,
+        "target_ratio": TARGET_RATIO,
+        "large_ratio": large["ratio"],
+        "meets_target": large["ratio"] >= TARGET_RATIO,
+    }

@@ -1,0 +1,111 @@
+"""Issue 4 live behaviour: plans follow telemetry, membership and application classes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from moe2.coordinator.gguf_models import make_test_experts
+from moe2.coordinator.liveplan import LivePlanner
+from moe2.coordinator.registry import Registry, StatusEvent, TelemetryEvent, apply
+from moe2.shared import wire
+from moe2.shared.localbroker import LocalBroker
+from moe2.shared.mqtt import make_client, parse_broker_url
+from moe2.shared.topics import Topics
+from tests.fleet import ask, start_agent, start_coordinator, wait_plan
+
+
+def telemetry(agent_id: str, latency_s: float, ts: float, jpt: float = 0.1) -> wire.Telemetry:
+    return wire.Telemetry(agent_id=agent_id, ts=ts, power_w=5.0, energy_j=1.0, tokens_total=10,
+                          tokens_per_s=10.0, joules_per_token=jpt, step_latency_s=latency_s,
+                          open_sessions=0, meter="estimated")
+
+
+def status(agent_id: str) -> wire.AgentStatus:
+    return wire.AgentStatus(agent_id=agent_id, state="online", vocab_fp="fp", n_ctx=512,
+                            n_vocab=512)
+
+
+def test_planner_unit_latency_budget_and_recovery() -> None:
+    lp = LivePlanner({"chat": 0.05, "batch": 5.0}, max_energy_j=None)
+    reg = Registry()
+    for a in ("a", "b"):
+        before, reg = reg, apply(reg, StatusEvent(status(a), 0.0))
+        lp.on_registry(before, reg)
+    lp._registry = reg
+    plan = lp.replan()
+    assert plan is not None and sorted(plan.apps["chat"].experts or []) == ["a", "b"]
+    ts = 1.0
+    for _ in range(3):
+        before, reg = reg, apply(reg, TelemetryEvent(telemetry("b", 0.2, ts), ts))
+        lp.on_registry(before, reg)
+        ts += 1
+    lp._registry = reg
+    plan = lp.replan()
+    assert plan is not None
+    assert plan.apps["chat"].experts == ["a"]
+    assert sorted(plan.apps["batch"].experts or []) == ["a", "b"]
+    for _ in range(5):
+        before, reg = reg, apply(reg, TelemetryEvent(telemetry("b", 0.01, ts), ts))
+        lp.on_registry(before, reg)
+        ts += 1
+    plan = lp.replan()
+    assert plan is not None and sorted(plan.apps["chat"].experts or []) == ["a", "b"]
+
+
+def test_energy_budget_per_request_is_converted_to_per_token() -> None:
+    from moe2.shared.config import CoordinatorConfig, PlannerSection
+
+    cfg = CoordinatorConfig(planner=PlannerSection(max_request_energy_j=6.4, expected_tokens=64))
+    assert LivePlanner.from_config(cfg).max_energy_j == pytest.approx(0.1)
+
+
+async def _forge(url: str, topics: Topics, agent_id: str, latencies: list[float]) -> None:
+    async with make_client(parse_broker_url(url), identifier=f"forge-{agent_id}") as c:
+        t = topics.agent_telemetry(agent_id)
+        for lat in latencies:
+            await c.publish(t.topic, t.encode(telemetry(agent_id, lat, time.time())), qos=1)
+            await asyncio.sleep(0.05)
+
+
+def test_live_replanning_follows_telemetry_membership_and_apps(
+        procs: Any, tmp_path: Path) -> None:
+    experts = make_test_experts(tmp_path / "experts", count=2)
+    topics = Topics()
+    cfg = tmp_path / "coordinator.toml"
+    cfg.write_text(
+        "[apps.chat]\nmax_latency_s = 0.05\n[apps.batch]\nmax_latency_s = 5.0\n"
+        "[planner]\ninterval_s = 60.0\n")
+    with LocalBroker() as b:
+        # Real agents serve the requests; their own telemetry is slow to come (60 s), so the
+        # planner sees the telemetry this test publishes for them.
+        agents = {name: start_agent(procs, b.url, name, e.path, "--telemetry-interval", "60")
+                  for name, e in zip(("a", "b"), experts, strict=True)}
+        start_coordinator(procs, b.url, "--config", str(cfg))
+        asyncio.run(wait_plan(b.url, ["a", "b"], app="chat"))
+
+        # b becomes slower than the chat budget: it leaves chat's plan, stays in batch's.
+        asyncio.run(_forge(b.url, topics, "b", [0.2, 0.2, 0.2]))
+        plan = asyncio.run(wait_plan(b.url, ["a"], app="chat"))
+        assert sorted(plan.apps["batch"].experts or []) == ["a", "b"]
+        chat = asyncio.run(ask(b.url, wire.PhoneRequest(prompt="hi", app="chat", max_tokens=3)))
+        batch = asyncio.run(ask(b.url, wire.PhoneRequest(prompt="hi", app="batch",
+                                                         max_tokens=3)))
+        assert chat.final is not None and [e.id for e in chat.final.experts] == ["a"]
+        assert batch.final is not None
+        assert sorted(e.id for e in batch.final.experts) == ["a", "b"]
+        unknown = asyncio.run(ask(b.url, wire.PhoneRequest(prompt="hi", app="nope")))
+        assert unknown.error is not None and "unknown app" in unknown.error.message
+
+        # b recovers: it returns to chat's plan.
+        asyncio.run(_forge(b.url, topics, "b", [0.01] * 5))
+        asyncio.run(wait_plan(b.url, ["a", "b"], app="chat"))
+
+        # a leaves (killed; the broker sends its Last Will): replanned at once, not at 60 s.
+        agents["a"].send_signal(signal.SIGKILL)
+        asyncio.run(wait_plan(b.url, ["b"], app="chat", timeout_s=30))
