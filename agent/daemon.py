@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
-import numpy as np
 
 from moe2.agent.engine import DecodeJob, Engine, EngineError, softmax_topk
 from moe2.agent.meters import EnergyMeter, EstimatedMeter
@@ -144,7 +143,7 @@ class AgentDaemon:
             await self._stopping.wait()
             # Drain: let queued and in-flight work finish (up to the timeout).
             deadline = self.clock() + self.cfg.drain_timeout_s
-            while (not self._queue.empty() or self._busy) and self.clock() < deadline:
+            while (not self._queue.empty() or self._busy) and self.clock() < deadline:  # noqa: ASYNC110 - two conditions, polled briefly at shutdown
                 await asyncio.sleep(0.02)
             for t in (worker, telemetry, watchdog, expiry):
                 t.cancel()
@@ -229,6 +228,7 @@ class AgentDaemon:
                 batch.append(self._queue.get_nowait())
             self._busy = True
             try:
+                replies: list[wire.Reply | None]
                 if self._stopping.is_set() and self.cfg.drain_timeout_s <= 0:
                     replies = [self._shutdown_reply(w) for w in batch]
                 else:
@@ -241,7 +241,8 @@ class AgentDaemon:
         return wire.Reply(agent_id=self.cfg.id, errors=[wire.ErrorItem(
             code=wire.ErrorCode.SHUTTING_DOWN, message="agent is shutting down")])
 
-    async def _send_replies(self, batch: Sequence[Work], replies: Sequence[wire.Reply | None]) -> None:
+    async def _send_replies(self, batch: Sequence[Work],
+                            replies: Sequence[wire.Reply | None]) -> None:
         client = self._client
         for w, r in zip(batch, replies, strict=True):
             if r is None or not w.response_topic:
@@ -452,6 +453,3 @@ class _TaskGroup:
         if error is not None:
             raise error
 
-
-def _np_ok() -> bool:  # keep numpy import used for type checkers of callers
-    return np.__version__ != ""

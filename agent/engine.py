@@ -12,6 +12,7 @@ its engine thread). The class is not thread-safe; the daemon serialises calls.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -296,10 +297,8 @@ class LlamaEngine:
             self._model = None
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 def load_engine(model_path: str, **kwargs: Any) -> LlamaEngine:

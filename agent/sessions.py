@@ -51,13 +51,15 @@ class SessionTable:
         if not (0 <= k <= min(self.max_k, self.n_vocab)):
             raise SessionError(
                 ErrorCode.BAD_K,
-                f"k={k} is out of range: use 0 (full vocabulary) to {min(self.max_k, self.n_vocab)}",
+                f"k={k} is out of range: use 0 (full vocabulary) to "
+                f"{min(self.max_k, self.n_vocab)}",
             )
 
     def check_tokens(self, tokens: list[int]) -> None:
         for t in tokens:
             if not (0 <= t < self.n_vocab):
-                raise SessionError(ErrorCode.BAD_TOKEN, f"token id {t} is outside 0..{self.n_vocab - 1}")
+                raise SessionError(ErrorCode.BAD_TOKEN,
+                                   f"token id {t} is outside 0..{self.n_vocab - 1}")
 
     def open(self, session_id: str, n_prompt: int, k: int, now_s: float) -> Session:
         """Reserve a KV sequence for a new session with an ``n_prompt``-token prompt."""
@@ -93,7 +95,8 @@ class SessionTable:
             )
         if s.n_past + s.pending + 1 > self.n_ctx:
             raise SessionError(
-                ErrorCode.CONTEXT_FULL, f"session {session_id!r} reached the context of {self.n_ctx}"
+                ErrorCode.CONTEXT_FULL,
+                f"session {session_id!r} reached the context of {self.n_ctx}",
             )
         # Admitted: a second step of this session in the same batch (a retry, a duplicate)
         # must follow this one, and this token counts against the context before decoding.

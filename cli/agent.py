@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from moe2.agent.daemon import AgentDaemon
         from moe2.agent.engine import EngineError, LlamaEngine
-        from moe2.agent.meters import MeterError, MeterConfig, detect_meter
+        from moe2.agent.meters import MeterConfig, MeterError, detect_meter
     except ImportError as exc:
         fail(f"the agent needs its extras: pip install 'moe2[agent]' ({exc})")
     try:

@@ -123,6 +123,13 @@ class _Session:
                     await asyncio.wait_for(self.stop.wait(), timeout=delay)
 
 
+def _console() -> Any:
+    """A terminal keeps its width; piped output gets room for every column."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def _install_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -145,9 +152,7 @@ async def _run_once(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(snapshot(session.state, now))
     else:
-        from rich.console import Console
-
-        Console().print(render(session.state, now))
+        _console().print(render(session.state, now))
     return 0
 
 
@@ -169,10 +174,9 @@ async def _run_live(args: argparse.Namespace) -> int:
                 await tick()
                 emit_json(snapshot(session.state, time.time()))
         else:
-            from rich.console import Console
             from rich.live import Live
 
-            console = Console()
+            console = _console()
             title = f"moe2 fleet @ {session.url.redacted()} (root {args.root}; Ctrl-C quits)"
             with Live(render(session.state, time.time(), title=title), console=console,
                       refresh_per_second=4, transient=False) as live:

@@ -46,7 +46,7 @@ def _direct_per_token_s(path: Path, n_tokens: int, repeats: int) -> float:
     n_vocab = llm.n_vocab()
     times = []
     for _ in range(repeats):
-        llm.reset()
+        llm.reset()  # type: ignore[no-untyped-call]
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
         toks = llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
         llm.eval(toks)
@@ -87,7 +87,8 @@ async def _bare_rtt_s(url: str, payload_size: int, n: int) -> float:
 async def _wait_ready(url: str, n_experts: int) -> None:
     for _ in range(200):
         try:
-            async with make_client(parse_broker_url(url), identifier=f"w-{uuid.uuid4().hex[:6]}") as c:
+            ident = f"w-{uuid.uuid4().hex[:6]}"
+            async with make_client(parse_broker_url(url), identifier=ident) as c:
                 t = Topics().plan
                 await c.subscribe(t.topic, qos=1)
                 m = await asyncio.wait_for(anext(aiter(c.messages)), 2.0)

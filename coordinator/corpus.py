@@ -1,25 +1,26 @@
 """A generated mixed-domain question/answer corpus with exact-match short answers.
 
-Eight task families that look clearly different to a sentence embedder (so k-means on MiniLM
-embeddings finds domains) and that a small llama model can learn as look-ups:
+Eight task families in four domains that a sentence embedder separates clearly (so k-means with
+K=4 on MiniLM embeddings recovers the domains) and that a small llama model learns as look-ups:
 
-==============  ==============================================  ===========
-family          example prompt                                  answer
-==============  ==============================================  ===========
-arithmetic      ``Q: What is 7 plus 5? A:``                     ``12``
-capitals        ``Q: Which city is the capital of Peru? A:``    ``Lima``
-colours         ``Q: What colour is a banana? A:``              ``yellow``
-antonyms        ``Q: What is the opposite of hot? A:``          ``cold``
-units           ``Q: Convert 7 metres to centimetres. A:``      ``700``
-letters         ``Q: How many letters are in the word cat? A:`` ``3``
-reverse         ``Q: Reverse the word frog. A:``                ``gorf``
-sequence        ``Q: What comes after Monday? A:``              ``Tuesday``
-==============  ==============================================  ===========
+=========  ==========  =====================================================  ===========
+domain     family      example prompt                                         answer
+=========  ==========  =====================================================  ===========
+math       arithmetic  ``Q: What is 7 plus 5? A:``                            ``12``
+measures   units       ``Q: Convert 7 metres to centimetres. A:``             ``700``
+geography  capitals    ``Q: Which city is the capital of Peru? A:``           ``Lima``
+geography  continents  ``Q: Which continent is Kenya in? A:``                 ``Africa``
+geography  languages   ``Q: What language is spoken in Brazil? A:``           ``Portuguese``
+words      antonyms    ``Q: What is the opposite of the word hot? A:``        ``cold``
+words      letters     ``Q: How many letters are in the word cat? A:``        ``3``
+words      reverse     ``Q: Reverse the word frog. A:``                       ``gorf``
+=========  ==========  =====================================================  ===========
 
-Every family is enumerated completely (fact x template), de-duplicated, shuffled by the seed and
-split per family into ``train`` (expert fine-tuning), ``calib`` (gate training), ``validation``
-(gate early stopping, model selection) and ``test``. A prompt string occurs in exactly one split;
-facts are shared across splits through different templates, so held-out prompts are answerable.
+Every family is enumerated completely (fact x template) and shuffled by the seed; each domain
+gets the same prompt budget, shared evenly by its families. Each family is then split into
+``train`` (expert fine-tuning), ``calib`` (gate training), ``validation`` (gate early stopping,
+model selection) and ``test`` (60/15/10/15). A prompt string occurs in exactly one split; facts
+are shared across splits through different templates, so held-out prompts are answerable.
 
 ``Sample.prompt`` is the exact text a model is given (tokenised as is, with BOS); the model is
 expected to continue with ``" " + answer`` and then EOS. Exact match compares the generated text,
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "DOMAINS",
     "FAMILIES",
     "PROMPT_TEMPLATE",
     "SPLITS",
@@ -217,7 +219,7 @@ FAMILIES: dict[str, Callable[[], Iterator[tuple[str, str]]]] = {
 #: family -> domain: four groups that MiniLM embeddings separate clearly (k-means with K=4
 #: recovers them), each with the same prompt budget in :func:`generate_corpus`.
 DOMAINS: dict[str, str] = {
-    "arithmetic": "math", "units": "math",
+    "arithmetic": "math", "units": "measures",
     "capitals": "geography", "continents": "geography", "languages": "geography",
     "antonyms": "words", "letters": "words", "reverse": "words",
 }
@@ -264,26 +266,32 @@ class Corpus:
 def generate_corpus(
     *,
     seed: int = 0,
-    per_family: int | None = 240,
+    per_domain: int | None = 400,
     families: Sequence[str] | None = None,
 ) -> Corpus:
-    """Enumerate each family, shuffle it with ``seed``, keep at most ``per_family`` prompts and
-    split them 60/15/10/15 into train/calib/validation/test (each split gets at least one
-    prompt of every family when ``per_family >= 4``)."""
+    """Enumerate each family, shuffle it with ``seed``, keep at most
+    ``ceil(per_domain / families in the domain)`` prompts of it (``None``: all) and split them
+    60/15/10/15 into train/calib/validation/test; every split gets at least one prompt of every
+    family."""
     names = list(FAMILIES) if families is None else list(families)
     unknown = [n for n in names if n not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown families: {unknown}; known: {list(FAMILIES)}")
-    if per_family is not None and per_family < len(SPLITS):
-        raise ValueError(f"per_family must be at least {len(SPLITS)}")
+    if not names:
+        raise ValueError("no families")
+    domain_sizes = Counter(DOMAINS[n] for n in names)
     splits: dict[str, list[Sample]] = {name: [] for name in SPLITS}
     seen: set[str] = set()
     for family in names:
         rng = random.Random(f"moe2-qa-{seed}-{family}")
-        pairs = list(dict.fromkeys(FAMILIES[family]()))  # dedupe, keep order
+        pairs = list(dict(FAMILIES[family]()).items())  # one answer per question, in order
         rng.shuffle(pairs)
-        if per_family is not None:
-            pairs = pairs[:per_family]
+        if per_domain is not None:
+            quota = -(-per_domain // domain_sizes[DOMAINS[family]])
+            if quota < len(SPLITS):
+                raise ValueError(f"per_domain {per_domain} leaves fewer than {len(SPLITS)} "
+                                 f"prompts for {family}")
+            pairs = pairs[:quota]
         for split, chunk in zip(SPLITS, _split_sizes(len(pairs)), strict=True):
             taken, pairs = pairs[:chunk], pairs[chunk:]
             for question, answer in taken:

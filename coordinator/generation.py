@@ -175,13 +175,14 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
             raise RequestFailed(wire.ErrorCode.NO_EXPERTS,
                                 "every selected expert failed: " + "; ".join(
                                     f"{e.agent_id}: {e.reason}" for e in experts))
-        w = renormalise({e.agent_id: e.weight for e in experts}, [e.agent_id for e in active])
+        weights_now = renormalise({e.agent_id: e.weight for e in experts},
+                                  [e.agent_id for e in active])
         parts = []
         for e in active:
             d = dists[e.agent_id]
             e.energy_j += d.energy_j
             e.n_past = d.n_past
-            parts.append((w[e.agent_id], ExpertDist(
+            parts.append((weights_now[e.agent_id], ExpertDist(
                 d.prob_array(), None if not d.ids else d.id_array(), d.rest_mass)))
         fused = mix(parts, n_vocab)
         token = sample(fused, req.temperature, req.top_p, rng)

@@ -19,6 +19,7 @@ so a new fleet serves at once; the first telemetry triggers a replan.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -234,10 +235,8 @@ class LivePlanner:
     # ------------------------------------------------------------------ loop
     async def run(self, coordinator: Any) -> None:
         while True:
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._trigger.wait(), timeout=self.interval_s)
-            except asyncio.TimeoutError:
-                pass
             self._trigger.clear()
             self._registry = coordinator.registry
             plan = self.replan()

@@ -246,8 +246,10 @@ def render(state: MonitorState, now_s: float, *, title: str = "moe2 fleet") -> R
         ("tok/s", "right"), ("step ms", "right"), ("sessions", "right"), ("plan", "left"),
         ("age s", "right"),
     ]
+    id_width = min(32, max([5, *(len(a["id"]) for a in snap["agents"])]))
     for name, justify in columns:
-        table.add_column(name, justify=justify, no_wrap=True)
+        table.add_column(name, justify=justify, no_wrap=True,
+                         min_width=id_width if name == "agent" else None)
     for a in snap["agents"]:
         state_text = Text("online", style="green") if a["online"] else Text("offline", "red")
         meter = a["meter"] or "-"

@@ -168,10 +168,10 @@ class Coordinator:
         self.notifier.stopping()
         await self._flush_outbox()
         if client is not None:
-            t = self.topics.coordinator_status(self.cfg.id)
+            st = self.topics.coordinator_status(self.cfg.id)
             with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
                 await asyncio.wait_for(client.publish(
-                    t.topic, t.encode(self.status("offline")), qos=1, retain=True), 3.0)
+                    st.topic, st.encode(self.status("offline")), qos=1, retain=True), 3.0)
 
     # ------------------------------------------------------------------ MQTT session
     def will(self) -> aiomqtt.Will:

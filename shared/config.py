@@ -24,14 +24,14 @@ class _Cfg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
     pass
 
 
-class TlsSection(_Cfg):
+class TlsSection(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=True):
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
     insecure: bool = False
 
 
-class MeterSection(_Cfg):
+class MeterSection(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Which energy meter an agent uses. ``auto`` probes NVML, INA3221, tegrastats, RAPL,
     then falls back to an estimate (labelled ``estimated``) of ``estimated_watts`` while busy."""
 
@@ -43,7 +43,7 @@ class MeterSection(_Cfg):
     sample_interval_s: float = 0.1
 
 
-class AgentConfig(_Cfg):
+class AgentConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=True):
     id: str = ""
     model: str = ""
     broker: str = "mqtt://127.0.0.1:1883"
@@ -83,14 +83,14 @@ class AgentConfig(_Cfg):
         return self
 
 
-class AppSection(_Cfg):
+class AppSection(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """An application class: its latency budget in seconds per generated token (paper eq. 8)."""
 
     max_latency_s: float = 1.0
     top_k: int | None = None
 
 
-class PlannerSection(_Cfg):
+class PlannerSection(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=True):
     method: Literal["smo", "exact", "exhaustive", "greedy", "random"] = "smo"
     #: energy budget in joules per generated token (paper eq. 11); None = unlimited
     max_energy_j: float | None = None
@@ -104,7 +104,7 @@ class PlannerSection(_Cfg):
     enabled: bool = True
 
 
-class CoordinatorConfig(_Cfg):
+class CoordinatorConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=True):
     id: str = "coordinator"
     broker: str = "mqtt://127.0.0.1:1883"
     root: str = "moe2"

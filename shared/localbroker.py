@@ -33,7 +33,8 @@ def find_mosquitto() -> str:
         if cand and Path(cand).is_file():
             return cand
     raise BrokerError(
-        "mosquitto is not installed: install Eclipse Mosquitto 2 (Debian: apt-get install -y mosquitto)"
+        "mosquitto is not installed: install Eclipse Mosquitto 2 "
+        "(Debian: apt-get install -y mosquitto)"
     )
 
 

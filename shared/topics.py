@@ -44,7 +44,8 @@ class TypedTopic(Generic[T]):
 
     def encode(self, msg: T) -> bytes:
         if not isinstance(msg, self.payload):
-            raise TypeError(f"{self.topic} carries {self.payload.__name__}, not {type(msg).__name__}")
+            raise TypeError(
+                f"{self.topic} carries {self.payload.__name__}, not {type(msg).__name__}")
         return wire.encode(msg)
 
     def decode(self, data: bytes) -> T:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import numpy as np
@@ -61,7 +61,8 @@ class _Strict(
 
 def _check_version(v: int) -> None:
     if v != PROTOCOL_VERSION:
-        raise ValueError(f"protocol version {v} is not supported (this side speaks {PROTOCOL_VERSION})")
+        raise ValueError(
+            f"protocol version {v} is not supported (this side speaks {PROTOCOL_VERSION})")
 
 
 # --------------------------------------------------------------------------- agent presence
@@ -72,7 +73,7 @@ class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     content: str
 
 
-class AgentStatus(_Strict, tag="status"):
+class AgentStatus(_Strict, tag="status", frozen=True):
     """Retained on ``agents/{id}/status``; the ``offline`` form is also the Last Will."""
 
     agent_id: str
@@ -104,7 +105,7 @@ class LatencyBin(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_
     n: int
 
 
-class Telemetry(_Strict, tag="telemetry"):
+class Telemetry(_Strict, tag="telemetry", frozen=True):
     agent_id: str
     ts: float
     power_w: float
@@ -123,7 +124,7 @@ class Telemetry(_Strict, tag="telemetry"):
         _check_version(self.v)
 
 
-class Vocab(_Strict, tag="vocab"):
+class Vocab(_Strict, tag="vocab", frozen=True):
     """Retained on ``agents/{id}/vocab``: each token id's text bytes (as llama.cpp renders
     it, control tokens empty), so a coordinator can stream text without a tokenizer of its own.
     Published once per connection; coordinators cache it by fingerprint."""
@@ -140,7 +141,7 @@ class Vocab(_Strict, tag="vocab"):
 # --------------------------------------------------------------------------- agent RPC
 
 
-class OpenSession(_Strict, tag="open"):
+class OpenSession(_Strict, tag="open", frozen=True):
     """Start a session: tokenise, evaluate the prompt, reply with the first distribution (seq 0).
 
     Exactly one of ``prompt``, ``messages`` and ``tokens`` is given. ``raw`` skips the chat
@@ -173,7 +174,7 @@ class StepItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_li
     k: int
 
 
-class Step(_Strict, tag="step"):
+class Step(_Strict, tag="step", frozen=True):
     """Steps due for one agent in the same tick travel as one message."""
 
     items: list[StepItem]
@@ -185,7 +186,7 @@ class Step(_Strict, tag="step"):
             raise ValueError("a step carries at least one item")
 
 
-class CloseSession(_Strict, tag="close"):
+class CloseSession(_Strict, tag="close", frozen=True):
     session_ids: list[str]
     v: int = PROTOCOL_VERSION
 
@@ -244,7 +245,7 @@ class ErrorItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seq: int | None = None
 
 
-class Reply(_Strict, tag="reply"):
+class Reply(_Strict, tag="reply", frozen=True):
     """An agent's answer to one Open/Step/Close message: distributions and typed errors."""
 
     agent_id: str
@@ -268,7 +269,7 @@ class AppPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_latency_s: float | None = None
 
 
-class PlanMsg(_Strict, tag="plan"):
+class PlanMsg(_Strict, tag="plan", frozen=True):
     """Retained on ``plan``: the expert set each application class may use."""
 
     coordinator_id: str
@@ -284,7 +285,7 @@ class PlanMsg(_Strict, tag="plan"):
         _check_version(self.v)
 
 
-class CoordinatorStatus(_Strict, tag="coordinator"):
+class CoordinatorStatus(_Strict, tag="coordinator", frozen=True):
     coordinator_id: str
     state: Literal["online", "offline"]
     gate: str = "uniform"
@@ -296,10 +297,9 @@ class CoordinatorStatus(_Strict, tag="coordinator"):
         _check_version(self.v)
 
 
-AgentInbound = Union[OpenSession, Step, CloseSession]
-CoordinatorInbound = Union[Reply]
-AnyAgentMsg = Union[OpenSession, Step, CloseSession, Reply, AgentStatus, Telemetry, PlanMsg,
-                    CoordinatorStatus, Vocab]
+AgentInbound = OpenSession | Step | CloseSession
+AnyAgentMsg = (OpenSession | Step | CloseSession | Reply | AgentStatus | Telemetry | PlanMsg
+               | CoordinatorStatus | Vocab)
 
 _encoder = msgspec.msgpack.Encoder()
 _agent_inbound = msgspec.msgpack.Decoder(AgentInbound)
@@ -320,7 +320,8 @@ def _wrap(exc: Exception) -> DecodeError:
 def decode_agent_inbound(data: bytes) -> OpenSession | Step | CloseSession:
     """Decode what a coordinator sends an agent; anything else raises :class:`DecodeError`."""
     try:
-        return _agent_inbound.decode(data)
+        msg: OpenSession | Step | CloseSession = _agent_inbound.decode(data)
+        return msg
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
             RecursionError, OverflowError) as exc:
         raise _wrap(exc) from None
@@ -344,7 +345,8 @@ def decode_as(data: bytes, kind: type[T]) -> T:
 
 def decode_any(data: bytes) -> AnyAgentMsg:
     try:
-        return _any.decode(data)
+        msg: AnyAgentMsg = _any.decode(data)
+        return msg
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
             RecursionError, OverflowError) as exc:
         raise _wrap(exc) from None
@@ -417,7 +419,7 @@ class ErrorReplyPhone(msgspec.Struct, frozen=True, tag_field="type", tag="error"
     message: str
 
 
-PhoneReply = Union[TokenChunk, FinalReply, ErrorReplyPhone]
+PhoneReply = TokenChunk | FinalReply | ErrorReplyPhone
 
 _phone_req_json = msgspec.json.Decoder(PhoneRequest)
 _phone_req_mp = msgspec.msgpack.Decoder(PhoneRequest)
@@ -450,9 +452,9 @@ def encode_phone(msg: msgspec.Struct, content_type: str | None) -> bytes:
 
 def decode_phone_reply(data: bytes, content_type: str | None) -> PhoneReply:
     try:
-        if is_msgpack(content_type):
-            return _phone_reply_mp.decode(data)
-        return _phone_reply_json.decode(data)
+        msg: PhoneReply = (_phone_reply_mp if is_msgpack(content_type)
+                           else _phone_reply_json).decode(data)
+        return msg
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
             RecursionError, OverflowError) as exc:
         raise _wrap(exc) from None

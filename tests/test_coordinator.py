@@ -106,8 +106,8 @@ class Observer:
 async def _run_coordinator(cfg: CoordinatorConfig, gate: Any, broker_url: str,
                            observer: Any = None) -> tuple[Coordinator, asyncio.Task[int]]:
     url = parse_broker_url(broker_url)
-    coord = Coordinator(cfg, gate, lambda will: make_client(url, identifier=f"c-{uuid.uuid4().hex[:6]}",
-                                                          will=will))
+    ident = f"c-{uuid.uuid4().hex[:6]}"
+    coord = Coordinator(cfg, gate, lambda will: make_client(url, identifier=ident, will=will))
     coord.ctx.observer = observer
     task = asyncio.create_task(coord.run())
     return coord, task
