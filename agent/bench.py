@@ -23,6 +23,7 @@ This is an offline tool: it builds its GGUFs with :mod:`moe2.coordinator.gguf_mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
@@ -114,7 +115,7 @@ class _Direct:
         import llama_cpp
 
         self._L = llama_cpp
-        self.llm = llama_cpp.Llama(
+        self.llm: Any = llama_cpp.Llama(
             model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
             type_k=llama_cpp.GGML_TYPE_F16, type_v=llama_cpp.GGML_TYPE_F16, flash_attn=False,
             verbose=False,
@@ -173,8 +174,8 @@ class _MqttStepper:
         messages = aiter(self.client.messages)
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"bench agent exited with {proc.returncode}: "
-                                   f"{log_path.read_text(errors='replace')[-2000:]}")
+                tail = await asyncio.to_thread(log_path.read_text, errors="replace")
+                raise RuntimeError(f"bench agent exited with {proc.returncode}: {tail[-2000:]}")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RuntimeError(f"bench agent not online within {ONLINE_TIMEOUT_S}s")
@@ -259,10 +260,8 @@ async def _echo_rtt_ms(broker_url: str, n: int) -> float:
                     rtts.append(time.perf_counter() - t0)
         finally:
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
     return 1000.0 * statistics.median(rtts)
 
 

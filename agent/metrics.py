@@ -54,7 +54,7 @@ AGENT_METRICS: tuple[str, ...] = (
 def _read(what: str, fn: Callable[[], T]) -> T | None:
     try:
         return fn()
-    except Exception as exc:  # one bad reading must not fail the scrape
+    except Exception as exc:  # noqa: BLE001 - one bad reading must not fail the scrape
         log.debug("metrics: %s unavailable: %s", what, exc)
         return None
 

@@ -38,7 +38,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -423,6 +423,8 @@ def credentials_doc(
 ) -> dict[str, object]:
     """What ``credentials.json`` holds: per name its username, password, role and broker URLs."""
     host = spec.hostnames[0] if spec.hostnames else "localhost"
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
     entries: dict[str, object] = {}
     for a in accounts:
         entry: dict[str, object] = {
@@ -512,11 +514,9 @@ def write_broker_config(
     cred_path = out_dir / CREDENTIALS_NAME
     previous = {} if rotate else load_previous_accounts(cred_path)
     accounts = make_accounts(fleet, previous)
-    hostnames = spec.hostnames or (socket.gethostname(),)
-    spec = BrokerSpec(conf_dir=spec.conf_dir, port=spec.port, tls_port=spec.tls_port,
-                      tls_bind=spec.tls_bind, hostnames=hostnames,
-                      broker_user=spec.broker_user, root=spec.root)
-    tls = generate_tls(out_dir, hostnames, reuse_ca=not rotate)
+    if not spec.hostnames:
+        spec = replace(spec, hostnames=(socket.gethostname(),))
+    tls = generate_tls(out_dir, spec.hostnames, reuse_ca=not rotate)
     passwd = out_dir / PASSWD_NAME
     acl = out_dir / ACL_NAME
     conf = out_dir / CONF_NAME

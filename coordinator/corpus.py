@@ -144,68 +144,69 @@ _WORDS = (
 # --------------------------------------------------------------------------- families
 
 
-def _arithmetic() -> Iterator[tuple[str, str]]:
+#: One fact: the questions (templates) that ask it, and its answer.
+Fact = tuple[tuple[str, ...], str]
+
+
+def _arithmetic() -> Iterator[Fact]:
     for a in range(13):
         for b in range(13):
-            yield f"What is {a} plus {b}?", str(a + b)
-            yield f"Add {a} and {b}.", str(a + b)
+            yield (f"What is {a} plus {b}?", f"Add {a} and {b}.", f"What is {a} and {b} added?"
+                   ), str(a + b)
             if a >= b:
-                yield f"What is {a} minus {b}?", str(a - b)
-                yield f"Subtract {b} from {a}.", str(a - b)
+                yield (f"What is {a} minus {b}?", f"Subtract {b} from {a}.",
+                       f"Take {b} away from {a}."), str(a - b)
 
 
-def _units() -> Iterator[tuple[str, str]]:
+def _units() -> Iterator[Fact]:
     for big, small, factor in _UNITS:
         for n in range(1, 41):
-            yield f"How many {small} are in {n} {big}?", str(n * factor)
-            yield f"Convert {n} {big} to {small}.", str(n * factor)
+            yield (f"How many {small} are in {n} {big}?", f"Convert {n} {big} to {small}.",
+                   f"Express {n} {big} in {small}."), str(n * factor)
 
 
-def _capitals() -> Iterator[tuple[str, str]]:
+def _capitals() -> Iterator[Fact]:
     for country, capital, _, _ in _COUNTRIES:
-        yield f"What is the capital of {country}?", capital
-        yield f"Which city is the capital of {country}?", capital
-        yield f"Name the capital city of {country}.", capital
+        yield (f"What is the capital of {country}?", f"Which city is the capital of {country}?",
+               f"Name the capital city of {country}."), capital
 
 
-def _continents() -> Iterator[tuple[str, str]]:
+def _continents() -> Iterator[Fact]:
     for country, _, continent, _ in _COUNTRIES:
-        yield f"On which continent is {country}?", continent
-        yield f"Which continent is {country} in?", continent
-        yield f"{country} lies on which continent?", continent
+        yield (f"On which continent is {country}?", f"Which continent is {country} in?",
+               f"{country} lies on which continent?"), continent
 
 
-def _languages() -> Iterator[tuple[str, str]]:
+def _languages() -> Iterator[Fact]:
     for country, _, _, language in _COUNTRIES:
-        yield f"What language is spoken in {country}?", language
-        yield f"Which language do people in {country} speak?", language
-        yield f"Name the main language of {country}.", language
+        yield (f"What language is spoken in {country}?",
+               f"Which language do people in {country} speak?",
+               f"Name the main language of {country}."), language
 
 
-def _antonyms() -> Iterator[tuple[str, str]]:
+def _antonyms() -> Iterator[Fact]:
     for a, b in _ANTONYMS:
         for word, opposite in ((a, b), (b, a)):
-            yield f"What is the opposite of the word {word}?", opposite
-            yield f"Give the antonym of the word {word}.", opposite
-            yield f"Which word means the opposite of {word}?", opposite
+            yield (f"What is the opposite of the word {word}?",
+                   f"Give the antonym of the word {word}.",
+                   f"Which word means the opposite of {word}?"), opposite
 
 
-def _letters() -> Iterator[tuple[str, str]]:
+def _letters() -> Iterator[Fact]:
     for word in _WORDS:
-        yield f"How many letters are in the word {word}?", str(len(word))
-        yield f"Count the letters in the word {word}.", str(len(word))
-        yield f"How long is the word {word} in letters?", str(len(word))
+        yield (f"How many letters are in the word {word}?",
+               f"Count the letters in the word {word}.",
+               f"How long is the word {word} in letters?"), str(len(word))
 
 
-def _reverse() -> Iterator[tuple[str, str]]:
-    for word in _WORDS[:50]:
-        yield f"Reverse the word {word}.", word[::-1]
-        yield f"Spell the word {word} backwards.", word[::-1]
-        yield f"Write the letters of the word {word} in reverse order.", word[::-1]
+def _reverse() -> Iterator[Fact]:
+    for word in _WORDS:
+        yield (f"Reverse the word {word}.", f"Spell the word {word} backwards.",
+               f"Write the letters of the word {word} in reverse order."), word[::-1]
 
 
-#: family name -> generator of (question, answer), in a fixed order.
-FAMILIES: dict[str, Callable[[], Iterator[tuple[str, str]]]] = {
+#: family name -> generator of facts, in a fixed order.
+FAMILIES: dict[str, Callable[[], Iterator[Fact]]] = {
     "arithmetic": _arithmetic,
     "units": _units,
     "capitals": _capitals,
@@ -266,13 +267,17 @@ class Corpus:
 def generate_corpus(
     *,
     seed: int = 0,
-    per_domain: int | None = 400,
+    per_domain: int | None = 480,
     families: Sequence[str] | None = None,
 ) -> Corpus:
-    """Enumerate each family, shuffle it with ``seed``, keep at most
-    ``ceil(per_domain / families in the domain)`` prompts of it (``None``: all) and split them
-    60/15/10/15 into train/calib/validation/test; every split gets at least one prompt of every
-    family."""
+    """Build the four splits.
+
+    Per family, facts are shuffled with ``seed`` and taken until the family has
+    ``ceil(per_domain / families in its domain)`` prompts (``None``: every fact). One template of
+    every fact goes to ``train``; the others go to ``train``, ``calib``, ``validation`` or
+    ``test`` at random so that the overall split is about 60/15/10/15. So every held-out prompt
+    asks a fact that the training split states in other words.
+    """
     names = list(FAMILIES) if families is None else list(families)
     unknown = [n for n in names if n not in FAMILIES]
     if unknown:
@@ -284,31 +289,34 @@ def generate_corpus(
     seen: set[str] = set()
     for family in names:
         rng = random.Random(f"moe2-qa-{seed}-{family}")
-        pairs = list(dict(FAMILIES[family]()).items())  # one answer per question, in order
-        rng.shuffle(pairs)
-        if per_domain is not None:
-            quota = -(-per_domain // domain_sizes[DOMAINS[family]])
-            if quota < len(SPLITS):
-                raise ValueError(f"per_domain {per_domain} leaves fewer than {len(SPLITS)} "
-                                 f"prompts for {family}")
-            pairs = pairs[:quota]
-        for split, chunk in zip(SPLITS, _split_sizes(len(pairs)), strict=True):
-            taken, pairs = pairs[:chunk], pairs[chunk:]
-            for question, answer in taken:
+        facts = list(FAMILIES[family]())
+        rng.shuffle(facts)
+        quota = None if per_domain is None else -(-per_domain // domain_sizes[DOMAINS[family]])
+        taken = 0
+        # P(extra template -> train) so that train gets _SPLIT_FRACTIONS[0] of all prompts.
+        for questions, answer in facts:
+            if quota is not None and taken >= quota:
+                break
+            order = list(questions)
+            rng.shuffle(order)
+            n = len(order)
+            p_train = max(0.0, (_SPLIT_FRACTIONS[0] * n - 1) / max(1, n - 1))
+            for i, question in enumerate(order):
+                split = "train" if i == 0 or rng.random() < p_train else rng.choices(
+                    SPLITS[1:], weights=_SPLIT_FRACTIONS[1:])[0]
                 prompt = _q(question)
                 if prompt in seen:
                     raise AssertionError(f"duplicate prompt {prompt!r}")
                 seen.add(prompt)
                 splits[split].append(Sample(prompt=prompt, answer=answer, family=family))
+            taken += n
     rng = random.Random(f"moe2-qa-{seed}-order")
     for samples in splits.values():
         rng.shuffle(samples)
+    empty = [name for name in SPLITS if not splits[name]]
+    if empty:
+        raise ValueError(f"per_domain {per_domain} is too small: no prompts in {empty}")
     return Corpus(splits={k: tuple(v) for k, v in splits.items()}, seed=seed)
-
-
-def _split_sizes(n: int) -> list[int]:
-    sizes = [max(1, round(n * f)) for f in _SPLIT_FRACTIONS[1:]]
-    return [n - sum(sizes), *sizes]
 
 
 def write_jsonl(path: str | os.PathLike[str], samples: Iterable[Sample]) -> None:

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = [
     "EMBEDDING_DIM",

@@ -69,6 +69,7 @@ class RequestContext:
     plan_for: Callable[[str], Sequence[str] | None]
     top_k_for: Callable[[str], int | None]
     coordinator_id: str
+    allow_overrides: bool = False
     clock: Callable[[], float] = time.monotonic
     #: called with (request id, step, fused distribution, chosen token) -- tests and tracing
     observer: Callable[[str, int, Fused, int], None] | None = None
@@ -123,6 +124,9 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
                     emit: Emit, request_id: str, t0: float,
                     experts: list[ExpertState]) -> wire.FinalReply:
     allowed = ctx.plan_for(req.app)
+    overrides = ctx.allow_overrides
+    if overrides and req.experts is not None:
+        allowed = list(req.experts)
     if allowed is not None and not allowed:
         raise RequestFailed(wire.ErrorCode.NO_EXPERTS,
                             f"the current plan allows no expert for app {req.app!r} "
@@ -130,7 +134,7 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
     reg = ctx.registry()
     gates_raw = await ctx.gate_values(gate_text(req))
     candidates_all = [a.agent_id for a in reg.online()]
-    if ctx.gate_is_uniform:
+    if ctx.gate_is_uniform or (overrides and req.gating == "uniform"):
         gates = dict.fromkeys(candidates_all, 1.0)
     else:
         gates = {c: gates_raw.get(c, settings.unknown_expert_weight) for c in candidates_all}
@@ -138,7 +142,9 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
     if fam is None:
         raise RequestFailed(wire.ErrorCode.NO_EXPERTS, "no expert is online for this request")
     family, members = fam
-    weights = top_k_weights(gates, members, ctx.top_k_for(req.app) or settings.top_k)
+    k = (req.top_k if overrides and req.top_k else None) or ctx.top_k_for(req.app) \
+        or settings.top_k
+    weights = top_k_weights(gates, members, k)
     if not weights:
         raise RequestFailed(wire.ErrorCode.NO_EXPERTS,
                             "the gate gives no weight to any available expert")

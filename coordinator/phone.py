@@ -4,12 +4,32 @@ and tests; also the reference for phone developers).
 Publish the request on ``{root}/requests/{client_id}`` with an MQTT 5 Response Topic under
 ``{root}/responses/{client_id}/`` and Correlation Data; read token chunks, then one final or
 error message with the same correlation data.
+
+How a phone learns that its request failed (the rules this client follows, and any phone should):
+
+- A typed ``error`` message: bad input, limits, no expert, and a coordinator that stopped or died
+  while serving the request (``shutting_down``; when a coordinator dies, a surviving one sends it
+  -- see :mod:`moe2.coordinator.service`).
+- The PUBACK of the request (QoS 1) carries MQTT 5 reason code 0x10 "No matching subscribers":
+  no coordinator is subscribed, nobody will answer (``check_delivery=True``; raises
+  :class:`AskError` with code ``no_coordinator`` at once).
+- Silence: nothing at all arrives for ``timeout_s`` (every coordinator died, or the one serving
+  the request died before it recorded the request): ``asyncio.TimeoutError``.
+
+Stop reading at the first final or error; anything later with the same correlation data is a
+duplicate (QoS 1 is at-least-once) and is counted in :attr:`PhoneClient.unmatched`.
+
+A phone that must ride out broker restarts passes a client *factory* instead of a client: the
+PhoneClient then owns its connection and reconnects (jittered backoff) with a persistent session
+(:func:`session_client`), so replies published while it was away are queued for it by the
+broker -- across a restart too when the broker persists its state (Debian's default).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -17,10 +37,16 @@ from typing import Any
 
 import aiomqtt
 import msgspec
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from moe2.shared import wire
-from moe2.shared.mqtt import get_prop, payload_bytes, response_properties
+from moe2.shared.mqtt import Backoff, BrokerUrl, get_prop, payload_bytes, response_properties
 from moe2.shared.topics import Topics
+
+#: MQTT 5 PUBACK reason code: the broker had no subscriber for the message
+NO_MATCHING_SUBSCRIBERS = 0x10
 
 
 class AskError(Exception):
@@ -47,33 +73,156 @@ class Answer:
         return d
 
 
-class PhoneClient:
-    """One MQTT connection, many concurrent requests (matched by correlation data)."""
+def session_client(url: BrokerUrl, client_id: str, *, session_expiry_s: int = 300,
+                   keepalive_s: int = 10) -> aiomqtt.Client:
+    """A phone's MQTT 5 client with a persistent session (no clean start, session expiry).
 
-    def __init__(self, client: aiomqtt.Client, client_id: str, topics: Topics | None = None,
-                 msgpack: bool = False) -> None:
-        self.client = client
+    Plain ``mqtt://`` only; for TLS build the client yourself with the same two settings.
+    """
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = session_expiry_s
+    return aiomqtt.Client(
+        hostname=url.host, port=url.port, username=url.username, password=url.password,
+        identifier=client_id, protocol=aiomqtt.ProtocolVersion.V5, clean_start=False,
+        properties=props, keepalive=keepalive_s,
+        socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+    )
+
+
+class _PubAcks:
+    """PUBACK reason codes of one aiomqtt client's publishes, which aiomqtt 2 does not return.
+
+    Wraps the underlying paho client's ``on_publish`` (aiomqtt's own handler still runs) and
+    publishes through paho to learn each message id.
+    """
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self._client = client
+        self._paho: paho.Client = client._client
+        self._inner: Callable[..., None] | None = self._paho.on_publish
+        self._waiting: dict[int, asyncio.Future[int]] = {}
+        self._early: dict[int, int] = {}
+        self._paho.on_publish = self._on_publish
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any,
+                    properties: Any) -> None:
+        code = int(getattr(reason_code, "value", reason_code) or 0)
+        fut = self._waiting.pop(mid, None)
+        if fut is None:
+            if len(self._early) < 10_000:
+                self._early[mid] = code
+        elif not fut.done():
+            fut.set_result(code)
+        if self._inner is not None:
+            self._inner(client, userdata, mid, reason_code, properties)
+
+    async def publish(self, topic: str, payload: bytes, props: Properties) -> int:
+        """QoS 1 publish; returns the PUBACK reason code."""
+        info = self._paho.publish(topic, payload, 1, False, props)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        if info.mid in self._early:
+            return self._early.pop(info.mid)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting[info.mid] = fut
+        try:
+            return await asyncio.wait_for(fut, self._client.timeout)
+        except asyncio.TimeoutError:
+            raise aiomqtt.MqttError("no PUBACK for the request") from None
+        finally:
+            self._waiting.pop(info.mid, None)
+
+    def fail_all(self, exc: Exception) -> None:
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._waiting.clear()
+
+
+class PhoneClient:
+    """One MQTT connection, many concurrent requests (matched by correlation data).
+
+    ``client`` is either a client the caller connects and owns, or a factory of clients: then
+    the PhoneClient connects, re-subscribes and reconnects by itself (see the module docstring)
+    and a request made while it is disconnected raises :class:`AskError` ``not_connected``.
+    """
+
+    def __init__(self, client: aiomqtt.Client | Callable[[], aiomqtt.Client], client_id: str,
+                 topics: Topics | None = None, msgpack: bool = False, *,
+                 check_delivery: bool = False) -> None:
+        if isinstance(client, aiomqtt.Client):
+            self.client: aiomqtt.Client | None = client
+            self._factory: Callable[[], aiomqtt.Client] | None = None
+        else:
+            self.client = None
+            self._factory = client
         self.client_id = client_id
         self.topics = topics or Topics()
         self.msgpack = msgpack
+        self.check_delivery = check_delivery
         self.response_topic = f"{self.topics.response_prefix(client_id)}r"
         self._queues: dict[bytes, asyncio.Queue[wire.PhoneReply]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._acks: _PubAcks | None = None
+        self._connected = asyncio.Event()
         self.unmatched = 0
+        self.connections = 0  # successful (re)connections in factory mode
 
     async def __aenter__(self) -> PhoneClient:
-        await self.client.subscribe(self.response_topic, qos=1)
-        self._reader = asyncio.create_task(self._read(), name=f"phone-{self.client_id}")
+        if self._reader is not None:
+            raise RuntimeError("a PhoneClient can be entered once")
+        if self._factory is None:
+            assert self.client is not None
+            await self.client.subscribe(self.response_topic, qos=1)
+            self._acks = _PubAcks(self.client) if self.check_delivery else None
+            self._connected.set()
+            self._reader = asyncio.create_task(self._read(self.client),
+                                               name=f"phone-{self.client_id}")
+            return self
+        self._reader = asyncio.create_task(self._session_loop(), name=f"phone-{self.client_id}")
+        connected = asyncio.create_task(self._connected.wait())
+        try:
+            await asyncio.wait([connected, self._reader], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            await self.__aexit__(None, None, None)
+            raise
+        finally:
+            connected.cancel()
+        if self._reader.done():
+            self._reader.result()  # raises what ended the session loop
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._reader is not None:
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await self._reader
 
-    async def _read(self) -> None:
-        async for m in self.client.messages:
+    async def _session_loop(self) -> None:
+        assert self._factory is not None
+        backoff = Backoff()
+        while True:
+            client = self._factory()
+            try:
+                async with client:
+                    self.client = client
+                    await client.subscribe(self.response_topic, qos=1)
+                    self._acks = _PubAcks(client) if self.check_delivery else None
+                    self.connections += 1
+                    self._connected.set()
+                    backoff.reset()
+                    await self._read(client)
+            except aiomqtt.MqttError:
+                pass
+            finally:
+                self._connected.clear()
+                if self._acks is not None:
+                    self._acks.fail_all(aiomqtt.MqttError("connection lost"))
+                self._acks = None
+            await asyncio.sleep(backoff.next_delay_s())
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for m in client.messages:
             corr = get_prop(m, "CorrelationData")
             q = self._queues.get(bytes(corr)) if corr is not None else None
             if q is None:
@@ -86,12 +235,25 @@ class PhoneClient:
 
     async def send_raw(self, payload: bytes, *, correlation: bytes, content_type: str | None,
                        response_topic: str | None = None) -> asyncio.Queue[wire.PhoneReply]:
+        client = self.client
+        if client is None or not self._connected.is_set():
+            raise AskError("not_connected", "the phone is not connected to the broker")
         q: asyncio.Queue[wire.PhoneReply] = asyncio.Queue()
         self._queues[correlation] = q
         props = response_properties(response_topic or self.response_topic, correlation,
                                     content_type)
-        await self.client.publish(self.topics.request(self.client_id), payload, qos=1,
-                                  properties=props)
+        topic = self.topics.request(self.client_id)
+        try:
+            if self._acks is not None:
+                code = await self._acks.publish(topic, payload, props)
+                if code == NO_MATCHING_SUBSCRIBERS:
+                    raise AskError("no_coordinator",
+                                   "no coordinator is subscribed to requests; nobody will answer")
+            else:
+                await client.publish(topic, payload, qos=1, properties=props)
+        except BaseException:
+            self._queues.pop(correlation, None)
+            raise
         return q
 
     async def stream(self, request: wire.PhoneRequest, timeout_s: float = 120.0

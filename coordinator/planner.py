@@ -87,12 +87,10 @@ class PlannerError(ValueError):
 def members(mask: int) -> list[int]:
     """Indices of the set bits of ``mask``, ascending."""
     out: list[int] = []
-    n = 0
     while mask:
-        if mask & 1:
-            out.append(n)
-        mask >>= 1
-        n += 1
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
     return out
 
 
@@ -731,9 +729,12 @@ def smo(
     if run.feasible(root):
         return run.result(root, loss=root_loss, optimal=monotone, bound=root_loss)
 
+    # Only the energy budget can bind below the root (every candidate meets the latency budget),
+    # so feasibility is tracked by each set's energy.
     energy = run.energy
+    cap_j = run.cap_j
     inc_mask, inc_loss = _project_greedy(run, root, root_loss)
-    heap: list[tuple[float, int]] = [(root_loss, root)]
+    heap: list[tuple[float, int, float]] = [(root_loss, root, run.energy_of(root))]
     seen = {root}
     expansions = 0
     capped = False
@@ -743,22 +744,23 @@ def smo(
         if expansions >= max_expansions:
             capped = True
             break
-        s_loss, s = heapq.heappop(heap)
+        s_loss, s, s_energy = heapq.heappop(heap)
         expansions += 1
         removable = [n for n in members(s) if energy[n] > 0.0]
         children = [s & ~(1 << n) for n in removable]
         child_losses = run.losses(children)
-        for child, c_loss in zip(children, child_losses.tolist(), strict=True):
+        for n, child, c_loss in zip(removable, children, child_losses.tolist(), strict=True):
             if child in seen:
                 continue
             seen.add(child)
-            if c_loss >= inc_loss - epsilon:
+            if c_loss >= inc_loss - epsilon or child == 0:
                 continue  # no subset of it can beat the incumbent by more than ε
-            if run.feasible(child):
+            c_energy = s_energy - float(energy[n])
+            if c_energy <= cap_j:
                 inc_mask, inc_loss = child, c_loss
             else:
-                heapq.heappush(heap, (c_loss, child))
-        proj = _project_once(run, s, s_loss, removable, child_losses)
+                heapq.heappush(heap, (c_loss, child, c_energy))
+        proj = _project_once(run, s, s_loss, s_energy, removable, child_losses)
         if proj:
             p_loss = run.loss(proj)
             if p_loss < inc_loss:
@@ -775,13 +777,14 @@ def smo(
     )
 
 
-def _refill(run: _Run, kept: int, removed: list[int]) -> int:
+def _refill(run: _Run, kept: int, kept_energy: float, removed: list[int]) -> int:
     """Re-add removed experts, most valuable (last removed) first, while the energy fits."""
-    energy_left = run.cap_j - run.energy_of(kept)
+    energy_left = run.cap_j - kept_energy
     for n in reversed(removed):
-        if run.energy[n] <= energy_left:
+        e_n = float(run.energy[n])
+        if e_n <= energy_left:
             kept |= 1 << n
-            energy_left -= float(run.energy[n])
+            energy_left -= e_n
     return kept
 
 
@@ -796,23 +799,27 @@ def _removal_order(
 
 
 def _project_once(
-    run: _Run, s: int, s_loss: float, removable: Sequence[int], child_losses: FloatArray
+    run: _Run,
+    s: int,
+    s_loss: float,
+    s_energy: float,
+    removable: Sequence[int],
+    child_losses: FloatArray,
 ) -> int:
     """One-shot projection of S onto the energy budget from its children's losses."""
     if not removable:
         return 0
-    kept = s
+    kept, kept_energy = s, s_energy
     removed: list[int] = []
-    over = run.energy_of(s) - run.cap_j
     for n in _removal_order(removable, s_loss, child_losses, run.energy):
-        if over <= 0.0:
+        if kept_energy <= run.cap_j:
             break
         kept &= ~(1 << n)
         removed.append(n)
-        over -= float(run.energy[n])
-    if kept == 0 or not run.feasible(kept):
+        kept_energy -= float(run.energy[n])
+    if kept == 0 or kept_energy > run.cap_j:
         return 0
-    return _refill(run, kept, removed)
+    return _refill(run, kept, kept_energy, removed)
 
 
 def _project_greedy(run: _Run, s: int, s_loss: float) -> tuple[int, float]:
@@ -820,17 +827,18 @@ def _project_greedy(run: _Run, s: int, s_loss: float) -> tuple[int, float]:
 
     After the candidate filter every singleton is feasible, so this always ends feasible.
     """
-    kept, kept_loss = s, s_loss
+    kept, kept_loss, kept_energy = s, s_loss, run.energy_of(s)
     removed: list[int] = []
-    while not run.feasible(kept):
+    while kept_energy > run.cap_j:
         removable = [n for n in members(kept) if run.energy[n] > 0.0]
         children = [kept & ~(1 << n) for n in removable]
         child_losses = run.losses(children)
         n = _removal_order(removable, kept_loss, child_losses, run.energy)[0]
         kept_loss = float(child_losses[removable.index(n)])
         kept &= ~(1 << n)
+        kept_energy -= float(run.energy[n])
         removed.append(n)
-    refilled = _refill(run, kept, removed)
+    refilled = _refill(run, kept, kept_energy, removed)
     if refilled != kept:
         r_loss = run.loss(refilled)
         if r_loss < kept_loss:

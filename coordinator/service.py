@@ -4,6 +4,18 @@ One task group of named loops (STYLE.md): the MQTT session with its reconnect lo
 sender, the planner, the watchdog; plus one task per accepted request, tracked and awaited --
 never fire-and-forget. Gate, client factory, clock and planner are injected; ``cli/coordinator``
 wires the real ones.
+
+In-flight markers (how phones hear about a coordinator that dies mid-request): while it serves a
+request, a coordinator keeps a retained :class:`InflightMarker` (the phone's response topic and
+correlation data) on ``{root}/coordinators/{id}/inflight/{request_id}`` and clears it just before
+the request's final or error goes out. When a coordinator's Last Will (its retained ``offline``
+status) arrives live and it stays offline for ``TAKEOVER_GRACE_S``, the surviving coordinator with
+the lowest id subscribes to the dead one's markers and sends each phone a ``shutting_down`` error,
+clearing each marker. A coordinator restarted under the same id does the same for the markers of
+its previous incarnation. Wills that arrive while the survivor itself loses the broker (a broker
+restart sends every client's will) start no takeover. A request delivered to a coordinator that
+dies before its marker is out, or when no coordinator survives, is not covered: the phone's own
+silence timeout applies (see :mod:`moe2.coordinator.phone`).
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import aiomqtt
+import msgspec
 
 from moe2.coordinator.generation import GenerationSettings, RequestContext, run_request
 from moe2.coordinator.limits import Limits
@@ -35,11 +48,71 @@ from moe2.shared import __version__, wire
 from moe2.shared.config import CoordinatorConfig
 from moe2.shared.mqtt import Backoff, get_prop, payload_bytes, response_properties
 from moe2.shared.sdnotify import Notifier, watchdog_interval_s
-from moe2.shared.topics import Topics
+from moe2.shared.topics import Topics, valid_name
 
 log = logging.getLogger(__name__)
 
 ClientFactory = Callable[[aiomqtt.Will], aiomqtt.Client]
+
+#: how long a peer must stay offline after its Last Will before its phones are told
+TAKEOVER_GRACE_S = 1.0
+#: how long a takeover listens for the dead peer's retained markers
+TAKEOVER_WINDOW_S = 10.0
+#: bounds on peer bookkeeping (hostile status floods cannot grow it further)
+MAX_PEERS = 1024
+
+
+class InflightMarker(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
+                     tag_field="type", tag="inflight"):
+    """Retained while a coordinator serves one request: how to reach the phone if it dies.
+
+    Coordinator-to-coordinator only (phones never see it); MessagePack.
+    """
+
+    coordinator_id: str
+    incarnation: str
+    client_id: str
+    response_topic: str
+    correlation: bytes | None = None
+    content_type: str | None = None
+    v: int = wire.PROTOCOL_VERSION
+
+
+_marker_decoder = msgspec.msgpack.Decoder(InflightMarker)
+
+
+def decode_marker(data: bytes) -> InflightMarker:
+    try:
+        m = _marker_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
+            RecursionError, OverflowError) as exc:
+        raise wire.DecodeError(str(exc) or type(exc).__name__) from None
+    if m.v != wire.PROTOCOL_VERSION:
+        raise wire.DecodeError(f"marker version {m.v} is not supported")
+    return m
+
+
+def inflight_topic(topics: Topics, coordinator_id: str, request_id: str) -> str:
+    """``{root}/coordinators/{id}/inflight/{request_id}`` (retained marker of one request)."""
+    return f"{topics.root}/coordinators/{coordinator_id}/inflight/{request_id}"
+
+
+def inflight_filter(topics: Topics, coordinator_id: str = "+") -> str:
+    return f"{topics.root}/coordinators/{coordinator_id}/inflight/+"
+
+
+def coordinator_of(topics: Topics, topic: str) -> str | None:
+    """``{root}/coordinators/{id}/...`` -> id (a valid name), else None."""
+    prefix = f"{topics.root}/coordinators/"
+    if not topic.startswith(prefix):
+        return None
+    cid = topic[len(prefix):].split("/", 1)[0]
+    return cid if valid_name(cid) else None
+
+
+def takeover_handler(self_id: str, peers_online: Sequence[str]) -> bool:
+    """Whether ``self_id`` is the one coordinator that tells a dead peer's phones (lowest id)."""
+    return min([self_id, *peers_online]) == self_id
 
 
 class Coordinator:
@@ -83,13 +156,24 @@ class Coordinator:
         self._outbox_event = asyncio.Event()
         self._ready_sent = False
         self._n = 0
+        # in-flight markers (see the module docstring)
+        self.incarnation = uuid.uuid4().hex[:12]
+        self._markers: dict[str, bytes] = {}  # marker topic -> payload, while the request runs
+        self._marker_dirty: set[str] = set()  # topics whose retained state is not published yet
+        self._peers: set[str] = set()  # other coordinators seen online
+        self._takeover_due: dict[str, float] = {}  # dead peer -> when its phones may be told
+        self._takeovers: dict[str, float] = {}  # dead peer -> when we subscribed to its markers
+        self._orphans: deque[tuple[str, InflightMarker]] = deque(maxlen=100_000)
+        self._reassert = False
+        self._inflight_event = asyncio.Event()
         self.counters: dict[str, int] = {"accepted": 0, "rejected": 0, "finals": 0, "errors": 0,
-                                         "malformed": 0, "dropped_no_reply_topic": 0}
+                                         "malformed": 0, "dropped_no_reply_topic": 0,
+                                         "taken_over": 0}
         self.ctx = RequestContext(
             rpc=self.rpc, registry=lambda: self.registry, gate_values=self._gate_values,
             gate_is_uniform=getattr(gate, "kind", "uniform") == "uniform",
             plan_for=self.plan_for, top_k_for=self._top_k_for, coordinator_id=cfg.id,
-            clock=clock,
+            allow_overrides=cfg.allow_overrides, clock=clock,
         )
 
     # ------------------------------------------------------------------ decisions
@@ -131,6 +215,7 @@ class Coordinator:
             asyncio.create_task(self._session_loop(), name="mqtt-session"),
             asyncio.create_task(self._rpc_sender(), name="rpc-sender"),
             asyncio.create_task(self._outbox_loop(), name="outbox"),
+            asyncio.create_task(self._inflight_loop(), name="inflight"),
         ]
         if self.notifier.enabled:
             tasks.append(asyncio.create_task(self._watchdog_loop(), name="watchdog"))
@@ -166,6 +251,7 @@ class Coordinator:
                 t.cancel()
             await asyncio.gather(*list(self._requests), return_exceptions=True)
         self.notifier.stopping()
+        await self._flush_markers()
         await self._flush_outbox()
         if client is not None:
             st = self.topics.coordinator_status(self.cfg.id)
@@ -199,10 +285,12 @@ class Coordinator:
                             self.cfg.id, exc, delay)
                 self._client = None
                 self._connected.clear()
+                self._forget_peers()
                 await asyncio.sleep(delay)
             finally:
                 self._client = None
                 self._connected.clear()
+                self._forget_peers()
 
     async def _on_connect(self, client: aiomqtt.Client) -> None:
         tp = self.topics
@@ -210,11 +298,17 @@ class Coordinator:
         await client.subscribe(tp.all_agent_status, qos=1)
         await client.subscribe(f"{tp.root}/agents/+/vocab", qos=1)
         await client.subscribe(tp.all_agent_telemetry, qos=0)
+        await client.subscribe(tp.all_coordinator_status, qos=1)
+        await client.subscribe(inflight_filter(tp, self.cfg.id), qos=1)
         if self._accepting:
             await client.subscribe(tp.requests_shared(self.cfg.group), qos=1)
         st = tp.coordinator_status(self.cfg.id)
         await client.publish(st.topic, st.encode(self.status("online")), qos=1, retain=True)
         self._connected.set()
+        # Markers first (a broker without persistence lost them; clears may be pending), then
+        # the finals and errors that waited in the outbox.
+        self._marker_dirty.update(self._markers)
+        await self._flush_markers()
         await self._flush_outbox()
         log.info("coordinator %s: online (gate %s, dist_k %d)", self.cfg.id,
                  getattr(self.gate, "kind", "uniform"), self.cfg.dist_k)
@@ -234,6 +328,12 @@ class Coordinator:
             return
         if message.topic.matches(tp.all_requests):
             self._on_request(message, topic, data)
+            return
+        if message.topic.matches(tp.all_coordinator_status):
+            self._on_peer_status(topic, data, retained=bool(message.retain))
+            return
+        if message.topic.matches(inflight_filter(tp)):
+            self._on_marker(topic, data)
             return
         agent_id = tp.agent_id_of(topic)
         if agent_id is None:
@@ -288,6 +388,8 @@ class Coordinator:
             log.warning("request from %s dropped: response topic %r is outside %s", client_id,
                         rt, self.topics.response_prefix(client_id))
             return
+        corr = bytes(corr) if isinstance(corr, (bytes, bytearray)) else None
+        ct = ct if isinstance(ct, str) else None
         emit = self._phone_emitter(rt, corr, ct)
         if not self._accepting:
             self._reject(emit, wire.ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down")
@@ -308,8 +410,17 @@ class Coordinator:
             return
         self._n += 1
         self.counters["accepted"] += 1
+        if self.metrics is not None:
+            self.metrics.observe_request(req.app)
         request_id = f"{self._n}{uuid.uuid4().hex[:6]}"
-        task = asyncio.create_task(self._serve(req, emit, request_id, client_id),
+        marker = inflight_topic(self.topics, self.cfg.id, request_id)
+        self._markers[marker] = msgspec.msgpack.encode(InflightMarker(
+            coordinator_id=self.cfg.id, incarnation=self.incarnation, client_id=client_id,
+            response_topic=rt, correlation=corr, content_type=ct))
+        self._marker_dirty.add(marker)
+        self._inflight_event.set()
+        emit = self._phone_emitter(rt, corr, ct, marker)
+        task = asyncio.create_task(self._serve(req, emit, request_id, client_id, marker),
                                    name=f"request-{request_id}")
         self._requests[task] = client_id
 
@@ -325,10 +436,13 @@ class Coordinator:
         return None
 
     async def _serve(self, req: wire.PhoneRequest, emit: Any, request_id: str,
-                     client_id: str) -> None:
+                     client_id: str, marker: str) -> None:
         try:
             await run_request(req, self.ctx, self.settings, emit, request_id)
         finally:
+            if self._markers.pop(marker, None) is not None:  # normally cleared by the emitter
+                self._marker_dirty.add(marker)
+                self._inflight_event.set()
             self.limits.release(client_id)
             task = asyncio.current_task()
             if task is not None:
@@ -339,7 +453,8 @@ class Coordinator:
         msg = wire.ErrorReplyPhone(code=code, message=message)
         self._queue_phone(*emit.pack(msg))
 
-    def _phone_emitter(self, rt: str, corr: bytes | None, ct: str | None) -> Any:
+    def _phone_emitter(self, rt: str, corr: bytes | None, ct: str | None,
+                       marker: str | None = None) -> Any:
         coordinator = self
 
         class _Emit:
@@ -354,6 +469,11 @@ class Coordinator:
                     coordinator.counters["finals"] += 1
                 elif isinstance(msg, wire.ErrorReplyPhone):
                     coordinator.counters["errors"] += 1
+                if marker is not None and not isinstance(msg, wire.TokenChunk):
+                    # The marker goes before the final: a crash in between leaves the phone
+                    # to its timeout rather than sending it a second terminal message.
+                    coordinator._markers.pop(marker, None)
+                    await coordinator._publish_marker(marker)
                 if coordinator.metrics is not None:
                     coordinator.metrics.observe_reply(msg)
                 await coordinator._publish(*self.pack(msg))
@@ -390,6 +510,141 @@ class Coordinator:
             except aiomqtt.MqttError:
                 self._outbox.appendleft(item)
                 return
+
+    # ------------------------------------------------------------------ in-flight markers
+    async def _publish_marker(self, topic: str) -> None:
+        """Publish a marker's current state: its payload while the request runs, else a clear.
+
+        The state is read and handed to the client in one step, so whichever call goes last
+        leaves the right retained message; a failed publish is retried after the reconnect.
+        """
+        client = self._client
+        if client is None or not self._connected.is_set():
+            self._marker_dirty.add(topic)
+            return
+        self._marker_dirty.discard(topic)
+        try:
+            await client.publish(topic, self._markers.get(topic, b""), qos=1, retain=True)
+        except aiomqtt.MqttError:
+            self._marker_dirty.add(topic)
+
+    async def _flush_markers(self) -> None:
+        for topic in list(self._marker_dirty):
+            if topic in self._marker_dirty:
+                await self._publish_marker(topic)
+
+    def _forget_peers(self) -> None:
+        """Without the broker we cannot tell a dead peer from our own outage: start over."""
+        self._peers.clear()
+        self._takeover_due.clear()
+        self._takeovers.clear()
+
+    def _on_peer_status(self, topic: str, data: bytes, *, retained: bool) -> None:
+        cid = coordinator_of(self.topics, topic)
+        if cid is None:
+            return
+        try:
+            st = self.topics.coordinator_status(cid).decode(data) if data else None
+        except wire.DecodeError as exc:
+            log.debug("malformed coordinator status on %s dropped: %s", topic, exc)
+            return
+        if st is not None and st.coordinator_id != cid:
+            return
+        online = st is not None and st.state == "online"
+        if cid == self.cfg.id:
+            if not online and not self._stopping.is_set():
+                self._reassert = True  # a stale will or a forged status: we are alive
+                self._inflight_event.set()
+            return
+        if online:
+            if cid in self._peers or len(self._peers) < MAX_PEERS:
+                self._peers.add(cid)
+            self._takeover_due.pop(cid, None)
+            if cid in self._takeovers:
+                self._inflight_event.set()  # the loop unsubscribes
+            return
+        self._peers.discard(cid)
+        # Only a will seen live while we are connected means the peer died; a retained offline
+        # status is history, and the peer may be reconnecting.
+        if (not retained and cid not in self._takeovers and cid not in self._takeover_due
+                and len(self._takeover_due) < MAX_PEERS):
+            self._takeover_due[cid] = self.clock() + TAKEOVER_GRACE_S
+            self._inflight_event.set()
+
+    def _on_marker(self, topic: str, data: bytes) -> None:
+        cid = coordinator_of(self.topics, topic)
+        if cid is None or not data:
+            return
+        try:
+            m = decode_marker(data)
+        except wire.DecodeError as exc:
+            log.debug("malformed in-flight marker on %s dropped: %s", topic, exc)
+            return
+        if m.coordinator_id != cid:
+            return
+        if cid == self.cfg.id:
+            if m.incarnation == self.incarnation:
+                return  # our own, live
+        elif cid not in self._takeovers or cid in self._peers:
+            return
+        self._orphans.append((topic, m))
+        self._inflight_event.set()
+
+    async def _tell_orphan(self, client: aiomqtt.Client, topic: str, m: InflightMarker) -> None:
+        """A request whose coordinator died: clear its marker, then tell the phone."""
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.publish(topic, b"", qos=1, retain=True)
+        if not self.topics.response_allowed(m.client_id, m.response_topic):
+            return
+        self.counters["taken_over"] += 1
+        who = "a previous run of this coordinator" if m.coordinator_id == self.cfg.id else (
+            f"coordinator {m.coordinator_id}")
+        log.info("telling %s that %s died during its request", m.client_id, who)
+        msg = wire.ErrorReplyPhone(
+            code=wire.ErrorCode.SHUTTING_DOWN,
+            message=f"{who} went offline before this request finished; retry")
+        emit = self._phone_emitter(m.response_topic, m.correlation, m.content_type)
+        await emit(msg)
+
+    async def _inflight_loop(self) -> None:
+        """Publish marker changes; take over dead peers' markers; answer orphaned requests."""
+        while True:
+            wake_s = min([*self._takeover_due.values(),
+                          *(t + TAKEOVER_WINDOW_S for t in self._takeovers.values())],
+                         default=None)
+            timeout = None if wake_s is None else max(0.0, wake_s - self.clock())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._inflight_event.wait(), timeout)
+            self._inflight_event.clear()
+            client = self._client
+            if client is None or not self._connected.is_set():
+                continue  # _on_connect flushes the markers; peers are forgotten
+            await self._flush_markers()
+            if self._reassert and not self._stopping.is_set():
+                self._reassert = False
+                st = self.topics.coordinator_status(self.cfg.id)
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await client.publish(st.topic, st.encode(self.status("online")), qos=1,
+                                         retain=True)
+            now = self.clock()
+            for cid, due in list(self._takeover_due.items()):
+                if due > now:
+                    continue
+                del self._takeover_due[cid]
+                if cid in self._peers or not takeover_handler(self.cfg.id, sorted(self._peers)):
+                    continue
+                log.warning("coordinator %s is gone: telling the phones of its requests", cid)
+                self._takeovers[cid] = now
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await client.subscribe(inflight_filter(self.topics, cid), qos=1)
+            for cid, since in list(self._takeovers.items()):
+                if cid in self._peers or now - since > TAKEOVER_WINDOW_S:
+                    del self._takeovers[cid]
+                    with contextlib.suppress(aiomqtt.MqttError):
+                        await client.unsubscribe(inflight_filter(self.topics, cid))
+            while self._orphans:
+                topic, marker = self._orphans.popleft()
+                await self._tell_orphan(client, topic, marker)
 
     # ------------------------------------------------------------------ loops
     async def _outbox_loop(self) -> None:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional as F
 
 from moe2.coordinator.gguf_models import FloatArray, LlamaSpec, random_weights
 

@@ -115,6 +115,8 @@ class CoordinatorConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=T
     dist_k: int = 64
     top_k: int | None = None
     unknown_expert_weight: float = 0.0
+    #: let requests pick experts / uniform weights (``moe2 eval`` only; off in production)
+    allow_overrides: bool = False
     step_deadline_min_s: float = 2.0
     step_deadline_factor: float = 20.0
     open_deadline_s: float = 30.0

@@ -367,6 +367,12 @@ class PhoneRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seed: int | None = None
     stop: list[str] | str | None = None
     raw: bool = False
+    #: evaluation only (honoured when the coordinator sets ``allow_overrides``): serve with
+    #: exactly these experts instead of the app's plan, and/or "uniform" weights (majority
+    #: voting) instead of the gate
+    experts: list[str] | None = None
+    gating: Literal["gate", "uniform"] | None = None
+    top_k: int | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):

@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -484,7 +483,3 @@ async def running(daemon: AgentDaemon, *, timeout_s: float = DEFAULT_TIMEOUT_S
         except asyncio.TimeoutError:
             raise AssertionError("daemon did not stop after request_stop()") from None
         assert code == 0
-
-
-def expert_path(p: Path | str) -> str:
-    return str(p)

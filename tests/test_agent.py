@@ -7,11 +7,15 @@ template path, and a broker restart.
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -395,7 +399,8 @@ def rendered_template(expert: gm.ExpertFile, messages: list[tuple[str, str]]) ->
 
     assert expert.chat_template is not None
     fmt = Jinja2ChatFormatter(template=expert.chat_template, eos_token="</s>", bos_token="<s>")
-    prompt: str = fmt(messages=[{"role": r, "content": c} for r, c in messages]).prompt
+    chat: Any = [{"role": r, "content": c} for r, c in messages]
+    prompt: str = fmt(messages=chat).prompt
     return prompt
 
 
@@ -449,3 +454,31 @@ async def test_no_template_joins_messages_and_tokenises_as_is(
     assert reply.dists[0].n_past == len(tokens)
     assert_dist_matches(reply.dists[0], ref[0], 0)
 
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@pytest.mark.slow
+def test_bench_agent_quick_prints_one_json_object() -> None:
+    """``moe2 bench agent --quick --json``: the contract (one JSON object, last line) and the
+    fields BENCHMARKS.md quotes. No timing is asserted; both paths must agree on the tokens."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe2.cli.main", "--log-level", "WARNING", "bench", "agent",
+         "--quick", "--json"],  # models go to a temporary directory the bench removes
+        capture_output=True, text=True, timeout=280, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "agent"
+    assert result["machine"]["cpu_count"] >= 1
+    assert result["settings"]["k"] == 64
+    roles = {m["role"]: m for m in result["models"]}
+    assert set(roles) == {"tiny", "large"}
+    assert roles["large"]["n_params"] >= 50_000_000
+    for m in roles.values():
+        assert m["same_tokens"] is True
+        assert m["agent_exit_code"] == 0
+        assert len(m["direct"]["runs_tokens_per_s"]) == len(m["mqtt"]["runs_tokens_per_s"]) == 2
+        assert m["ratio"] == pytest.approx(m["mqtt"]["tokens_per_s"] / m["direct"]["tokens_per_s"])
+    assert result["large_ratio"] == roles["large"]["ratio"]
+    assert result["meets_target"] == (result["large_ratio"] >= 0.9)

@@ -18,6 +18,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -352,3 +353,31 @@ def test_tls_needs_the_generated_ca(secure: SecureBroker, tmp_path: Path) -> Non
     handshake(secure.out / "ca.crt")
     with pytest.raises(ssl.SSLCertVerificationError):
         handshake(other.ca_cert)
+
+
+def test_ask_end_to_end_over_mqtts_with_acls(secure: SecureBroker, procs: Any,
+                                             tmp_path: Path) -> None:
+    """A phone, an agent and a coordinator, each with its own account, all over TLS."""
+    from moe2.coordinator.gguf_models import make_test_experts
+
+    (expert,) = make_test_experts(tmp_path / "m", count=1)
+    ca = str(secure.out / "ca.crt")
+    procs.moe2("agent", "--broker", secure.url("e0", tls=True), "--ca-file", ca, "--id", "e0",
+               "--model", str(expert.path), "--threads", "1", "--meter", "estimated",
+               log_name="agent-e0")
+    procs.moe2("coordinator", "--broker", secure.url("c0", tls=True), "--ca-file", ca,
+               "--id", "c0", log_name="coordinator-c0")
+    last = None
+    for _ in range(60):
+        last = subprocess.run(
+            [sys.executable, "-m", "moe2.cli.main", "ask", "--broker", secure.url("a", tls=True),
+             "--ca-file", ca, "--client-id", "a", "--max-tokens", "5", "--timeout", "5",
+             "--json", "What is 1 plus 1?"], capture_output=True, text=True, timeout=60)
+        if last.returncode == 0:
+            break
+        time.sleep(0.5)
+    assert last is not None
+    assert last.returncode == 0, last.stderr
+    result = json.loads(last.stdout.strip().splitlines()[-1])
+    assert result["tokens"] >= 1
+    assert [e["id"] for e in result["experts"]] == ["e0"]

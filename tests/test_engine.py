@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -192,8 +193,9 @@ def test_render_chat_matches_llama_cpp_formatter(fleet: Fleet) -> None:
         assert eng.bos_text() == "<s>"
     finally:
         eng.close()
+    chat: Any = [{"role": r, "content": c} for r, c in messages]
     ref = Jinja2ChatFormatter(template=ex.chat_template, eos_token="</s>", bos_token="<s>")(
-        messages=[{"role": r, "content": c} for r, c in messages]).prompt
+        messages=chat).prompt
     assert ours == ref
     assert ours.endswith("<|assistant|>")
 

@@ -73,7 +73,8 @@ def exported_names() -> set[str]:
 
 
 class _Registry:
-    agents = {"e0": object(), "e1": object()}
+    def __init__(self) -> None:
+        self.agents = {"e0": object(), "e1": object()}
 
 
 class _FakeCoordinator:
@@ -174,7 +175,10 @@ async def test_running_agent_serves_metrics_with_its_id(
         assert value(text, "moe2_agent_energy_joules_total", agent=aid,
                      meter="estimated") >= 0.0
         assert value(text, "moe2_agent_tokens_total", agent=aid) == 0
-        assert value(text, "moe2_agent_mqtt_connections_total", agent=aid) == 1
+        # the daemon counts the session right after publishing "online"
+        await wait_until(
+            lambda: value(scrape(port), "moe2_agent_mqtt_connections_total", agent=aid) == 1,
+            30.0, "the broker session to be counted")
         energy_before = value(text, "moe2_agent_energy_joules_total", agent=aid)
         await rpc.greedy(aid, "s1", k=4, n_steps=3, prompt="hi there")
         text = scrape(port)
