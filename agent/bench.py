@@ -90,6 +90,8 @@ class SideRuns:
         }
         if self.decode_s:
             out["agent_decode_ms_median"] = 1000.0 * statistics.median(self.decode_s)
+            outside = [s - d for s, d in zip(self.step_s, self.decode_s, strict=True)]
+            out["outside_decode_ms_median"] = 1000.0 * statistics.median(outside)
         return out
 
 
@@ -97,7 +99,7 @@ class SideRuns:
 
 
 def _make_models(work: Path, seed: int) -> list[BenchModel]:
-    """A tiny test expert and one of at least 50M parameters (reused when already there)."""
+    """A tiny test expert and one of at least 50M parameters, written into ``work``."""
     gm = importlib.import_module("moe2.coordinator.gguf_models")
     tiny = gm.make_test_experts(work / "tiny", count=1, seeds=[1000 + seed])[0]
     large = gm.make_large_expert(work / "large", seed=3000 + seed)
@@ -291,7 +293,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> int | None:
 
 
 async def _bench_model(model: BenchModel, broker_url: str, work: Path, *, runs: int,
-                       n_tokens: int, k: int, n_threads: int, n_ctx: int) -> dict[str, Any]:
+                       n_tokens: int, k: int, n_threads: int, n_ctx: int,
+                       rtt_ms: float) -> dict[str, Any]:
     agent_id = f"bench-{model.role}"
     log_path = work / f"agent-{model.role}.log"
     proc = _start_agent(model, broker_url, agent_id, n_ctx=n_ctx, n_threads=n_threads,
@@ -317,7 +320,6 @@ async def _bench_model(model: BenchModel, broker_url: str, work: Path, *, runs: 
         rc = _stop(proc)
     d, m = d_runs.summary(), m_runs.summary()
     ratio = m["tokens_per_s"] / d["tokens_per_s"]
-    rest_ms = m["step_ms_median"] - m["agent_decode_ms_median"]
     # softmax + top-k over the vocabulary, as the agent does per step (in this process)
     rng = np.random.default_rng(0)
     logits = rng.standard_normal(direct.n_vocab).astype(np.float32)
@@ -342,7 +344,10 @@ async def _bench_model(model: BenchModel, broker_url: str, work: Path, *, runs: 
             "direct_step": d["step_ms_median"],
             "agent_decode": m["agent_decode_ms_median"],
             "agent_decode_minus_direct": m["agent_decode_ms_median"] - d["step_ms_median"],
-            "mqtt_step_outside_decode": rest_ms,
+            # per step: round trip minus the agent's decode window (MQTT both ways, the
+            # agent's thread hops, softmax/top-k, msgpack), median over all steps
+            "mqtt_step_outside_decode": m["outside_decode_ms_median"],
+            "bare_mqtt_echo_rtt": rtt_ms,
             "softmax_topk": softmax_ms,
         },
         "same_tokens": d_runs.tokens == m_runs.tokens,
@@ -358,7 +363,10 @@ def run_agent_bench(*, quick: bool = False, out_dir: str | None = None,
     """Measure and return the figures (see the module docstring); prints nothing."""
     runs, n_tokens = (2, 16) if quick else (5, 64)
     k = CoordinatorConfig().dist_k
-    n_threads = os.cpu_count() or 1
+    # One core is left to the agent's event loop, the broker and the bench client. With every
+    # core given to llama.cpp, ggml's spin-waiting thread barriers collapse as soon as anything
+    # else runs (measured on a shared 2-core box: 1.7 tok/s with 2 threads, 72 with 1).
+    n_threads = max(1, (os.cpu_count() or 1) - 1)
     n_ctx = 256
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -374,7 +382,8 @@ def run_agent_bench(*, quick: bool = False, out_dir: str | None = None,
         async def main(broker_url: str) -> tuple[list[dict[str, Any]], float]:
             rtt = await _echo_rtt_ms(broker_url, 50 if quick else 200)
             results = [await _bench_model(m, broker_url, work, runs=runs, n_tokens=n_tokens,
-                                          k=k, n_threads=n_threads, n_ctx=n_ctx)
+                                          k=k, n_threads=n_threads, n_ctx=n_ctx,
+                                          rtt_ms=rtt)
                        for m in models]
             return results, rtt
 
@@ -393,6 +402,7 @@ def run_agent_bench(*, quick: bool = False, out_dir: str | None = None,
         "settings": {
             "runs": runs, "tokens_per_run": n_tokens, "k": k,
             "k_source": "coordinator default dist_k", "n_threads": n_threads,
+            "n_threads_rule": "cpu_count - 1, both sides",
             "kv_type": "f16", "flash_attn": False, "n_ctx": n_ctx,
             "agent": "moe2 agent subprocess (estimated meter)", "broker": "local mosquitto",
             "steps_in_flight": 1, "statistic": "median over runs; first run per side is warm-up",

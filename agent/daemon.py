@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 ClientFactory = Callable[[aiomqtt.Will], aiomqtt.Client]
 
+#: a reply that cannot be written within this is dropped (coordinators' step deadlines are longer)
+REPLY_PUBLISH_TIMEOUT_S = 2.0
+
 
 @dataclass
 class Work:
@@ -251,9 +254,12 @@ class AgentDaemon:
                 log.debug("agent %s: reply dropped, not connected", self.cfg.id)
                 continue
             try:
+                # A connection that just died never confirms a publish: without a timeout the
+                # worker would stall on it for aiomqtt's default 10 s after a broker restart.
                 await client.publish(
                     w.response_topic, wire.encode(r), qos=0,
                     properties=response_properties(correlation_data=w.correlation),
+                    timeout=REPLY_PUBLISH_TIMEOUT_S,
                 )
             except aiomqtt.MqttError as exc:
                 log.debug("agent %s: reply not sent: %s", self.cfg.id, exc)
@@ -275,6 +281,17 @@ class AgentDaemon:
             except SessionError as exc:  # whole-message errors (open)
                 sid = w.msg.session_id if isinstance(w.msg, wire.OpenSession) else None
                 errors[i].append(exc.item(sid, 0 if sid else None))
+        # A session closed later in the same batch (the coordinator gave up on a step it had
+        # sent) lost its KV sequence in the close: its step is not decoded -- decoding it would
+        # fail the whole llama_decode call, and with it every other session in the round.
+        for j in pending:
+            if self.table.sessions.get(j.session.session_id) is not j.session:
+                errors[j.work_index].append(wire.ErrorItem(
+                    code=wire.ErrorCode.UNKNOWN_SESSION,
+                    message=f"session {j.session.session_id!r} was closed",
+                    session_id=j.session.session_id, seq=j.seq))
+        pending = [j for j in pending
+                   if self.table.sessions.get(j.session.session_id) is j.session]
         # Rounds: a session may appear once per llama_decode call.
         while pending:
             seen: set[int] = set()

@@ -22,7 +22,7 @@ BENCHES: dict[str, tuple[str, str, str]] = {
               "tokens/s stepping through MQTT vs a direct llama-cpp-python loop"),
     "fusion": ("moe2.coordinator.bench_fusion", "run_fusion_bench",
                "fused step overhead vs bare MQTT round trip; fused tokens/s at 1/8/64 requests"),
-    "planner": ("moe2.coordinator.planner_bench", "run_planner_bench",
+    "planner": ("moe2.coordinator.planner_bench", "run_planner_bench_cli",
                 "planner time and evaluations vs 2^N"),
     "reliability": ("moe2.coordinator.bench_reliability", "run_reliability_bench",
                     "load, faults, broker restart, coordinator kill, fuzzing"),

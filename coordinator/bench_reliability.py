@@ -334,8 +334,10 @@ class Fleet:
                                 prompt="ping", max_tokens=1, raw=True), timeout_s=10)
                         except (AskError, asyncio.TimeoutError, aiomqtt.MqttError) as exc:
                             last = f"{type(exc).__name__}: {exc}"
+                            log.debug("probe %s: %s", cid, last)
                             await asyncio.sleep(0.2)
                             continue
+                        log.debug("probe %s: %s", cid, ans.final or ans.error)
                         if ans.final is None:
                             last = f"error {ans.error}"
                             await asyncio.sleep(0.2)
@@ -558,20 +560,26 @@ async def phase_broker_restart(fleet: Fleet, spec: LoadSpec, *, down_s: float = 
 
     run = await drive_load(fleet, "broker_restart", spec, inject, seed=seed)
     fleet.check_alive()
+    if "recovered" not in times:  # the load ended before the injector: wait for recovery now
+        await fleet.wait_ready()
+        times["recovered"] = time.monotonic()
+    # requests after recovery: a fresh round of phones
+    after = await drive_load(fleet, "after_broker_restart", LoadSpec(
+        clients=spec.clients, per_client=1, concurrency=1, max_tokens=spec.max_tokens),
+        seed=seed + 100)
     down = times["down"]
-    recovered = times.get("recovered", float("inf"))
     in_flight = [o for o in run.outcomes if o.sent and o.sent_s < down < o.ended_s]
-    after = [o for o in run.outcomes if o.sent_s >= recovered]
-    out = tally(run.outcomes, run.wall_s)
+    out = tally([*run.outcomes, *after.outcomes], run.wall_s)
     out.update(
         down_s=down_s,
-        recovered_after_s=_r(recovered - times["up"], 2) if "recovered" in times else None,
+        recovered_after_s=_r(times["recovered"] - times["up"], 2),
         in_flight_at_stop=tally(in_flight),
-        after_recovery=tally(after),
-        unmatched_replies=run.unmatched,
-        faults_survived=1 if "recovered" in times else 0,
+        during=tally(run.outcomes),
+        after_recovery=tally(after.outcomes),
+        unmatched_replies=run.unmatched + after.unmatched,
+        faults_survived=1,
     )
-    out["outcomes"] = run.outcomes
+    out["outcomes"] = [*run.outcomes, *after.outcomes]
     return out
 
 
@@ -656,6 +664,12 @@ class FuzzMessage:
     content_type: str | None = None
     #: replies expected with this correlation data: exact count (terminal messages for phones)
     expect: int = 0
+    #: the correlation data replies carry, when it is not the message's own (markers)
+    reply_key: bytes | None = None
+
+    @property
+    def key(self) -> bytes | None:
+        return self.reply_key if self.reply_key is not None else self.correlation
 
 
 @dataclass
@@ -703,7 +717,7 @@ def _presence_samples(agent: str) -> list[tuple[str, bytes]]:
     return [("status", wire.encode(st)), ("telemetry", wire.encode(tm)), ("vocab", wire.encode(vb))]
 
 
-def fuzz_messages(t: FuzzTargets, n_per_family: int, rng: random.Random
+def fuzz_messages(t: FuzzTargets, n_per_family: int, rng: random.Random, batch: str = "fz"
                   ) -> list[FuzzMessage]:
     """``n_per_family`` messages for each topic family a coordinator or agent subscribes to.
 
@@ -711,8 +725,9 @@ def fuzz_messages(t: FuzzTargets, n_per_family: int, rng: random.Random
     (forged distributions for sessions that do not exist, replies from agents outside the plan,
     steps for unknown sessions, out-of-range tokens and k, forged in-flight markers, offline
     statuses of coordinators and agents that never existed, vocabularies of unknown families).
-    Mutations that still decode are kept off the real agents' status and vocab topics: a valid
-    status there is a registration, which the broker's ACL -- not the coordinator -- refuses.
+    Mutations that still decode are kept off the real agents' status and vocab topics, and no
+    ``online`` status is sent at all: a valid status is a registration, which the broker's ACL
+    (agents may only write their own topics) -- not the coordinator -- refuses.
     """
     tp = t.topics
     out: list[FuzzMessage] = []
@@ -721,7 +736,7 @@ def fuzz_messages(t: FuzzTargets, n_per_family: int, rng: random.Random
     def corr() -> bytes:
         nonlocal n
         n += 1
-        return b"fz%08d" % n
+        return f"{batch}{n:08d}".encode()
 
     # -- agent RPC: every message with a response topic gets exactly one reply, except a close
     samples = _agent_samples()
@@ -756,12 +771,13 @@ def fuzz_messages(t: FuzzTargets, n_per_family: int, rng: random.Random
         topic = f"{tp.root}/agents/{agent}/{kind}"
         payload = (rng.randbytes(rng.randint(0, 200)) if rng.random() < 0.3
                    else mutate(valid, rng))
-        if real and kind in ("status", "vocab"):
-            try:  # keep registrations off the real agents' topics (see the docstring)
-                wire.decode_any(payload)
-                payload = b"\xc1" + payload
-            except wire.DecodeError:
-                pass
+        try:
+            decoded: Any = wire.decode_any(payload)
+        except wire.DecodeError:
+            decoded = None
+        if (real and kind in ("status", "vocab") and decoded is not None) or (
+                isinstance(decoded, wire.AgentStatus) and decoded.state == "online"):
+            payload = b"\xc1" + payload  # no registrations (see the docstring)
         elif not real and kind == "status" and rng.random() < 0.5:
             payload = wire.encode(wire.AgentStatus(agent_id=agent, state="offline"))
         elif not real and kind == "vocab" and rng.random() < 0.5:
@@ -828,7 +844,8 @@ def fuzz_messages(t: FuzzTargets, n_per_family: int, rng: random.Random
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError):
             pass
         out.append(FuzzMessage("coordinator_control",
-                               inflight_topic(tp, coord, f"fz{i}"), payload, expect=expect))
+                               inflight_topic(tp, coord, f"{batch}{i}"), payload, expect=expect,
+                               reply_key=c))
     return out
 
 
@@ -950,16 +967,17 @@ async def phase_fuzz(fleet: Fleet, n_per_family: int, *, seed: int = 0,
     victim_prefix = fleet.topics.response_prefix(t.victim)
     listen = [t.inbox, fleet.topics.response_prefix(t.phone) + "#", victim_prefix + "#"]
     watched = [*fleet.agents, *fleet.coordinators]
-    warm = fuzz_messages(t, max(1, int(n_per_family * warmup_fraction)), rng)
-    msgs = fuzz_messages(t, n_per_family, rng)
-    expected_agent = {m.correlation for m in [*warm, *msgs]
-                      if m.family == "agent_rpc" and m.expect and m.correlation}
-    expected_term = [m.correlation for m in [*warm, *msgs]
-                     if m.family != "agent_rpc" and m.expect and m.correlation]
+    warm = fuzz_messages(t, max(1, int(n_per_family * warmup_fraction)), rng, "warm")
+    msgs = fuzz_messages(t, n_per_family, rng, "fz")
+    expected_agent = {m.key for m in [*warm, *msgs]
+                      if m.family == "agent_rpc" and m.expect and m.key is not None}
+    expected_term = [m.key for m in [*warm, *msgs]
+                     if m.family != "agent_rpc" and m.expect and m.key is not None]
     complete = False
     async with _listener(fleet.url, listen,
                          lambda m: counter.on_message(m, t.inbox, victim_prefix)), \
             make_client(parse_broker_url(fleet.url), identifier=f"fuzzer-{tag}") as pub:
+        pub.pending_calls_threshold = 1000  # publish_all keeps many in flight on purpose
         await publish_all(pub, warm)
         await _barrier(pub, counter, t, timeout_s)
         rss_before = {n: fleet.rss_mib(n) for n in watched}
@@ -969,7 +987,8 @@ async def phase_fuzz(fleet: Fleet, n_per_family: int, *, seed: int = 0,
         complete = await counter.until(
             lambda: all(counter.agent_replies[c] >= 1 for c in expected_agent)
             and all(counter.terminal[c] >= 1 for c in expected_term), timeout_s)
-        await _barrier(pub, counter, t, timeout_s)
+        settle_s = time.monotonic() - t0
+        barrier_ok = await _barrier(pub, counter, t, timeout_s)
         rss_after = {n: fleet.rss_mib(n) for n in watched}
         # leave the agents as we found them: close what mutated opens may have opened
         for a in fleet.agents:
@@ -981,7 +1000,6 @@ async def phase_fuzz(fleet: Fleet, n_per_family: int, *, seed: int = 0,
                                                             concurrency=1, max_tokens=4))
     by_family = Counter(m.family for m in msgs)
     growth = {n: rss_after[n] - rss_before[n] for n in watched}
-    barrier_extra = len(fleet.agents)  # the barrier steps also answer on the inbox
     missing_agent = sum(1 for c in expected_agent if counter.agent_replies[c] == 0)
     missing_term = sum(1 for c in expected_term if counter.terminal[c] == 0)
     extra_agent = sum(n for c, n in counter.agent_replies.items()
@@ -991,13 +1009,13 @@ async def phase_fuzz(fleet: Fleet, n_per_family: int, *, seed: int = 0,
     extra_term = sum(n for c, n in counter.terminal.items()
                      if c not in exp_term and not c.startswith(b"barrier-"))
     dup_term = sum(n - 1 for c, n in counter.terminal.items() if n > 1)
-    del barrier_extra
     return {
         "inputs_tried": len(msgs) + len(warm),
         "measured_inputs": len(msgs),
         "per_family": dict(sorted(by_family.items())),
         "publish_s": _r(publish_s, 2),
-        "replies_complete": complete,
+        "answered_s": _r(settle_s, 2),
+        "replies_complete": complete and barrier_ok,
         "agent_replies_expected": len(expected_agent),
         "agent_replies_missing": missing_agent,
         "agent_replies_unexpected": extra_agent,
@@ -1005,6 +1023,10 @@ async def phase_fuzz(fleet: Fleet, n_per_family: int, *, seed: int = 0,
         "agent_replies_malformed": counter.bad_agent_replies,
         "phone_replies_expected": len(expected_term),
         "phone_replies_missing": missing_term,
+        "missing_samples": [
+            (m.family, m.topic, m.payload[:80].hex(), m.content_type) for m in [*warm, *msgs]
+            if m.expect and m.key is not None and m.family != "agent_rpc"
+            and counter.terminal[m.key] == 0][:5],
         "phone_replies_unexpected": extra_term,
         "phone_replies_duplicated": dup_term,
         "victim_messages": counter.victim_messages,

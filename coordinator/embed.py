@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from moe2.coordinator.gating import EMBEDDING_DIM, EMBEDDING_MODEL, MAX_LENGTH
+
 __all__ = [
     "EMBEDDING_DIM",
     "MAX_LENGTH",
@@ -45,10 +47,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-EMBEDDING_DIM = 384
-#: sentence-transformers' ``max_seq_length`` for all-MiniLM-L6-v2 (tokenizer.json says 128).
-MAX_LENGTH = 256
+#: The embedder's name; :data:`MAX_LENGTH` is sentence-transformers' ``max_seq_length`` for it
+#: (its tokenizer.json says 128). Defined in the torch-free runtime module.
+MODEL_NAME = EMBEDDING_MODEL
 
 
 def model_dir() -> Path:
@@ -105,6 +106,8 @@ class _Layer(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.heads = cfg.num_attention_heads
+        self.head_dim = d // self.heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(d, d)
         self.value = nn.Linear(d, d)
@@ -116,16 +119,16 @@ class _Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        hd = d // self.heads
 
         def split(z: torch.Tensor) -> torch.Tensor:
-            return z.view(b, t, self.heads, hd).transpose(1, 2)
+            return z.view(b, t, self.heads, self.head_dim).transpose(1, 2)
 
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd) + bias
+        scores = (q @ k.transpose(-1, -2)) * self.scale + bias
         ctx = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, d)
         x = self.attn_norm(x + self.attn_out(ctx))
-        return self.out_norm(x + self.out(F.gelu(self.inter(x))))
+        out: torch.Tensor = self.out_norm(x + self.out(F.gelu(self.inter(x))))
+        return out
 
 
 class SentenceEncoder(nn.Module):
@@ -157,7 +160,7 @@ class SentenceEncoder(nn.Module):
 
     def load_hf_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy weights named as in the Hugging Face ``BertModel`` checkpoint."""
-        own: dict[str, nn.Parameter] = {
+        own: dict[str, torch.Tensor] = {
             "embeddings.word_embeddings.weight": self.word.weight,
             "embeddings.position_embeddings.weight": self.position.weight,
             "embeddings.token_type_embeddings.weight": self.token_type.weight,

@@ -83,7 +83,9 @@ class ExpertsConfig:
     batch_size: int = 64
     prompt_loss_weight: float = 0.0
     quant: QuantType = "q4_0"
-    threads: int = 0  # 0 = torch's default
+    #: torch threads; 1 is fastest on small models and robust on a busy machine (0 = torch's
+    #: default, which can be 10x slower when other processes compete for the cores)
+    threads: int = 1
 
     @classmethod
     def tiny(cls, **overrides: Any) -> ExpertsConfig:
@@ -244,9 +246,15 @@ def quantize_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], quan
     :func:`choose_quant` for a type that fits the model."""
     import llama_cpp
 
+    from moe2.coordinator.gguf_models import read_gguf
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, _FTYPES[quant])
     params.nthread = threads
+    if read_gguf(src).spec.dim % 256:
+        # llama.cpp wants Q6_K for output.weight, which needs rows of 256; say Q8_0 up front
+        # instead of letting it fall back with a warning on stderr.
+        params.output_tensor_type = llama_cpp.GGML_TYPE_Q8_0
     target = Path(dst)
     tmp = target.with_name(target.name + ".part")
     cpp_logger = logging.getLogger("llama-cpp-python")

@@ -29,7 +29,10 @@ __all__ = [
     "ExpertRunner",
     "MixtureResult",
     "accuracy_by",
+    "evaluate_experts",
     "greedy_accuracy",
+    "greedy_mixture",
+    "open_runners",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,23 +50,24 @@ def _softmax(logits: F64) -> F64:
 class ExpertRunner:
     """One GGUF expert opened in llama.cpp with exact (f32 KV, no flash attention) settings.
 
-    Use as a context manager, or call :meth:`close`.
+    ``n_ctx=0`` (the default) uses the model's training context. Use as a context manager, or
+    call :meth:`close`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, n_ctx: int = 256, n_threads: int = 1
+    def __init__(self, path: str | os.PathLike[str], *, n_ctx: int = 0, n_threads: int = 1
                  ) -> None:
         import llama_cpp
 
         self._llama_cpp = llama_cpp
         self.path = os.fspath(path)
         self.llm: Any = llama_cpp.Llama(
-            model_path=self.path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
+            model_path=self.path, n_ctx=n_ctx, n_batch=4096, n_threads=n_threads,
             n_threads_batch=n_threads, logits_all=True, verbose=False, flash_attn=False,
             type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
         )
         self.n_vocab = int(self.llm.n_vocab())
         self.eos = int(self.llm.token_eos())
-        self.n_ctx = n_ctx
+        self.n_ctx = int(self.llm.n_ctx())
 
     def __enter__(self) -> ExpertRunner:
         return self
@@ -190,7 +194,68 @@ def accuracy_by(results: Sequence[MixtureResult], key: Callable[[Sample], str]
 
 
 def open_runners(paths: Mapping[str, str | os.PathLike[str]], stack: ExitStack, *,
-                 n_ctx: int = 256) -> dict[str, ExpertRunner]:
+                 n_ctx: int = 0) -> dict[str, ExpertRunner]:
     """Open every expert inside ``stack`` (closed when the stack closes)."""
     return {name: stack.enter_context(ExpertRunner(path, n_ctx=n_ctx))
             for name, path in paths.items()}
+
+
+def evaluate_experts(
+    paths: Mapping[str, str | os.PathLike[str]],
+    samples: Sequence[Sample],
+    clusters: Sequence[int],
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Greedy exact-match accuracy of each expert, of the equal-weight mixture ("majority
+    voting": the average of all distributions) and of oracle cluster routing (the expert of the
+    sample's k-means cluster alone), overall and per family.
+
+    ``clusters[i]`` is sample ``i``'s cluster, which is the index of its expert in ``paths``.
+    Each expert also gets its accuracy on its own cluster and on the other clusters.
+    """
+    if len(clusters) != len(samples):
+        raise ValueError("one cluster id per sample")
+    names = list(paths)
+    n = len(names)
+    cluster_of = {id(s): int(c) for s, c in zip(samples, clusters, strict=True)}
+
+    def family(s: Sample) -> str:
+        return s.family
+
+    report: dict[str, Any] = {"samples": len(samples), "experts": {}}
+    with ExitStack() as stack:
+        runners = list(open_runners(paths, stack).values())
+        for k, name in enumerate(names):
+            one_hot = [1.0 if j == k else 0.0 for j in range(n)]
+
+            def fixed(s: Sample, w: list[float] = one_hot) -> list[float]:
+                return w
+
+            res = greedy_accuracy(runners, samples, fixed, max_new_tokens=max_new_tokens,
+                                  progress=progress, desc=name)
+            own = [r.correct for r in res if cluster_of[id(r.sample)] == k]
+            other = [r.correct for r in res if cluster_of[id(r.sample)] != k]
+            report["experts"][name] = {
+                "accuracy": accuracy_by(res, family)["all"],
+                "own_cluster": sum(own) / len(own) if own else None,
+                "other_clusters": sum(other) / len(other) if other else None,
+                "by_family": accuracy_by(res, family),
+            }
+        res = greedy_accuracy(runners, samples, lambda s: [1.0] * n,
+                              max_new_tokens=max_new_tokens, progress=progress, desc="equal")
+        report["equal_weights"] = accuracy_by(res, family)
+
+        def oracle(s: Sample) -> list[float]:
+            return [1.0 if j == cluster_of[id(s)] else 0.0 for j in range(n)]
+
+        res = greedy_accuracy(runners, samples, oracle, max_new_tokens=max_new_tokens,
+                              progress=progress, desc="oracle")
+        report["oracle_cluster"] = accuracy_by(res, family)
+    best = max(v["accuracy"] for v in report["experts"].values())
+    report["best_single"] = best
+    report["oracle_minus_best_single"] = report["oracle_cluster"]["all"] - best
+    report["oracle_minus_equal"] = (report["oracle_cluster"]["all"]
+                                    - report["equal_weights"]["all"])
+    return report

@@ -23,8 +23,10 @@ dropped before any search, so after that only the energy budget can bind.
 Methods (all return a :class:`PlanResult`):
 
 ``smo``        Algorithm 2 as DESIGN reads it: best-first search down the subset lattice from the
-               full set, ε-optimal when L is monotone (see :func:`smo`).
-``exact``      branch and bound with a valid lower bound; optimal for any L (see :func:`exact`).
+               full set, ε-optimal when L is monotone; a 1-opt polish when it is not (see
+               :func:`smo`).
+``exact``      branch and bound with a valid lower bound and vectorised enumeration of small
+               subtrees; optimal for any L (see :func:`exact`).
 ``exhaustive`` every subset, vectorised; refuses more than 20 candidate experts.
 ``greedy``     add the expert with the best loss reduction per joule while feasible.
 ``random``     the paper's "Rand." baseline: a random maximal feasible subset.
@@ -59,7 +61,7 @@ MAX_EXPERTS: Final = 64
 #: Default SMO tolerance ε, in loss units (nats per token).
 DEFAULT_EPSILON: Final = 1e-6
 #: Default cap on SMO expansions (popped lattice nodes); past it SMO returns its incumbent.
-DEFAULT_MAX_EXPANSIONS: Final = 2000
+DEFAULT_MAX_EXPANSIONS: Final = 1000
 #: ``exhaustive`` refuses more candidate experts than this (2^20 subsets).
 EXHAUSTIVE_MAX_EXPERTS: Final = 20
 
@@ -70,10 +72,10 @@ _ENERGY_RTOL: Final = 1e-9
 _CHUNK_ELEMENTS: Final = 1 << 22
 # Exact B&B prunes a node whose bound is within this of the incumbent.
 _EXACT_TOL: Final = 1e-12
-# Exact B&B finishes a node by enumeration when this few experts are undecided, and skips the
-# bound first when even fewer are.
-_EXACT_ENUMERATE: Final = 10
-_EXACT_ENUMERATE_NOW: Final = 5
+#: ``exact`` finishes a node by vectorised enumeration when this few experts are undecided.
+EXACT_ENUMERATE_BELOW: Final = 14
+# ... and does not compute a bound first when even fewer are.
+_EXACT_ENUMERATE_NOW: Final = 4
 
 
 class PlannerError(ValueError):
@@ -660,6 +662,8 @@ class _Run:
         bound: float | None = None,
     ) -> PlanResult:
         ok = mask != 0 and self.feasible(mask)
+        if mask != 0 and not ok:
+            logger.warning("%s produced an infeasible set %#x; reporting none", self.method, mask)
         if ok and loss is None:
             loss = self.loss(mask)
         elapsed = time.perf_counter() - self._t0
@@ -713,8 +717,10 @@ def smo(
     projected greedily one removal at a time, which gives a strong first incumbent.
 
     After ``max_expansions`` pops the incumbent is returned with ``capped=True``. If L is not
-    monotone (a real :class:`LossTable`) the result is feasible but only a heuristic; compare with
-    :func:`exact`.
+    monotone (a real :class:`LossTable`: a member with a large gate and a poor distribution can
+    make a set worse) the search result is finished by a 1-opt descent (best single removal or
+    addition while the loss falls); it is feasible but only a heuristic, claims no optimality and
+    no bound; compare with :func:`exact`.
     """
     if epsilon < 0.0:
         raise PlannerError("epsilon must be >= 0")
@@ -727,7 +733,10 @@ def smo(
         return run.result(0, optimal=True)
     root_loss = run.loss(root)
     if run.feasible(root):
-        return run.result(root, loss=root_loss, optimal=monotone, bound=root_loss)
+        if monotone:
+            return run.result(root, loss=root_loss, optimal=True, bound=root_loss)
+        mask, loss = _polish(run, root, root_loss)
+        return run.result(mask, loss=loss, optimal=False)
 
     # Only the energy budget can bind below the root (every candidate meets the latency budget),
     # so feasibility is tracked by each set's energy.
@@ -767,6 +776,8 @@ def smo(
                 inc_mask, inc_loss = proj, p_loss
     frontier = heap[0][0] if heap else math.inf
     bound = min(frontier, inc_loss) if monotone else None
+    if not monotone:
+        inc_mask, inc_loss = _polish(run, inc_mask, inc_loss)
     return run.result(
         inc_mask,
         loss=inc_loss,
@@ -775,6 +786,30 @@ def smo(
         capped=capped,
         bound=bound,
     )
+
+
+def _polish(run: _Run, mask: int, loss: float) -> tuple[int, float]:
+    """1-opt descent for a non-monotone loss: apply the best single removal or feasible addition
+    while it lowers the loss (at most 2 · candidates rounds, each one vectorised batch)."""
+    cand = members(run.candidates)
+    energy = run.energy
+    for _ in range(2 * len(cand)):
+        inside = members(mask)
+        e_mask = run.energy_of(mask)
+        moves = [mask & ~(1 << n) for n in inside] if len(inside) > 1 else []
+        moves += [
+            mask | (1 << n)
+            for n in cand
+            if not mask >> n & 1 and e_mask + float(energy[n]) <= run.cap_j
+        ]
+        if not moves:
+            break
+        vals = run.losses(moves)
+        k = int(np.argmin(vals))
+        if not vals[k] < loss - _EXACT_TOL:
+            break
+        mask, loss = moves[k], float(vals[k])
+    return mask, loss
 
 
 def _refill(run: _Run, kept: int, kept_energy: float, removed: list[int]) -> int:
@@ -851,6 +886,7 @@ def exact(
     max_latency_s: float | None = None,
     *,
     max_nodes: int | None = None,
+    enumerate_below: int = EXACT_ENUMERATE_BELOW,
 ) -> PlanResult:
     """Optimal for any loss model that provides a valid :meth:`LossModel.node_bound`.
 
@@ -859,11 +895,18 @@ def exact(
     include the expert the bound suggests (best gain per joule; explored first) or exclude it.
     Every include child's I is evaluated as a candidate, so every feasible set is either
     evaluated or ruled out. Pruning: experts that no longer fit the energy left are dropped from
-    A, and a node whose lower bound reaches the incumbent is cut. A node with few undecided
-    experts left (≤ 10) is finished by vectorised enumeration of its subsets instead, which is
-    much cheaper per subset than a bound. The incumbent starts from :func:`greedy`. With
-    ``max_nodes`` the search may stop early (``capped=True``).
+    A, and a node whose lower bound reaches the incumbent is cut. A node with at most
+    ``enumerate_below`` undecided experts is finished by vectorised enumeration of its subsets
+    instead: a bound costs as much as hundreds of vectorised evaluations. The incumbent starts
+    from :func:`greedy`. With ``max_nodes`` the search may stop early (``capped=True``).
+
+    Cost: the bounds are per-sample relaxations (each calibration sample may pick its own best
+    experts), so they bite only deep in the tree; in the worst case the work is that of
+    :func:`exhaustive` over the candidate experts, i.e. 2^k evaluations for k candidates. The
+    candidate filter (latency budget, per-expert energy) is what keeps k small in practice.
     """
+    if enumerate_below < 0:
+        raise PlannerError("enumerate_below must be >= 0")
     run = _Run(problem, "exact", max_latency_s)
     cand = run.candidates
     if cand == 0:
@@ -885,18 +928,19 @@ def exact(
         if not und:
             continue
         allowed = inc | mask_of(und)
-        if len(und) > _EXACT_ENUMERATE_NOW:
+        branch = -1
+        if len(und) > min(enumerate_below, _EXACT_ENUMERATE_NOW):
             bound, branch = run.model.node_bound(
                 inc, allowed, energy, left, stop_at=inc_loss - _EXACT_TOL
             )
             if bound >= inc_loss - _EXACT_TOL:
                 continue
-        if len(und) <= _EXACT_ENUMERATE:
+        if len(und) <= enumerate_below:
             e_mask, e_loss = _enumerate(run, inc, und)
             if e_mask and e_loss < inc_loss:
                 inc_mask, inc_loss = e_mask, e_loss
             continue
-        if branch < 0 or branch not in und:
+        if branch not in und:
             if static_order is None:
                 singles = run.losses([1 << n for n in members(cand)])
                 static_order = [members(cand)[k] for k in np.argsort(singles, kind="stable")]

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field, replace
 
 from moe2.shared import wire
 
+#: vocabularies cached at most: a flood of forged vocab messages must not grow memory without
+#: bound (a family no online agent uses is forgotten first; its agent republishes on reconnect)
+MAX_VOCABS = 64
+
 
 @dataclass(frozen=True)
 class AgentView:
@@ -101,7 +105,14 @@ def apply(state: Registry, event: Event) -> Registry:
         v = event.vocab
         if v.vocab_fp in state.vocabs:
             return state
-        return replace(state, vocabs={**state.vocabs, v.vocab_fp: tuple(v.pieces)})
+        vocabs = dict(state.vocabs)
+        if len(vocabs) >= MAX_VOCABS:  # bounded: forget families no online agent uses
+            used = {a.family for a in state.agents.values()}
+            vocabs = {fp: pieces for fp, pieces in vocabs.items() if fp in used}
+            if len(vocabs) >= MAX_VOCABS:
+                return state
+        vocabs[v.vocab_fp] = tuple(v.pieces)
+        return replace(state, vocabs=vocabs)
     return _remove(state, event.agent_id)
 
 

@@ -7,15 +7,17 @@ wires the real ones.
 
 In-flight markers (how phones hear about a coordinator that dies mid-request): while it serves a
 request, a coordinator keeps a retained :class:`InflightMarker` (the phone's response topic and
-correlation data) on ``{root}/coordinators/{id}/inflight/{request_id}`` and clears it just before
-the request's final or error goes out. When a coordinator's Last Will (its retained ``offline``
-status) arrives live and it stays offline for ``TAKEOVER_GRACE_S``, the surviving coordinator with
-the lowest id subscribes to the dead one's markers and sends each phone a ``shutting_down`` error,
-clearing each marker. A coordinator restarted under the same id does the same for the markers of
-its previous incarnation. Wills that arrive while the survivor itself loses the broker (a broker
-restart sends every client's will) start no takeover. A request delivered to a coordinator that
-dies before its marker is out, or when no coordinator survives, is not covered: the phone's own
-silence timeout applies (see :mod:`moe2.coordinator.phone`).
+correlation data) on ``{root}/coordinators/{id}/inflight/{request_id}`` and clears it together
+with the request's final or error (final first: a crash between the two can duplicate the
+terminal message, as QoS 1 may anyway, but never lose it). When a coordinator's Last Will (its
+retained ``offline`` status) arrives live and it stays offline for ``TAKEOVER_GRACE_S``, the
+surviving coordinator with the lowest id subscribes to the dead one's markers and sends each
+phone a ``shutting_down`` error, clearing each marker. A coordinator restarted under the same id
+does the same for the markers of its previous incarnation. Wills that arrive while the survivor
+itself loses the broker (a broker restart sends every client's will) start no takeover. A
+request delivered to a coordinator that dies before its marker is out, or when no coordinator
+survives, is not covered: the phone's own silence timeout applies (see
+:mod:`moe2.coordinator.phone`).
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ TAKEOVER_GRACE_S = 1.0
 TAKEOVER_WINDOW_S = 10.0
 #: bounds on peer bookkeeping (hostile status floods cannot grow it further)
 MAX_PEERS = 1024
+#: the planner does not wait longer than this for the broker to acknowledge a plan
+PLAN_PUBLISH_TIMEOUT_S = 2.0
+#: an RPC that cannot be written within this is dropped (the step deadline handles it)
+RPC_PUBLISH_TIMEOUT_S = 2.0
 
 
 class InflightMarker(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
@@ -305,11 +311,11 @@ class Coordinator:
         st = tp.coordinator_status(self.cfg.id)
         await client.publish(st.topic, st.encode(self.status("online")), qos=1, retain=True)
         self._connected.set()
-        # Markers first (a broker without persistence lost them; clears may be pending), then
-        # the finals and errors that waited in the outbox.
+        # The finals and errors that waited in the outbox, then the markers (a broker without
+        # persistence lost them; clears of those finals may be pending).
+        await self._flush_outbox()
         self._marker_dirty.update(self._markers)
         await self._flush_markers()
-        await self._flush_outbox()
         log.info("coordinator %s: online (gate %s, dist_k %d)", self.cfg.id,
                  getattr(self.gate, "kind", "uniform"), self.cfg.dist_k)
         if not self._ready_sent:
@@ -469,14 +475,17 @@ class Coordinator:
                     coordinator.counters["finals"] += 1
                 elif isinstance(msg, wire.ErrorReplyPhone):
                     coordinator.counters["errors"] += 1
-                if marker is not None and not isinstance(msg, wire.TokenChunk):
-                    # The marker goes before the final: a crash in between leaves the phone
-                    # to its timeout rather than sending it a second terminal message.
-                    coordinator._markers.pop(marker, None)
-                    await coordinator._publish_marker(marker)
                 if coordinator.metrics is not None:
                     coordinator.metrics.observe_reply(msg)
-                await coordinator._publish(*self.pack(msg))
+                if marker is None or isinstance(msg, wire.TokenChunk):
+                    await coordinator._publish(*self.pack(msg))
+                    return
+                # The final goes out before its marker is cleared, both handed to the client in
+                # one step: a crash between them can make the phone hear twice (QoS 1 allows
+                # that anyway), never not at all.
+                coordinator._markers.pop(marker, None)
+                await asyncio.gather(coordinator._publish(*self.pack(msg)),
+                                     coordinator._publish_marker(marker))
 
         return _Emit()
 
@@ -529,9 +538,9 @@ class Coordinator:
             self._marker_dirty.add(topic)
 
     async def _flush_markers(self) -> None:
-        for topic in list(self._marker_dirty):
-            if topic in self._marker_dirty:
-                await self._publish_marker(topic)
+        """Every pending marker change, handed to the client at once."""
+        if self._marker_dirty:
+            await asyncio.gather(*[self._publish_marker(t) for t in list(self._marker_dirty)])
 
     def _forget_peers(self) -> None:
         """Without the broker we cannot tell a dead peer from our own outage: start over."""
@@ -591,20 +600,18 @@ class Coordinator:
         self._inflight_event.set()
 
     async def _tell_orphan(self, client: aiomqtt.Client, topic: str, m: InflightMarker) -> None:
-        """A request whose coordinator died: clear its marker, then tell the phone."""
+        """A request whose coordinator died: tell the phone, then clear the marker."""
+        if self.topics.response_allowed(m.client_id, m.response_topic):
+            self.counters["taken_over"] += 1
+            who = ("a previous run of this coordinator" if m.coordinator_id == self.cfg.id
+                   else f"coordinator {m.coordinator_id}")
+            log.info("telling %s that %s died during its request", m.client_id, who)
+            emit = self._phone_emitter(m.response_topic, m.correlation, m.content_type)
+            await emit(wire.ErrorReplyPhone(
+                code=wire.ErrorCode.SHUTTING_DOWN,
+                message=f"{who} went offline before this request finished; retry"))
         with contextlib.suppress(aiomqtt.MqttError):
             await client.publish(topic, b"", qos=1, retain=True)
-        if not self.topics.response_allowed(m.client_id, m.response_topic):
-            return
-        self.counters["taken_over"] += 1
-        who = "a previous run of this coordinator" if m.coordinator_id == self.cfg.id else (
-            f"coordinator {m.coordinator_id}")
-        log.info("telling %s that %s died during its request", m.client_id, who)
-        msg = wire.ErrorReplyPhone(
-            code=wire.ErrorCode.SHUTTING_DOWN,
-            message=f"{who} went offline before this request finished; retry")
-        emit = self._phone_emitter(m.response_topic, m.correlation, m.content_type)
-        await emit(msg)
 
     async def _inflight_loop(self) -> None:
         """Publish marker changes; take over dead peers' markers; answer orphaned requests."""
@@ -665,7 +672,10 @@ class Coordinator:
             if client is None:
                 continue  # the step deadline will drop the expert
             try:
-                await client.publish(out.topic, out.payload, qos=0, properties=props)
+                # A connection that just died never confirms a publish: without a timeout one
+                # such publish would hold every RPC behind it for aiomqtt's default 10 s.
+                await client.publish(out.topic, out.payload, qos=0, properties=props,
+                                     timeout=RPC_PUBLISH_TIMEOUT_S)
             except aiomqtt.MqttError as exc:
                 log.debug("rpc not sent: %s", exc)
 
@@ -681,4 +691,7 @@ class Coordinator:
             return
         t = self.topics.plan
         with contextlib.suppress(aiomqtt.MqttError):
-            await client.publish(t.topic, t.encode(msg), qos=1, retain=True)
+            # A connection that just died never acknowledges; without a short timeout the
+            # planner would wait aiomqtt's default 10 s here before it could replan.
+            await client.publish(t.topic, t.encode(msg), qos=1, retain=True,
+                                 timeout=PLAN_PUBLISH_TIMEOUT_S)

@@ -86,7 +86,8 @@ class _Block(nn.Module):
         attn = torch.softmax(scores, dim=-1) @ v
         x = x + self.attn_output(attn.transpose(1, 2).reshape(b, t, spec.dim))
         h = self.ffn_norm(x)
-        return x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
+        out: torch.Tensor = x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
+        return out
 
 
 class TorchLlama(nn.Module):
@@ -140,8 +141,8 @@ class TorchLlama(nn.Module):
         """The same random weights as :func:`gguf_models.random_weights`."""
         return cls.from_weights(spec, random_weights(spec, seed))
 
-    def _gguf_params(self) -> dict[str, nn.Parameter]:
-        out: dict[str, nn.Parameter] = {"token_embd.weight": self.token_embd.weight}
+    def _gguf_params(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {"token_embd.weight": self.token_embd.weight}
         for i, block in enumerate(self.blocks):
             assert isinstance(block, _Block)
             p = f"blk.{i}."
@@ -285,7 +286,7 @@ def train_lm(
             group["lr"] = lr_at(step)
         loss = lm_loss(model, picked)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         opt.step()
         value = float(loss.detach())
