@@ -47,6 +47,7 @@ class Work:
     error: str | None
     response_topic: str | None
     correlation: bytes | None
+    error_code: wire.ErrorCode = wire.ErrorCode.MALFORMED
 
 
 @dataclass
@@ -219,7 +220,10 @@ class AgentDaemon:
         except wire.DecodeError as exc:
             log.debug("agent %s: malformed request (%s)", self.cfg.id, exc)
             if rt:
-                self._queue.put_nowait(Work(None, f"malformed request: {exc}", rt, corr))
+                code = (wire.ErrorCode.UNSUPPORTED_VERSION
+                        if isinstance(exc, wire.UnsupportedVersionError)
+                        else wire.ErrorCode.MALFORMED)
+                self._queue.put_nowait(Work(None, f"malformed request: {exc}", rt, corr, code))
             return
         self._queue.put_nowait(Work(msg, None, rt, corr))
 
@@ -273,7 +277,7 @@ class AgentDaemon:
         pending: list[_Job] = []
         for i, w in enumerate(batch):
             if w.msg is None:
-                errors[i].append(wire.ErrorItem(code=wire.ErrorCode.MALFORMED,
+                errors[i].append(wire.ErrorItem(code=w.error_code,
                                                 message=w.error or "malformed"))
                 continue
             try:

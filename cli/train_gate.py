@@ -68,8 +68,6 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _check(args)
     try:
-        import torch
-
         from moe2.coordinator.gate_train import (
             GateTrainConfig,
             export_gate_onnx,
@@ -78,7 +76,6 @@ def run(args: argparse.Namespace) -> int:
         )
     except ImportError as exc:
         fail(f"train-gate needs the training extras: pip install 'moe2[train]' ({exc})")
-    torch.set_num_threads(args.threads)
     try:
         cal = load_calibration(args.calibration)
         config = GateTrainConfig(
@@ -86,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
             grad_accum=args.grad_accum, lr_factor=args.lr_factor, lr_patience=args.lr_patience,
             grad_clip=args.grad_clip, seed=args.seed, train_split=args.train_split,
-            val_split=args.val_split,
+            val_split=args.val_split, threads=args.threads,
         )
         result = train_gate(cal, config, progress=True)
     except ValueError as exc:

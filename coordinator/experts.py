@@ -277,19 +277,23 @@ def quantize_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], quan
 def make_experts(out_dir: str | os.PathLike[str], config: ExpertsConfig | None = None, *,
                  progress: bool = True) -> Manifest:
     """Run the whole pipeline into ``out_dir`` and return the manifest it wrote."""
-    import torch
-    from tqdm import tqdm
-
-    from moe2.coordinator.embed import Embedder
-    from moe2.coordinator.torch_llama import LmExample, TorchLlama, TrainConfig, train_lm
+    from moe2.coordinator.torch_llama import torch_threads
 
     cfg = config or ExpertsConfig()
     if cfg.n_experts < 1:
         raise ValueError("need at least one expert")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    with torch_threads(cfg.threads):
+        return _make_experts(out, cfg, progress=progress)
+
+
+def _make_experts(out: Path, cfg: ExpertsConfig, *, progress: bool) -> Manifest:
+    from tqdm import tqdm
+
+    from moe2.coordinator.embed import Embedder
+    from moe2.coordinator.torch_llama import LmExample, TorchLlama, TrainConfig, train_lm
+
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 

@@ -153,6 +153,8 @@ class GateTrainConfig:
     seed: int = 0
     train_split: str = "calib"
     val_split: str = "validation"
+    #: torch threads while training (0 = leave torch's setting alone)
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -219,9 +221,16 @@ def _routing_accuracy(mlp: GateMLP, data: tuple[torch.Tensor, torch.Tensor, torc
 def train_gate(cal: Calibration, config: GateTrainConfig | None = None, *,
                progress: bool = True) -> GateTrainResult:
     """Train :class:`GateMLP` on ``config.train_split``, early-stopping on ``config.val_split``."""
-    from tqdm import tqdm
+    from moe2.coordinator.torch_llama import torch_threads
 
     cfg = config or GateTrainConfig()
+    with torch_threads(cfg.threads):
+        return _train_gate(cal, cfg, progress=progress)
+
+
+def _train_gate(cal: Calibration, cfg: GateTrainConfig, *, progress: bool) -> GateTrainResult:
+    from tqdm import tqdm
+
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     train = _tensors(cal, cfg.train_split)

@@ -13,10 +13,11 @@ Needs ``torch`` (the ``train`` extra).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,9 +27,27 @@ from torch.nn import functional as F
 
 from moe2.coordinator.gguf_models import FloatArray, LlamaSpec, random_weights
 
-__all__ = ["LmExample", "TorchLlama", "TrainConfig", "train_lm"]
+__all__ = ["LmExample", "TorchLlama", "TrainConfig", "torch_threads", "train_lm"]
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (``n <= 0``: leave the setting alone).
+
+    Small models train fastest on one thread, and torch's default (one per core) can be ten
+    times slower when other processes compete for the cores.
+    """
+    if n <= 0:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _rope_tables(head_dim: int, n_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

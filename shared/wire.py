@@ -31,6 +31,10 @@ class DecodeError(ValueError):
     """A payload that is not a valid message of the expected kind and version."""
 
 
+class UnsupportedVersionError(DecodeError):
+    """A well-formed message of a protocol version this side does not speak."""
+
+
 class ErrorCode(str, enum.Enum):
     """Typed error codes shared by agents, coordinators and phones."""
 
@@ -314,7 +318,10 @@ def encode(msg: msgspec.Struct) -> bytes:
 
 
 def _wrap(exc: Exception) -> DecodeError:
-    return DecodeError(str(exc) or type(exc).__name__)
+    text = str(exc) or type(exc).__name__
+    if "protocol version" in text:
+        return UnsupportedVersionError(text)
+    return DecodeError(text)
 
 
 def decode_agent_inbound(data: bytes) -> OpenSession | Step | CloseSession:

@@ -131,7 +131,7 @@ def test_corpus_examples_and_jsonl_round_trip(tmp_path: Path) -> None:
         qa.generate_corpus(families=["nope"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
         qa.read_jsonl(bad)
 
 

@@ -120,8 +120,8 @@ def test_gate_mlp_is_positive_and_starts_uniform() -> None:
 
 def _synthetic(n_per: int, seed: int) -> list[CalibrationRecord]:
     """Three experts; expert k is right (p=0.9) on cluster k and wrong (p=0.05) elsewhere."""
+    centers = np.linalg.qr(np.random.default_rng(123).standard_normal((384, 3)))[0].T
     rng = np.random.default_rng(seed)
-    centers = np.linalg.qr(rng.standard_normal((384, 3)))[0].T
     records = []
     for k in range(3):
         for _ in range(n_per):
