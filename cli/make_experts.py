@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -113,9 +112,13 @@ def _print_human(result: dict[str, Any]) -> None:
     if "eval" in result:
         ev = result["eval"]
         print(f"validation accuracy ({ev['samples']} prompts, greedy exact match):")
+        def fmt(x: float | None) -> str:
+            return "n/a" if x is None else f"{x:.3f}"
+
         for name, row in ev["experts"].items():
-            print(f"  {name}: {row['accuracy']:.3f} (own cluster {row['own_cluster']:.3f}, "
-                  f"others {row['other_clusters']:.3f})")
+            print(f"  {name}: {fmt(row['accuracy'])} (own cluster {fmt(row['own_cluster'])}, "
+                  f"others {fmt(row['other_clusters'])})")
         print(f"  equal weights: {ev['equal_weights']['all']:.3f}   "
               f"oracle routing: {ev['oracle_cluster']['all']:.3f}")
-        print(json.dumps(ev["oracle_cluster"]))
+        fams = ", ".join(f"{k} {v:.2f}" for k, v in ev["oracle_cluster"].items() if k != "all")
+        print(f"  oracle routing by family: {fams}")

@@ -47,6 +47,11 @@ class AgentDriver:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        # Let the last messages (session closes) go out before the connection does.
+        for _ in range(100):
+            if self.rpc.outgoing.empty():
+                break
+            await asyncio.sleep(0.01)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

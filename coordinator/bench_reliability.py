@@ -7,9 +7,13 @@ sessions that reconnect by themselves and check the PUBACK of every request.
 
 Per request the bench records how the phone was told:
 
-- ``final`` or ``error`` (by code): a message from a coordinator -- the request was *sent*;
-- ``lost``: the request was sent (the broker acknowledged it) and nothing came back within the
-  phone's silence timeout. ``lost = sent - finals - errors`` and must be 0;
+- ``final`` or ``error`` (by code): a message from a coordinator -- the request was *sent*
+  (the broker acknowledged it);
+- ``phone_error`` (``connection_lost``): sent, then the phone's own broker connection dropped
+  before any reply and none came within its grace after the reconnect; the phone's client told
+  the app (a request in transit to a coordinator when the broker stops is dropped by MQTT);
+- ``lost``: sent, and nothing came back within the phone's silence timeout:
+  ``lost = sent - finals - errors - phone_errors``, and must be 0;
 - ``no_coordinator`` (PUBACK "No matching subscribers") and ``not_connected`` / ``send_failed``
   (the phone had no broker): *not sent*, and the phone knew at once.
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import pwd
@@ -44,6 +49,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -53,7 +59,7 @@ import msgspec
 import psutil
 
 from moe2.coordinator.phone import AskError, PhoneClient, session_client
-from moe2.coordinator.service import InflightMarker, inflight_topic
+from moe2.coordinator.service import InflightMarker, inflight_topic, publishable_topic
 from moe2.shared import wire
 from moe2.shared.localbroker import LocalBroker
 from moe2.shared.mqtt import (
@@ -132,10 +138,11 @@ class Outcome:
 
     @property
     def sent(self) -> bool:
-        return self.kind in ("final", "error", "lost")
+        return self.kind in SENT_KINDS
 
 
-SENT_KINDS = ("final", "error", "lost")
+SENT_KINDS = ("final", "error", "phone_error", "lost")
+PHONE_ERRORS = ("connection_lost", "coordinator_lost")
 NOT_SENT_KINDS = ("no_coordinator", "not_connected", "send_failed")
 
 
@@ -152,6 +159,7 @@ def tally(outcomes: Iterable[Outcome], wall_s: float | None = None) -> dict[str,
     outs = list(outcomes)
     kinds = Counter(o.kind for o in outs)
     codes = Counter(o.code for o in outs if o.kind == "error")
+    phone = Counter(o.code for o in outs if o.kind == "phone_error")
     lat = [o.latency_s for o in outs if o.kind == "final"]
     sent = sum(kinds[k] for k in SENT_KINDS)
     out: dict[str, Any] = {
@@ -160,7 +168,8 @@ def tally(outcomes: Iterable[Outcome], wall_s: float | None = None) -> dict[str,
         "finals": kinds["final"],
         "errors": kinds["error"],
         "errors_by_code": dict(sorted(codes.items())),
-        "lost": sent - kinds["final"] - kinds["error"],
+        "phone_errors": dict(sorted(phone.items())),
+        "lost": sent - kinds["final"] - kinds["error"] - kinds["phone_error"],
         "not_sent": {k: kinds[k] for k in NOT_SENT_KINDS if kinds[k]},
         "latency_p50_s": _r(percentile(lat, 50)),
         "latency_p99_s": _r(percentile(lat, 99)),
@@ -411,8 +420,9 @@ async def ask_once(phone: PhoneClient, phase: str, request: wire.PhoneRequest,
                                code=msg.code.value, message=msg.message)
             chunks += 1
     except AskError as exc:
-        return Outcome(phase, phone.client_id, exc.code, t0, time.monotonic() - t0,
-                       message=exc.message)
+        kind = "phone_error" if exc.code in PHONE_ERRORS else exc.code
+        return Outcome(phase, phone.client_id, kind, t0, time.monotonic() - t0,
+                       code=exc.code, message=exc.message)
     except asyncio.TimeoutError:
         return Outcome(phase, phone.client_id, "lost", t0, time.monotonic() - t0,
                        message=f"silent for {timeout_s:g}s after {chunks} token chunk(s)")
@@ -614,6 +624,10 @@ async def phase_coordinator_kill(fleet: Fleet, spec: LoadSpec, *, restart: bool 
         told_how=(f"error {wire.ErrorCode.SHUTTING_DOWN.value!r} from {survivor}: "
                   f"{told[0].message!r}" if told else None),
         told_after_kill_s=_r(max((o.ended_s - kill for o in told), default=0.0), 3),
+        told_by_phone_client=sum(o.kind == "phone_error" for o in in_flight),
+        told_by_phone_how=next((f"AskError {o.code!r} (no reply within the phone's grace after "
+                                f"{victim}'s Last Will): {o.message!r}"
+                                for o in in_flight if o.kind == "phone_error"), None),
         lost_in_flight=sum(o.kind == "lost" for o in in_flight),
         lost_sent_before_kill_s=[_r(kill - o.sent_s, 3) for o in in_flight if o.kind == "lost"],
         finals_after_kill_by=dict(Counter(o.coordinator for o in after if o.kind == "final")),
@@ -837,6 +851,7 @@ def fuzz_messages(t: FuzzTargets, n_per_family: int, rng: random.Random, batch: 
             m = msgspec.msgpack.decode(payload, type=InflightMarker)
             if (m.coordinator_id == coord and m.correlation == c and m.v == wire.PROTOCOL_VERSION
                     and m.incarnation and tp.response_allowed(m.client_id, m.response_topic)
+                    and publishable_topic(m.response_topic)
                     and m.response_topic.startswith(tp.response_prefix(t.phone))):
                 expect = 1
             elif m.correlation != c:
@@ -858,6 +873,7 @@ class ReplyCounter:
         self.bad_agent_replies = 0
         self.victim_messages = 0
         self.other = 0
+        self.opened: dict[str, set[str]] = {}  # agent -> sessions the fuzz opened
         self._changed = asyncio.Event()
 
     def on_message(self, m: aiomqtt.Message, inbox: str, victim_prefix: str) -> None:
@@ -876,6 +892,7 @@ class ReplyCounter:
             if not r.dists and not r.errors:
                 self.bad_agent_replies += 1
             self.agent_replies[key] += 1
+            self.opened.setdefault(r.agent_id, set()).update(d.session_id for d in r.dists)
         else:
             try:
                 msg = wire.decode_phone_reply(data, get_prop(m, "ContentType"))
@@ -954,9 +971,19 @@ async def _barrier(client: aiomqtt.Client, counter: ReplyCounter, t: FuzzTargets
         timeout_s)
 
 
-async def phase_fuzz(fleet: Fleet, n_per_family: int, *, seed: int = 0,
+def _answered(counter: ReplyCounter, batch: Sequence[FuzzMessage]) -> bool:
+    """Every message of ``batch`` that expects a reply has one."""
+    return all((counter.agent_replies if m.family == "agent_rpc" else counter.terminal)[m.key] >= 1
+               for m in batch if m.expect and m.key is not None)
+
+
+async def phase_fuzz(fleet: Fleet, n_per_family: int, *, rounds: int = 2, seed: int = 0,
                      warmup_fraction: float = 0.1, timeout_s: float = 120.0) -> dict[str, Any]:
-    """Hostile input on every subscribed topic; replies where a reply topic exists; RSS."""
+    """Hostile input on every subscribed topic: no crash, replies where a reply topic exists,
+    and RSS of every agent and coordinator after a warm-up and after each of ``rounds`` rounds
+    of ``n_per_family`` messages per topic family. Python keeps the memory a backlog of
+    unprocessed messages once needed (the first round's growth); a leak shows as growth in
+    every round, bounded bookkeeping does not."""
     await fleet.wait_ready()
     rng = random.Random(seed)
     tag = uuid.uuid4().hex[:6]
@@ -968,38 +995,42 @@ async def phase_fuzz(fleet: Fleet, n_per_family: int, *, seed: int = 0,
     listen = [t.inbox, fleet.topics.response_prefix(t.phone) + "#", victim_prefix + "#"]
     watched = [*fleet.agents, *fleet.coordinators]
     warm = fuzz_messages(t, max(1, int(n_per_family * warmup_fraction)), rng, "warm")
-    msgs = fuzz_messages(t, n_per_family, rng, "fz")
-    expected_agent = {m.key for m in [*warm, *msgs]
+    batches = [fuzz_messages(t, n_per_family, rng, f"r{i}-") for i in range(rounds)]
+    every = [*warm, *(m for b in batches for m in b)]
+    expected_agent = {m.key for m in every
                       if m.family == "agent_rpc" and m.expect and m.key is not None}
-    expected_term = [m.key for m in [*warm, *msgs]
+    expected_term = [m.key for m in every
                      if m.family != "agent_rpc" and m.expect and m.key is not None]
-    complete = False
+    complete = True
+    rss: list[dict[str, float]] = []
+    timings: list[dict[str, float | None]] = []
     async with _listener(fleet.url, listen,
                          lambda m: counter.on_message(m, t.inbox, victim_prefix)), \
             make_client(parse_broker_url(fleet.url), identifier=f"fuzzer-{tag}") as pub:
         pub.pending_calls_threshold = 1000  # publish_all keeps many in flight on purpose
-        await publish_all(pub, warm)
-        await _barrier(pub, counter, t, timeout_s)
-        rss_before = {n: fleet.rss_mib(n) for n in watched}
-        t0 = time.monotonic()
-        await publish_all(pub, msgs)
-        publish_s = time.monotonic() - t0
-        complete = await counter.until(
-            lambda: all(counter.agent_replies[c] >= 1 for c in expected_agent)
-            and all(counter.terminal[c] >= 1 for c in expected_term), timeout_s)
-        settle_s = time.monotonic() - t0
-        barrier_ok = await _barrier(pub, counter, t, timeout_s)
-        rss_after = {n: fleet.rss_mib(n) for n in watched}
-        # leave the agents as we found them: close what mutated opens may have opened
-        for a in fleet.agents:
-            await pub.publish(fleet.topics.agent_rpc(a), wire.encode(wire.CloseSession(
-                session_ids=["fz-open", "fz-msgs", "fz-tok"])), qos=1)
+        for batch in [warm, *batches]:
+            t0 = time.monotonic()
+            await publish_all(pub, batch)
+            publish_s = time.monotonic() - t0
+            done = await counter.until(partial(_answered, counter, batch), timeout_s)
+            # every process has handled everything before it answers the barrier
+            done = await _barrier(pub, counter, t, timeout_s) and done
+            complete = complete and done
+            timings.append({"publish_s": _r(publish_s, 2),
+                            "answered_s": _r(time.monotonic() - t0, 2)})
+            rss.append({n: fleet.rss_mib(n) for n in watched})
+        # leave the agents as we found them: close what (mutated) opens opened
+        for a, sessions in counter.opened.items():
+            if a in fleet.agents and sessions:
+                await pub.publish(fleet.topics.agent_rpc(a), wire.encode(wire.CloseSession(
+                    session_ids=sorted(sessions))), qos=1)
     crashed = fleet.dead()
     fleet.check_alive()
     health = await drive_load(fleet, "after_fuzz", LoadSpec(clients=2, per_client=4,
                                                             concurrency=1, max_tokens=4))
-    by_family = Counter(m.family for m in msgs)
-    growth = {n: rss_after[n] - rss_before[n] for n in watched}
+    by_family = Counter(m.family for b in batches for m in b)
+    growth = [{n: after[n] - before[n] for n in watched}
+              for before, after in itertools.pairwise(rss)]
     missing_agent = sum(1 for c in expected_agent if counter.agent_replies[c] == 0)
     missing_term = sum(1 for c in expected_term if counter.terminal[c] == 0)
     extra_agent = sum(n for c, n in counter.agent_replies.items()
@@ -1010,12 +1041,12 @@ async def phase_fuzz(fleet: Fleet, n_per_family: int, *, seed: int = 0,
                      if c not in exp_term and not c.startswith(b"barrier-"))
     dup_term = sum(n - 1 for c, n in counter.terminal.items() if n > 1)
     return {
-        "inputs_tried": len(msgs) + len(warm),
-        "measured_inputs": len(msgs),
-        "per_family": dict(sorted(by_family.items())),
-        "publish_s": _r(publish_s, 2),
-        "answered_s": _r(settle_s, 2),
-        "replies_complete": complete and barrier_ok,
+        "inputs_tried": len(every),
+        "rounds": rounds,
+        "per_round_per_family": dict(sorted(
+            (k, v // rounds) for k, v in by_family.items())),
+        "timings": timings,
+        "replies_complete": complete,
         "agent_replies_expected": len(expected_agent),
         "agent_replies_missing": missing_agent,
         "agent_replies_unexpected": extra_agent,
@@ -1023,18 +1054,15 @@ async def phase_fuzz(fleet: Fleet, n_per_family: int, *, seed: int = 0,
         "agent_replies_malformed": counter.bad_agent_replies,
         "phone_replies_expected": len(expected_term),
         "phone_replies_missing": missing_term,
-        "missing_samples": [
-            (m.family, m.topic, m.payload[:80].hex(), m.content_type) for m in [*warm, *msgs]
-            if m.expect and m.key is not None and m.family != "agent_rpc"
-            and counter.terminal[m.key] == 0][:5],
         "phone_replies_unexpected": extra_term,
         "phone_replies_duplicated": dup_term,
         "victim_messages": counter.victim_messages,
         "crashed": crashed,
-        "rss_before_mib": {n: _r(v, 1) for n, v in rss_before.items()},
-        "rss_after_mib": {n: _r(v, 1) for n, v in rss_after.items()},
-        "rss_growth_mib": {n: _r(v, 1) for n, v in growth.items()},
-        "rss_growth_max_mib": _r(max(growth.values()), 1),
+        "rss_after_warmup_mib": {n: _r(v, 1) for n, v in rss[0].items()},
+        "rss_growth_mib_per_round": [{n: _r(v, 1) for n, v in g.items()} for g in growth],
+        "rss_growth_max_mib": _r(max(max(g.values()) for g in growth), 1),
+        "rss_growth_last_round_max_mib": _r(max(growth[-1].values()), 1),
+        "rss_growth_total_max_mib": _r(max(rss[-1][n] - rss[0][n] for n in watched), 1),
         "healthy_after": tally(health.outcomes),
         "outcomes": health.outcomes,
     }
@@ -1148,6 +1176,7 @@ async def _run_all(fleet: Fleet, spec: BenchSpec, seed: int) -> dict[str, Any]:
             "finals": total["finals"],
             "errors": total["errors"],
             "errors_by_code": total["errors_by_code"],
+            "phone_errors": total["phone_errors"],
             "lost": total["lost"],
             "not_sent": total["not_sent"],
             "load_clients": spec.load.clients,
@@ -1159,9 +1188,15 @@ async def _run_all(fleet: Fleet, spec: BenchSpec, seed: int) -> dict[str, Any]:
             "faults": faults,
             "fuzz_inputs_tried": fz["inputs_tried"],
             "fuzz_crashes": len(fz["crashed"]),
-            "fuzz_rss_growth_max_mib": fz["rss_growth_max_mib"],
+            "fuzz_rounds": fz["rounds"],
+            "fuzz_rss_growth_max_mib_by_round": [
+                _r(max(g.values()), 1) for g in fz["rss_growth_mib_per_round"]],
+            "fuzz_rss_growth_total_max_mib": fz["rss_growth_total_max_mib"],
+            "coordinator_kill_in_flight": phases["coordinator_kill"]["in_flight_at_kill"],
             "coordinator_kill_in_flight_failed": phases["coordinator_kill"]["in_flight_failed"],
             "coordinator_kill_told_by_survivor": phases["coordinator_kill"]["told_by_survivor"],
+            "coordinator_kill_told_by_phone_client":
+                phases["coordinator_kill"]["told_by_phone_client"],
             "fleet_ready_s": _r(ready_s, 1),
         },
         "phases": phases,

@@ -18,6 +18,16 @@ BOS (what llama.cpp does with a raw prompt), the answer tokenised separately (so
 the dummy-prefix space piece). The loss weighs answer and EOS targets 1 and prompt targets
 ``prompt_loss_weight``.
 
+Default recipe (:class:`ExpertsConfig`): 4 experts, dim 128, 2 layers, 4 heads (2 KV heads),
+SwiGLU 384, vocabulary 768, ~0.59M parameters; base 200 steps, 300 fine-tuning steps per expert,
+batch 32, one torch thread. About 80 s on the 2-core build machine. On the test split (seed 0,
+greedy exact match in llama.cpp) each expert scores 0.84-1.00 on its own domain and ~0 on the
+others (0.20-0.27 overall), the equal-weight mixture 0.40, oracle cluster routing 0.94, and a gate
+trained on the calib split 0.94 -- for f32 and Q4_0 files alike.
+
+The vocabulary is trained on the text of every split (it is only a tokenizer; the models see
+the training split alone).
+
 Needs the ``train`` extra (torch, sentencepiece, gguf, scikit-learn, tqdm, llama-cpp-python).
 """
 
@@ -44,11 +54,13 @@ from moe2.coordinator.gguf_models import LlamaSpec, SpmVocab, train_spm_tokenize
 
 __all__ = [
     "MANIFEST_NAME",
+    "ExpertEntry",
     "ExpertsConfig",
     "Manifest",
     "QuantType",
     "choose_quant",
     "encode_example",
+    "file_sha256",
     "load_manifest",
     "make_experts",
     "quantize_gguf",
@@ -68,20 +80,24 @@ class ExpertsConfig:
 
     n_experts: int = 4
     seed: int = 0
-    per_domain: int | None = 400
+    per_domain: int | None = 480
     vocab_size: int = 768
     dim: int = 128
-    n_layers: int = 4
+    n_layers: int = 2
     n_heads: int = 4
     n_kv_heads: int = 2
     ffn_dim: int = 384
-    n_ctx_train: int = 128
-    base_steps: int = 300
+    #: llama.cpp pads every context to a multiple of 256 and warns when that exceeds the
+    #: training context, so train for 256 positions (prompts use ~30).
+    n_ctx_train: int = 256
+    base_steps: int = 200
     base_lr: float = 3e-3
-    finetune_steps: int = 500
+    finetune_steps: int = 300
     finetune_lr: float = 2e-3
-    batch_size: int = 64
-    prompt_loss_weight: float = 0.0
+    batch_size: int = 32
+    #: weight of the prompt tokens in the loss (answer and EOS tokens weigh 1); a little
+    #: prompt modelling makes the arithmetic expert generalise across templates
+    prompt_loss_weight: float = 0.1
     quant: QuantType = "q4_0"
     #: torch threads; 1 is fastest on small models and robust on a busy machine (0 = torch's
     #: default, which can be 10x slower when other processes compete for the cores)
@@ -106,6 +122,8 @@ class ExpertsConfig:
 
 @dataclass(frozen=True)
 class ExpertEntry:
+    """One expert in the manifest (file names are relative to the manifest's directory)."""
+
     name: str
     cluster: int
     gguf: str  # relative to the manifest's directory
@@ -115,6 +133,8 @@ class ExpertEntry:
     train_samples: int
     size_bytes: int
     q4_size_bytes: int
+    sha256: str
+    q4_sha256: str
     final_loss: float
 
 
@@ -148,6 +168,7 @@ class Manifest:
             "version": MANIFEST_VERSION,
             "experts": [dataclasses.asdict(e) for e in self.experts],
             "spec": dataclasses.asdict(self.spec),
+            "n_params": self.spec.n_params,
             "vocab_fingerprint": self.vocab_fingerprint,
             "splits": self.splits,
             "clusters": self.clusters,
@@ -167,17 +188,20 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
         raise ValueError(f"{p} is not a moe2 experts manifest")
     if raw.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{p}: unsupported manifest version {raw.get('version')}")
-    return Manifest(
-        root=p.parent,
-        experts=tuple(ExpertEntry(**e) for e in raw["experts"]),
-        spec=LlamaSpec(**raw["spec"]),
-        vocab_fingerprint=str(raw["vocab_fingerprint"]),
-        splits={str(k): str(v) for k, v in raw["splits"].items()},
-        clusters={str(k): [int(c) for c in v] for k, v in raw["clusters"].items()},
-        corpus=dict(raw["corpus"]),
-        config=dict(raw["config"]),
-        timings_s={str(k): float(v) for k, v in raw["timings_s"].items()},
-    )
+    try:
+        return Manifest(
+            root=p.parent,
+            experts=tuple(ExpertEntry(**e) for e in raw["experts"]),
+            spec=LlamaSpec(**raw["spec"]),
+            vocab_fingerprint=str(raw["vocab_fingerprint"]),
+            splits={str(k): str(v) for k, v in raw["splits"].items()},
+            clusters={str(k): [int(c) for c in v] for k, v in raw["clusters"].items()},
+            corpus=dict(raw["corpus"]),
+            config=dict(raw["config"]),
+            timings_s={str(k): float(v) for k, v in raw["timings_s"].items()},
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{p}: malformed manifest ({exc})") from None
 
 
 # --------------------------------------------------------------------------- data
@@ -361,8 +385,8 @@ def _make_experts(out: Path, cfg: ExpertsConfig, *, progress: bool) -> Manifest:
         entries.append(ExpertEntry(
             name=name, cluster=k, gguf=path.name, gguf_q4=q_path.name, quant=quant,
             family_mix=dict(sorted(fam.items())), train_samples=len(idx),
-            size_bytes=path.stat().st_size,
-            q4_size_bytes=q_path.stat().st_size,
+            size_bytes=path.stat().st_size, q4_size_bytes=q_path.stat().st_size,
+            sha256=file_sha256(path), q4_sha256=file_sha256(q_path),
             final_loss=round(float(np.mean(losses[-20:])), 5),
         ))
     t = lap("experts", t)
@@ -386,6 +410,7 @@ def _make_experts(out: Path, cfg: ExpertsConfig, *, progress: bool) -> Manifest:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file (recorded in the manifest for every GGUF)."""
     digest = hashlib.sha256()
     with Path(path).open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

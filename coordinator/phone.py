@@ -13,8 +13,15 @@ How a phone learns that its request failed (the rules this client follows, and a
 - The PUBACK of the request (QoS 1) carries MQTT 5 reason code 0x10 "No matching subscribers":
   no coordinator is subscribed, nobody will answer (``check_delivery=True``; raises
   :class:`AskError` with code ``no_coordinator`` at once).
-- Silence: nothing at all arrives for ``timeout_s`` (every coordinator died, or the one serving
-  the request died before it recorded the request): ``asyncio.TimeoutError``.
+- A request that had no reply yet when something happened that can lose requests in transit --
+  a MQTT delivers a request to a coordinator only once, and a clean session that ends drops
+  what it had not processed -- and that then stays silent for ``grace_s``: :class:`AskError`
+  ``connection_lost`` when the phone's own broker connection dropped (factory mode; counted
+  from the reconnect, as a broker restart drops such requests), ``coordinator_lost`` when a
+  coordinator's Last Will arrived (the phone subscribes to ``{root}/coordinators/+/status``;
+  the broker ACL must let phones read it). A request that already had a reply keeps waiting:
+  a coordinator has it and answers (through the persistent session after a reconnect).
+- Silence: nothing at all arrives for ``timeout_s``: ``asyncio.TimeoutError``.
 
 Stop reading at the first final or error; anything later with the same correlation data is a
 duplicate (QoS 1 is at-least-once) and is counted in :attr:`PhoneClient.unmatched`.
@@ -149,7 +156,7 @@ class PhoneClient:
 
     def __init__(self, client: aiomqtt.Client | Callable[[], aiomqtt.Client], client_id: str,
                  topics: Topics | None = None, msgpack: bool = False, *,
-                 check_delivery: bool = False) -> None:
+                 check_delivery: bool = False, grace_s: float = 10.0) -> None:
         if isinstance(client, aiomqtt.Client):
             self.client: aiomqtt.Client | None = client
             self._factory: Callable[[], aiomqtt.Client] | None = None
@@ -161,7 +168,12 @@ class PhoneClient:
         self.msgpack = msgpack
         self.check_delivery = check_delivery
         self.response_topic = f"{self.topics.response_prefix(client_id)}r"
-        self._queues: dict[bytes, asyncio.Queue[wire.PhoneReply]] = {}
+        self.grace_s = grace_s
+        self._queues: dict[bytes, asyncio.Queue[wire.PhoneReply | AskError]] = {}
+        self._answered: set[bytes] = set()  # requests that got at least one reply
+        self._suspect: dict[bytes, str] = {}  # unanswered at a loss event -> the AskError code
+        self._grace: asyncio.TimerHandle | None = None
+        self._coordinators: set[str] = set()  # seen online
         self._reader: asyncio.Task[None] | None = None
         self._acks: _PubAcks | None = None
         self._connected = asyncio.Event()
@@ -173,7 +185,7 @@ class PhoneClient:
             raise RuntimeError("a PhoneClient can be entered once")
         if self._factory is None:
             assert self.client is not None
-            await self.client.subscribe(self.response_topic, qos=1)
+            await self._subscribe(self.client)
             self._acks = _PubAcks(self.client) if self.check_delivery else None
             self._connected.set()
             self._reader = asyncio.create_task(self._read(self.client),
@@ -193,6 +205,8 @@ class PhoneClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
@@ -206,11 +220,13 @@ class PhoneClient:
             try:
                 async with client:
                     self.client = client
-                    await client.subscribe(self.response_topic, qos=1)
+                    await self._subscribe(client)
                     self._acks = _PubAcks(client) if self.check_delivery else None
                     self.connections += 1
                     self._connected.set()
                     backoff.reset()
+                    if self._suspect:
+                        self._arm_grace()
                     await self._read(client)
             except aiomqtt.MqttError:
                 pass
@@ -219,10 +235,62 @@ class PhoneClient:
                 if self._acks is not None:
                     self._acks.fail_all(aiomqtt.MqttError("connection lost"))
                 self._acks = None
+                self._mark_suspects("connection_lost")
+                if self._grace is not None:  # counted from the reconnect
+                    self._grace.cancel()
+                    self._grace = None
             await asyncio.sleep(backoff.next_delay_s())
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        await client.subscribe(self.response_topic, qos=1)
+        await client.subscribe(self.topics.all_coordinator_status, qos=1)
+
+    def _mark_suspects(self, code: str) -> None:
+        for corr in self._queues:
+            if corr not in self._answered:
+                if code == "connection_lost":  # the phone's own loss explains it best
+                    self._suspect[corr] = code
+                else:
+                    self._suspect.setdefault(corr, code)
+
+    def _arm_grace(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+        self._grace = asyncio.get_running_loop().call_later(self.grace_s, self._give_up_suspects)
+
+    def _give_up_suspects(self) -> None:
+        """Requests still unanswered ``grace_s`` after a loss event: tell them."""
+        self._grace = None
+        why = {"connection_lost": "the phone's broker connection dropped",
+               "coordinator_lost": "a coordinator went offline"}
+        for corr, code in self._suspect.items():
+            q = self._queues.get(corr)
+            if q is not None and corr not in self._answered:
+                q.put_nowait(AskError(code, f"{why.get(code, code)} before this request got "
+                                            "any reply: it may not have reached a coordinator "
+                                            "that is still up; retry"))
+        self._suspect.clear()
+
+    def _on_coordinator_status(self, m: aiomqtt.Message) -> None:
+        try:
+            st = wire.decode_as(payload_bytes(m), wire.CoordinatorStatus)
+        except wire.DecodeError:
+            return
+        if st.state == "online":
+            if len(self._coordinators) < 1024:
+                self._coordinators.add(st.coordinator_id)
+            return
+        # Only the will of a coordinator we saw online, seen live (a retained one is history).
+        if not m.retain and st.coordinator_id in self._coordinators:
+            self._mark_suspects("coordinator_lost")
+            if self._suspect and self._connected.is_set():
+                self._arm_grace()
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for m in client.messages:
+            if m.topic.matches(self.topics.all_coordinator_status):
+                self._on_coordinator_status(m)
+                continue
             corr = get_prop(m, "CorrelationData")
             q = self._queues.get(bytes(corr)) if corr is not None else None
             if q is None:
@@ -232,13 +300,17 @@ class PhoneClient:
                 q.put_nowait(wire.decode_phone_reply(payload_bytes(m), get_prop(m, "ContentType")))
             except wire.DecodeError:
                 self.unmatched += 1
+                continue
+            self._answered.add(bytes(corr))
 
     async def send_raw(self, payload: bytes, *, correlation: bytes, content_type: str | None,
-                       response_topic: str | None = None) -> asyncio.Queue[wire.PhoneReply]:
+                       response_topic: str | None = None
+                       ) -> asyncio.Queue[wire.PhoneReply | AskError]:
+        """Publish one request; its replies (and a local :class:`AskError`) come on the queue."""
         client = self.client
         if client is None or not self._connected.is_set():
             raise AskError("not_connected", "the phone is not connected to the broker")
-        q: asyncio.Queue[wire.PhoneReply] = asyncio.Queue()
+        q: asyncio.Queue[wire.PhoneReply | AskError] = asyncio.Queue()
         self._queues[correlation] = q
         props = response_properties(response_topic or self.response_topic, correlation,
                                     content_type)
@@ -264,11 +336,15 @@ class PhoneClient:
         try:
             while True:
                 msg = await asyncio.wait_for(q.get(), timeout_s)
+                if isinstance(msg, AskError):
+                    raise msg
                 yield msg
                 if isinstance(msg, (wire.FinalReply, wire.ErrorReplyPhone)):
                     return
         finally:
             self._queues.pop(corr, None)
+            self._answered.discard(corr)
+            self._suspect.pop(corr, None)
 
     async def ask(self, request: wire.PhoneRequest, timeout_s: float = 120.0,
                   on_chunk: Callable[[str], None] | None = None) -> Answer:

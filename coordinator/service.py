@@ -15,9 +15,12 @@ surviving coordinator with the lowest id subscribes to the dead one's markers an
 phone a ``shutting_down`` error, clearing each marker. A coordinator restarted under the same id
 does the same for the markers of its previous incarnation. Wills that arrive while the survivor
 itself loses the broker (a broker restart sends every client's will) start no takeover. A
-request delivered to a coordinator that dies before its marker is out, or when no coordinator
-survives, is not covered: the phone's own silence timeout applies (see
-:mod:`moe2.coordinator.phone`).
+request still on its way into a coordinator that dies (no marker yet: MQTT drops what a clean
+session had not processed) is left to the phone, which saw the will (see
+:mod:`moe2.coordinator.phone`); with no coordinator left, to the phone's silence timeout.
+
+Markers live under ``{root}/coordinators/+/inflight/+``: a secured broker must let coordinators
+read and write there (and phones read ``{root}/coordinators/+/status``).
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, TypeVar
 
 import aiomqtt
 import msgspec
@@ -55,6 +58,7 @@ from moe2.shared.topics import Topics, valid_name
 log = logging.getLogger(__name__)
 
 ClientFactory = Callable[[aiomqtt.Will], aiomqtt.Client]
+T = TypeVar("T")
 
 #: how long a peer must stay offline after its Last Will before its phones are told
 TAKEOVER_GRACE_S = 1.0
@@ -116,6 +120,14 @@ def coordinator_of(topics: Topics, topic: str) -> str | None:
     return cid if valid_name(cid) else None
 
 
+def publishable_topic(topic: str) -> bool:
+    """A topic name the broker accepts in a PUBLISH: mosquitto disconnects a client that
+    publishes to a topic with wildcards or control characters (U+0000-U+001F, U+007F-U+009F)."""
+    return (0 < len(topic.encode("utf-8", "surrogatepass")) <= 65535
+            and not any(c in "+#" or ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in topic)
+            and not any(0xD800 <= ord(c) <= 0xDFFF for c in topic))
+
+
 def takeover_handler(self_id: str, peers_online: Sequence[str]) -> bool:
     """Whether ``self_id`` is the one coordinator that tells a dead peer's phones (lowest id)."""
     return min([self_id, *peers_online]) == self_id
@@ -155,6 +167,7 @@ class Coordinator:
         )
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
+        self._conn_lost = asyncio.Event()  # set when the current connection ends
         self._stopping = asyncio.Event()
         self._accepting = True
         self._requests: dict[asyncio.Task[None], str] = {}
@@ -274,6 +287,7 @@ class Coordinator:
         backoff = Backoff()
         while True:
             client = self.client_factory(self.will())
+            lost = self._conn_lost = asyncio.Event()
             try:
                 async with client:
                     self._client = client
@@ -294,6 +308,7 @@ class Coordinator:
                 self._forget_peers()
                 await asyncio.sleep(delay)
             finally:
+                lost.set()
                 self._client = None
                 self._connected.clear()
                 self._forget_peers()
@@ -500,13 +515,35 @@ class Coordinator:
         client = self._client
         if client is not None and self._connected.is_set():
             try:
-                await client.publish(topic, payload, qos=qos, properties=props)
+                if qos > 0:
+                    await self._until_lost(client.publish(topic, payload, qos=qos,
+                                                          properties=props))
+                else:
+                    await client.publish(topic, payload, qos=qos, properties=props,
+                                         timeout=RPC_PUBLISH_TIMEOUT_S)
                 return
             except aiomqtt.MqttError:
                 pass
         if qos > 0:
             self._outbox.append((topic, payload, props, qos))
             self._outbox_event.set()
+
+    async def _until_lost(self, op: Coroutine[Any, Any, T]) -> T:
+        """Await a publish or (un)subscribe unless its connection drops first (then MqttError):
+        aiomqtt would wait its 10 s timeout for an acknowledgement that cannot come -- holding a
+        request's final that long before it could go to the outbox, or the in-flight loop."""
+        lost = self._conn_lost
+        pub = asyncio.ensure_future(op)
+        watch = asyncio.ensure_future(lost.wait())
+        try:
+            await asyncio.wait({pub, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not pub.done():
+                pub.cancel()
+        if not pub.done() or pub.cancelled():
+            raise aiomqtt.MqttError("the connection was lost before the broker acknowledged")
+        return pub.result()
 
     async def _flush_outbox(self) -> None:
         while self._outbox:
@@ -515,7 +552,8 @@ class Coordinator:
                 return
             item = self._outbox.popleft()
             try:
-                await client.publish(item[0], item[1], qos=item[3], properties=item[2])
+                await self._until_lost(client.publish(item[0], item[1], qos=item[3],
+                                                      properties=item[2]))
             except aiomqtt.MqttError:
                 self._outbox.appendleft(item)
                 return
@@ -533,9 +571,11 @@ class Coordinator:
             return
         self._marker_dirty.discard(topic)
         try:
-            await client.publish(topic, self._markers.get(topic, b""), qos=1, retain=True)
+            await self._until_lost(client.publish(topic, self._markers.get(topic, b""), qos=1,
+                                                  retain=True))
         except aiomqtt.MqttError:
             self._marker_dirty.add(topic)
+            self._inflight_event.set()
 
     async def _flush_markers(self) -> None:
         """Every pending marker change, handed to the client at once."""
@@ -601,7 +641,8 @@ class Coordinator:
 
     async def _tell_orphan(self, client: aiomqtt.Client, topic: str, m: InflightMarker) -> None:
         """A request whose coordinator died: tell the phone, then clear the marker."""
-        if self.topics.response_allowed(m.client_id, m.response_topic):
+        if (self.topics.response_allowed(m.client_id, m.response_topic)
+                and publishable_topic(m.response_topic)):
             self.counters["taken_over"] += 1
             who = ("a previous run of this coordinator" if m.coordinator_id == self.cfg.id
                    else f"coordinator {m.coordinator_id}")
@@ -611,7 +652,7 @@ class Coordinator:
                 code=wire.ErrorCode.SHUTTING_DOWN,
                 message=f"{who} went offline before this request finished; retry"))
         with contextlib.suppress(aiomqtt.MqttError):
-            await client.publish(topic, b"", qos=1, retain=True)
+            await self._until_lost(client.publish(topic, b"", qos=1, retain=True))
 
     async def _inflight_loop(self) -> None:
         """Publish marker changes; take over dead peers' markers; answer orphaned requests."""
@@ -631,8 +672,8 @@ class Coordinator:
                 self._reassert = False
                 st = self.topics.coordinator_status(self.cfg.id)
                 with contextlib.suppress(aiomqtt.MqttError):
-                    await client.publish(st.topic, st.encode(self.status("online")), qos=1,
-                                         retain=True)
+                    await self._until_lost(client.publish(
+                        st.topic, st.encode(self.status("online")), qos=1, retain=True))
             now = self.clock()
             for cid, due in list(self._takeover_due.items()):
                 if due > now:
@@ -643,12 +684,14 @@ class Coordinator:
                 log.warning("coordinator %s is gone: telling the phones of its requests", cid)
                 self._takeovers[cid] = now
                 with contextlib.suppress(aiomqtt.MqttError):
-                    await client.subscribe(inflight_filter(self.topics, cid), qos=1)
+                    await self._until_lost(client.subscribe(inflight_filter(self.topics, cid),
+                                                            qos=1))
             for cid, since in list(self._takeovers.items()):
                 if cid in self._peers or now - since > TAKEOVER_WINDOW_S:
                     del self._takeovers[cid]
                     with contextlib.suppress(aiomqtt.MqttError):
-                        await client.unsubscribe(inflight_filter(self.topics, cid))
+                        await self._until_lost(client.unsubscribe(
+                            inflight_filter(self.topics, cid)))
             while self._orphans:
                 topic, marker = self._orphans.popleft()
                 await self._tell_orphan(client, topic, marker)

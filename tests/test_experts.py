@@ -24,6 +24,7 @@ from moe2.coordinator.experts import (  # noqa: E402 (after the extras check)
     ExpertsConfig,
     Manifest,
     encode_example,
+    file_sha256,
     load_manifest,
 )
 from moe2.coordinator.experts_eval import ExpertRunner, greedy_mixture  # noqa: E402
@@ -208,6 +209,7 @@ def test_make_experts_cli_json_and_manifest(fleet: TinyFleet) -> None:
     for e in manifest.experts:
         assert (fleet.root / e.gguf).is_file() and (fleet.root / e.gguf_q4).is_file()
         assert e.q4_size_bytes < e.size_bytes
+        assert file_sha256(fleet.root / e.gguf) == e.sha256
         assert sum(e.family_mix.values()) == e.train_samples > 0
         assert read_gguf(fleet.root / e.gguf).vocab.fingerprint() == manifest.vocab_fingerprint
     for name in qa.SPLITS:

@@ -1,0 +1,462 @@
+"""Issue 7, the bounded CI form: reliability under load, faults and hostile input.
+
+The live tests run the phases of :mod:`moe2.coordinator.bench_reliability` (``moe2 bench
+reliability`` is the full form) with small figures against a private mosquitto, three agents and
+two coordinators in one shared-subscription group (plus one agent and one coordinator with small
+limits under their own topic root). The in-process tests feed hypothesis-generated messages
+straight into a coordinator's and an agent's message handlers and check the invariants that the
+live fuzz can only sample: nothing raises, every request with a reply topic gets exactly one
+final or error, bookkeeping stays bounded, the agent's KV cache stays consistent. The last tests
+pin the bugs this suite found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+
+import aiomqtt
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moe2.agent.daemon import AgentDaemon, Work
+from moe2.agent.meters import ManualMeter
+from moe2.coordinator import registry as reg
+from moe2.coordinator.bench_reliability import (
+    Fleet,
+    LoadSpec,
+    mutate,
+    phase_agent_faults,
+    phase_bounds,
+    phase_broker_restart,
+    phase_coordinator_kill,
+    phase_fuzz,
+    phase_load,
+    tally,
+)
+from moe2.coordinator.gating import UniformGate
+from moe2.coordinator.gguf_models import make_test_experts
+from moe2.coordinator.phone import AskError, PhoneClient
+from moe2.coordinator.service import (
+    MAX_PEERS,
+    Coordinator,
+    InflightMarker,
+    decode_marker,
+    inflight_topic,
+    publishable_topic,
+    takeover_handler,
+)
+from moe2.shared import wire
+from moe2.shared.config import CoordinatorConfig
+from moe2.shared.mqtt import make_client, parse_broker_url, response_properties
+from moe2.shared.topics import Topics
+from tests.agent_helpers import FakeEngine, agent_config
+
+pytestmark = pytest.mark.chaos
+
+LOAD = LoadSpec(clients=10, per_client=4, concurrency=2, max_tokens=12, timeout_s=20.0)
+FAULTS = LoadSpec(clients=10, per_client=4, concurrency=2, max_tokens=12, timeout_s=20.0)
+ERROR_CODES = {c.value for c in wire.ErrorCode}
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    experts = make_test_experts(tmp_path_factory.mktemp("experts"), count=3)
+    with Fleet(tmp_path_factory.mktemp("fleet"), [e.path for e in experts]) as f:
+        asyncio.run(f.wait_ready(timeout_s=120))
+        yield f
+
+
+def _typed(errors: dict[str, int]) -> bool:
+    return set(errors) <= ERROR_CODES
+
+
+# --------------------------------------------------------------------------- live phases
+
+
+def test_load_every_request_gets_exactly_one_final(fleet: Fleet) -> None:
+    r = asyncio.run(phase_load(fleet, LOAD))
+    assert r["sent"] == LOAD.total, r["not_sent"]
+    assert r["finals"] == LOAD.total, r["errors_by_code"]
+    assert r["lost"] == 0
+    assert r["unmatched_replies"] == 0  # no duplicate or stray terminal message
+    assert r["throughput_rps"] > 0
+    assert r["latency_p50_s"] <= r["latency_p99_s"]
+
+
+def test_agent_sigkill_and_sigstop_under_load(fleet: Fleet) -> None:
+    """The killed agent leaves its requests, the hung one is dropped at the step deadline,
+    requests still finish; both rejoin the plan (the phase waits until every coordinator fuses
+    all three agents again, and fails otherwise)."""
+    r = asyncio.run(phase_agent_faults(fleet, FAULTS, hang_s=3.0))
+    assert r["lost"] == 0
+    assert r["sent"] == FAULTS.total
+    assert _typed(r["errors_by_code"])
+    assert r["finals_with_killed_dropped"] >= 1
+    assert all("offline" in reason for reason in r["killed_drop_reasons"])
+    assert r["hung_dropped_by_step_deadline"] >= 1
+    assert r["faults_survived"] == 2
+    assert r["rejoined_within_s"] is not None
+
+
+def test_broker_restart_under_load(fleet: Fleet) -> None:
+    r = asyncio.run(phase_broker_restart(fleet, FAULTS, down_s=1.0))
+    assert r["lost"] == 0
+    assert _typed(r["errors_by_code"])
+    assert r["in_flight_at_stop"]["sent"] >= 1
+    assert r["in_flight_at_stop"]["lost"] == 0  # each got its final or a typed error
+    after = r["after_recovery"]
+    assert after["sent"] == FAULTS.clients
+    assert after["finals"] == after["sent"]
+
+
+def test_coordinator_sigkill_phones_are_told(fleet: Fleet) -> None:
+    """Two coordinators, one SIGKILLed under load: the survivor carries on and tells the phones
+    of the dead one's requests (from its retained in-flight markers). A request still on its
+    way into the dying coordinator (MQTT drops what a clean session had not processed) is told
+    by the phone client: it saw the coordinator's Last Will and got no reply within its grace.
+    No phone is left to its silence timeout."""
+    r = asyncio.run(phase_coordinator_kill(fleet, FAULTS))
+    assert r["in_flight_at_kill"] >= 1
+    assert r["told_by_survivor"] >= 1
+    assert "went offline before this request finished" in r["told_how"]
+    assert r["finals_after_kill_by"].get(r["survivor"], 0) >= 1
+    assert r["finals_after_kill_by"].get(r["killed"], 0) == 0
+    assert _typed(r["errors_by_code"])
+    assert set(r["phone_errors"]) <= {"coordinator_lost"}
+    assert r["lost"] == 0
+
+
+def test_fuzz_every_subscribed_topic(fleet: Fleet) -> None:
+    r = asyncio.run(phase_fuzz(fleet, 200, rounds=2, seed=7, timeout_s=60.0))
+    assert r["crashed"] == {}
+    assert r["replies_complete"]
+    assert r["agent_replies_missing"] == 0
+    assert r["agent_replies_unexpected"] == 0
+    assert r["agent_replies_duplicated"] == 0
+    assert r["agent_replies_malformed"] == 0
+    assert r["phone_replies_missing"] == 0
+    assert r["phone_replies_unexpected"] == 0
+    assert r["phone_replies_duplicated"] == 0
+    assert r["victim_messages"] == 0
+    assert r["inputs_tried"] >= 2000
+    # a gross bound; the in-process tests below check the bookkeeping itself
+    assert r["rss_growth_total_max_mib"] < 32
+    healthy = r["healthy_after"]
+    assert healthy["finals"] == healthy["sent"] > 0
+
+
+def test_bounds_rate_concurrency_prompt_and_max_tokens(fleet: Fleet) -> None:
+    r = asyncio.run(phase_bounds(fleet))
+    c = r["checks"]
+    assert c["prompt_too_long"]["code"] == "bad_request"
+    assert "256" in c["prompt_too_long"]["message"]
+    assert c["max_tokens"]["code"] == "bad_request"
+    assert "32" in c["max_tokens"]["message"]
+    assert c["concurrency"]["too_many_requests"] >= 1
+    assert c["concurrency"]["finals"] >= 1
+    assert "2 requests at once" in c["concurrency"]["message"]
+    assert c["rate"]["rate_limited"] >= 1
+    assert c["rate"]["finals"] >= 1
+    assert "requests/s" in c["rate"]["message"]
+    assert r["lost"] == 0
+
+
+REQUEST_BODIES = [
+    wire.encode_phone(wire.PhoneRequest(prompt="hi", max_tokens=2, raw=True), None),
+    wire.encode_phone(wire.PhoneRequest(prompt="hi", max_tokens=2), wire.CONTENT_TYPE_MSGPACK),
+    b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stop": ["x"]}',
+]
+
+
+@st.composite
+def request_body(draw: st.DrawFn) -> bytes:
+    kind = draw(st.integers(0, 2))
+    if kind == 0:
+        return draw(st.binary(max_size=200))
+    base = draw(st.sampled_from(REQUEST_BODIES))
+    if kind == 1:
+        return base
+    out = base
+    for _ in range(draw(st.integers(1, 3))):
+        out = mutate(out, random.Random(draw(st.integers(0, 2**32))))
+    try:
+        req = wire.decode_phone_request(out, None)
+    except wire.DecodeError:
+        return out
+    return out if req.max_tokens <= 4 else b"\xc1" + out  # keep the fleet's work small
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=request_body(),
+       ct=st.sampled_from([None, wire.CONTENT_TYPE_JSON, wire.CONTENT_TYPE_MSGPACK, "x/y"]))
+def test_hypothesis_requests_get_exactly_one_terminal_reply(fleet: Fleet, body: bytes,
+                                                            ct: str | None) -> None:
+    async def main() -> list[wire.PhoneReply | AskError]:
+        cid = f"hyp-{uuid.uuid4().hex[:8]}"
+        async with make_client(parse_broker_url(fleet.url), identifier=cid) as c, \
+                PhoneClient(c, cid, fleet.topics) as phone:
+            q = await phone.send_raw(body, correlation=b"c", content_type=ct)
+            got: list[wire.PhoneReply | AskError] = []
+            while not got or isinstance(got[-1], wire.TokenChunk):
+                got.append(await asyncio.wait_for(q.get(), 30))
+            return got
+
+    replies = asyncio.run(main())
+    assert sum(isinstance(m, (wire.FinalReply, wire.ErrorReplyPhone)) for m in replies) == 1
+
+
+# --------------------------------------------------------------------------- in process
+
+
+PHONE = "hp"
+TP = Topics()
+
+
+def _status(agent: str, state: str) -> bytes:
+    return wire.encode(wire.AgentStatus(agent_id=agent, state=state,  # type: ignore[arg-type]
+                                        model="m", n_ctx=64, n_vocab=8, vocab_fp="fp", eos_id=2))
+
+
+COORDINATOR_SAMPLES: list[tuple[str, bytes]] = [
+    (TP.request(PHONE), REQUEST_BODIES[0]),
+    (TP.request(PHONE), REQUEST_BODIES[2]),
+    (TP.coordinator_inbox("c0").topic, wire.encode(wire.Reply(agent_id="a0", dists=[
+        wire.Distribution(session_id="nope", seq=1, probs=wire.Distribution.pack_probs([1.0]))]))),
+    (TP.coordinator_inbox("c0").topic, wire.encode(wire.Reply(agent_id="ghost", errors=[
+        wire.ErrorItem(code=wire.ErrorCode.UNKNOWN_SESSION, message="x", session_id="s")]))),
+    (TP.agent_status("a0").topic, _status("a0", "online")),
+    (TP.agent_status("a0").topic, _status("a0", "offline")),
+    (TP.agent_vocab("a0").topic, wire.encode(wire.Vocab(agent_id="a0", vocab_fp="fp",
+                                                        pieces=[b"a", b"b", b""] + [b"c"] * 5))),
+    (TP.agent_vocab("g1").topic, wire.encode(wire.Vocab(agent_id="g1", vocab_fp="fp-g1",
+                                                        pieces=[b"z"]))),
+    (TP.agent_telemetry("a0").topic, wire.encode(wire.Telemetry(
+        agent_id="a0", ts=1.0, power_w=1.0, energy_j=1.0, tokens_total=1, tokens_per_s=1.0,
+        joules_per_token=0.1, step_latency_s=0.001, open_sessions=0, meter="x"))),
+    (TP.coordinator_status("peer").topic, wire.encode(wire.CoordinatorStatus(
+        coordinator_id="peer", state="offline"))),
+    (TP.coordinator_status("c0").topic, wire.encode(wire.CoordinatorStatus(
+        coordinator_id="c0", state="offline"))),
+    (inflight_topic(TP, "c0", "r1"), msgspec.msgpack.encode(InflightMarker(
+        coordinator_id="c0", incarnation="old", client_id=PHONE,
+        response_topic=TP.response_prefix(PHONE) + "r", correlation=b"m"))),
+    (inflight_topic(TP, "peer", "r1"), msgspec.msgpack.encode(InflightMarker(
+        coordinator_id="peer", incarnation="old", client_id=PHONE,
+        response_topic=TP.response_prefix(PHONE) + "r"))),
+]
+RESPONSE_TOPICS = [None, TP.response_prefix(PHONE) + "r", TP.response_prefix(PHONE) + "x/y",
+                   TP.response_prefix("other") + "r", "elsewhere/r", TP.response_prefix(PHONE)]
+
+
+@st.composite
+def coordinator_message(draw: st.DrawFn) -> tuple[str, bytes, str | None, bytes | None,
+                                                   str | None, bool]:
+    if draw(st.booleans()):
+        topic, payload = draw(st.sampled_from(COORDINATOR_SAMPLES))
+        if draw(st.booleans()):
+            payload = mutate(payload, random.Random(draw(st.integers(0, 2**32))))
+    else:
+        topic = draw(st.sampled_from([s[0] for s in COORDINATOR_SAMPLES] + [
+            f"moe2/agents/{draw(st.from_regex(r'[a-z0-9]{1,8}', fullmatch=True))}/status",
+            f"moe2/coordinators/{draw(st.from_regex(r'[a-z0-9]{1,8}', fullmatch=True))}/status",
+            "moe2/other/topic"]))
+        payload = draw(st.binary(max_size=120))
+    rt = draw(st.sampled_from(RESPONSE_TOPICS))
+    corr = draw(st.one_of(st.none(), st.binary(min_size=1, max_size=8)))
+    ct = draw(st.sampled_from([None, wire.CONTENT_TYPE_JSON, wire.CONTENT_TYPE_MSGPACK, "a/b"]))
+    return topic, payload, rt, corr, ct, draw(st.booleans())
+
+
+def _no_client(_will: aiomqtt.Will) -> aiomqtt.Client:
+    raise AssertionError("the in-process tests never connect")
+
+
+def _message(topic: str, payload: bytes, rt: str | None, corr: bytes | None, ct: str | None,
+             retain: bool) -> aiomqtt.Message:
+    props = response_properties(rt, corr, ct) if (rt or corr or ct) else None
+    return aiomqtt.Message(topic, payload, qos=1, retain=retain, mid=1, properties=props)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(coordinator_message(), min_size=1, max_size=25))
+def test_coordinator_handles_any_message(msgs: Sequence[tuple[str, bytes, str | None,
+                                                             bytes | None, str | None, bool]]
+                                         ) -> None:
+    """Nothing raises out of the receive path; a request with a reply topic of its own phone
+    gets exactly one final or error, any other request none; bookkeeping stays bounded."""
+
+    async def main() -> None:
+        cfg = CoordinatorConfig(id="c0", open_deadline_s=0.05, step_deadline_min_s=0.05)
+        coord = Coordinator(cfg, UniformGate(), _no_client)
+        expected: Counter[bytes | None] = Counter()
+        for topic, payload, rt, corr, ct, retain in msgs:
+            coord._on_message(_message(topic, payload, rt, corr, ct, retain))
+            if topic == TP.request(PHONE) and rt is not None and rt.startswith(
+                    TP.response_prefix(PHONE)):
+                expected[corr] += 1
+        while coord._requests:
+            await asyncio.gather(*list(coord._requests))
+        got: Counter[bytes | None] = Counter()
+        for topic, payload, props, _qos in coord._outbox:
+            reply = wire.decode_phone_reply(payload, getattr(props, "ContentType", None))
+            assert topic.startswith(TP.response_prefix(PHONE))
+            if isinstance(reply, (wire.FinalReply, wire.ErrorReplyPhone)):
+                got[getattr(props, "CorrelationData", None)] += 1
+        assert got == expected
+        assert coord._markers == {}
+        assert coord.rpc.waiting == 0
+        assert len(coord._peers) <= MAX_PEERS
+        assert len(coord.registry.vocabs) <= reg.MAX_VOCABS
+
+    asyncio.run(main())
+
+
+AGENT_IDS = ["s0", "s1", "s2", "s3"]
+
+
+@st.composite
+def agent_payload(draw: st.DrawFn) -> bytes:
+    sid = st.sampled_from(AGENT_IDS)
+    kind = draw(st.integers(0, 5))
+    msg: wire.OpenSession | wire.Step | wire.CloseSession
+    if kind == 0:
+        return draw(st.binary(max_size=100))
+    if kind == 1:
+        msg = wire.OpenSession(session_id=draw(sid), k=draw(st.integers(-1, 70)),
+                               prompt=draw(st.text(max_size=20)))
+    elif kind == 2:
+        msg = wire.OpenSession(session_id=draw(sid), k=draw(st.integers(0, 8)),
+                               tokens=draw(st.lists(st.integers(-2, 70), max_size=6)))
+    elif kind == 3:
+        msg = wire.Step(items=draw(st.lists(st.builds(
+            wire.StepItem, sid, st.integers(-1, 70), st.integers(0, 4), st.integers(0, 8)),
+            min_size=1, max_size=4)))
+    else:
+        msg = wire.CloseSession(session_ids=draw(st.lists(sid, max_size=3)))
+    data = wire.encode(msg)
+    if kind == 5:
+        data = mutate(data, random.Random(draw(st.integers(0, 2**32))))
+    return data
+
+
+def _agent(max_sessions: int = 3) -> tuple[AgentDaemon, FakeEngine]:
+    engine = FakeEngine(n_vocab=64, n_ctx=32)
+    cfg = agent_config("fz", max_sessions=max_sessions, n_ctx=32)
+    return AgentDaemon(cfg, engine, ManualMeter(), _no_client), engine
+
+
+def _batch(d: AgentDaemon, payloads: Sequence[bytes], with_rt: bool = True) -> list[Work]:
+    for i, p in enumerate(payloads):
+        d._on_message(_message(TP.agent_rpc("fz"), p, "inbox" if with_rt else None,
+                               str(i).encode(), None, False))
+    out = []
+    while not d._queue.empty():
+        out.append(d._queue.get_nowait())
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(agent_payload(), min_size=1, max_size=8), min_size=1, max_size=6))
+def test_agent_handles_any_rpc(batches: Sequence[Sequence[bytes]]) -> None:
+    """Any RPC batch: one reply per message (none only for a clean close), each with a
+    distribution or a typed error; never a failed decode (the fake engine refuses positions
+    that do not continue a sequence); sessions and KV slots stay consistent and bounded."""
+    d, engine = _agent()
+    for payloads in batches:
+        work = _batch(d, payloads)
+        replies = d.process(work)
+        assert len(replies) == len(work)
+        for w, r in zip(work, replies, strict=True):
+            if r is None:
+                assert isinstance(w.msg, wire.CloseSession)
+                continue
+            assert r.dists or r.errors
+            assert all(e.code != wire.ErrorCode.INTERNAL for e in r.errors), r.errors
+        t = d.table
+        assert len(t.sessions) + len(t._free) == t.max_sessions
+        assert len({s.seq_id for s in t.sessions.values()}) == len(t.sessions)
+        for s in t.sessions.values():
+            assert len(engine.history.get(s.seq_id, [])) == s.n_past
+
+
+# --------------------------------------------------------------------------- regressions
+
+
+def test_close_in_the_same_batch_as_a_step_fails_only_that_step() -> None:
+    """Found by the SIGSTOP phase: a hung agent woke up to [step s0, close s0, ...] in one batch;
+    the close freed s0's KV sequence before the step was decoded, the decode failed, and every
+    other session in that llama_decode call was killed with it."""
+    d, _engine = _agent()
+    opened = d.process(_batch(d, [wire.encode(wire.OpenSession(session_id=s, k=4, tokens=[1, 5]))
+                                  for s in ("s0", "s1")]))
+    assert all(r is not None and r.dists for r in opened)
+    step = wire.encode(wire.Step(items=[wire.StepItem("s0", 7, 1, 4),
+                                        wire.StepItem("s1", 7, 1, 4)]))
+    close = wire.encode(wire.CloseSession(session_ids=["s0"]))
+    replies = d.process(_batch(d, [step, close]))
+    r = replies[0]
+    assert r is not None
+    assert [x.session_id for x in r.dists] == ["s1"]
+    assert [(e.session_id, e.code) for e in r.errors] == [("s0", wire.ErrorCode.UNKNOWN_SESSION)]
+    assert replies[1] is None
+    again = d.process(_batch(d, [wire.encode(wire.Step(items=[wire.StepItem("s1", 3, 2, 4)]))]))
+    assert again[0] is not None and [x.session_id for x in again[0].dists] == ["s1"]
+
+
+def test_vocab_flood_stays_bounded_and_keeps_used_families() -> None:
+    """Forged vocabularies of families nobody uses must not grow the registry without bound."""
+    state = reg.apply(reg.Registry(), reg.VocabEvent(wire.Vocab(agent_id="a0", vocab_fp="real",
+                                                                pieces=[b"a"])))
+    state = reg.apply(state, reg.StatusEvent(wire.AgentStatus(
+        agent_id="a0", state="online", vocab_fp="real"), 0.0))
+    for i in range(10 * reg.MAX_VOCABS):
+        state = reg.apply(state, reg.VocabEvent(wire.Vocab(agent_id=f"g{i}", vocab_fp=f"f{i}",
+                                                           pieces=[b"x"] * 10)))
+        assert len(state.vocabs) <= reg.MAX_VOCABS
+    assert "real" in state.vocabs
+    assert f"f{10 * reg.MAX_VOCABS - 1}" in state.vocabs  # new families still get in
+
+
+@pytest.mark.parametrize(("topic", "ok"), [
+    ("moe2/responses/p/r", True), ("moe2/responses/p/", True), ("moe2/responses/p/ü", True),
+    ("moe2/responses/p/\x7f", False), ("moe2/responses/p/\x01", False),
+    ("moe2/responses/p/\u0085", False), ("moe2/responses/p/+", False), ("", False),
+])
+def test_publishable_topic(topic: str, ok: bool) -> None:
+    """Found by the fuzzer: a forged marker whose response topic held U+007F made the
+    coordinator publish there, and mosquitto disconnected the coordinator for it."""
+    assert publishable_topic(topic) is ok
+
+
+def test_marker_decoding_and_takeover_choice() -> None:
+    m = InflightMarker(coordinator_id="c1", incarnation="i", client_id="p",
+                       response_topic="moe2/responses/p/r", correlation=b"x")
+    assert decode_marker(msgspec.msgpack.encode(m)) == m
+    for bad in (b"", b"\xc1", b"\x93\x01\x02\x03", msgspec.msgpack.encode({"type": "inflight"}),
+                msgspec.msgpack.encode(msgspec.structs.replace(m, v=99))):
+        with pytest.raises(wire.DecodeError):
+            decode_marker(bad)
+    assert takeover_handler("c0", ["c1", "c2"])
+    assert not takeover_handler("c1", ["c0", "c2"])
+    assert takeover_handler("c1", [])
+
+
+def test_tally_counts_lost_as_sent_without_reply() -> None:
+    from moe2.coordinator.bench_reliability import Outcome
+
+    outs = [Outcome("p", "c", "final", 0.0, 1.0), Outcome("p", "c", "error", 0.0, 0.1,
+                                                           code="timeout"),
+            Outcome("p", "c", "lost", 0.0, 9.0), Outcome("p", "c", "no_coordinator", 0.0, 0.0)]
+    outs.append(Outcome("p", "c", "phone_error", 0.0, 3.0, code="connection_lost"))
+    t = tally(outs, wall_s=2.0)
+    assert (t["sent"], t["finals"], t["errors"], t["lost"]) == (4, 1, 1, 1)
+    assert t["phone_errors"] == {"connection_lost": 1}
+    assert t["not_sent"] == {"no_coordinator": 1}
+    assert t["errors_by_code"] == {"timeout": 1}
+    assert t["throughput_rps"] == 0.5
