@@ -37,6 +37,7 @@ class AgentDriver:
         self.timeout_s = timeout_s
         self._client: aiomqtt.Client | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._sending = False
 
     async def __aenter__(self) -> AgentDriver:
         self._client = make_client(parse_broker_url(self.url), identifier=self.driver_id)
@@ -47,9 +48,10 @@ class AgentDriver:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        # Let the last messages (session closes) go out before the connection does.
-        for _ in range(100):
-            if self.rpc.outgoing.empty():
+        # Let the last messages (session closes) go out before the connection does: aiomqtt's
+        # disconnect can wait forever when a publish was cancelled half-way.
+        for _ in range(300):
+            if self.rpc.outgoing.empty() and not self._sending:
                 break
             await asyncio.sleep(0.01)
         for t in self._tasks:
@@ -58,14 +60,21 @@ class AgentDriver:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         if self._client is not None:
-            await self._client.__aexit__(None, None, None)
+            try:
+                await asyncio.wait_for(self._client.__aexit__(None, None, None), 5.0)
+            except (asyncio.TimeoutError, aiomqtt.MqttError):
+                log.debug("driver %s: disconnect did not complete", self.driver_id)
 
     async def _send(self) -> None:
         assert self._client is not None
         props = response_properties(response_topic=self.rpc.inbox)
         while True:
             out = await self.rpc.outgoing.get()
-            await self._client.publish(out.topic, out.payload, qos=0, properties=props)
+            self._sending = True
+            try:
+                await self._client.publish(out.topic, out.payload, qos=0, properties=props)
+            finally:
+                self._sending = False
 
     async def _receive(self) -> None:
         assert self._client is not None

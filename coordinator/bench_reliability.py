@@ -319,7 +319,8 @@ class Fleet:
         """A reconnecting phone with a persistent session (enter it with ``async with``)."""
         url = parse_broker_url(self.url)
         return PhoneClient(lambda: session_client(url, client_id), client_id,
-                           Topics(root or self.topics.root), check_delivery=check_delivery)
+                           Topics(root or self.topics.root), check_delivery=check_delivery,
+                           watch_coordinators=True)
 
     async def wait_ready(self, *, agents: Sequence[str] | None = None,
                          coordinators: Sequence[str] | None = None, root: str | None = None,

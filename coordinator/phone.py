@@ -11,16 +11,17 @@ How a phone learns that its request failed (the rules this client follows, and a
   while serving the request (``shutting_down``; when a coordinator dies, a surviving one sends it
   -- see :mod:`moe2.coordinator.service`).
 - The PUBACK of the request (QoS 1) carries MQTT 5 reason code 0x10 "No matching subscribers":
-  no coordinator is subscribed, nobody will answer (``check_delivery=True``; raises
+  no coordinator is subscribed, nobody will answer (``check_delivery=True``: raises
   :class:`AskError` with code ``no_coordinator`` at once).
-- A request that had no reply yet when something happened that can lose requests in transit --
-  a MQTT delivers a request to a coordinator only once, and a clean session that ends drops
-  what it had not processed -- and that then stays silent for ``grace_s``: :class:`AskError`
+- A request that had no reply yet when something happened that can lose requests in transit
+  (MQTT hands a request to one coordinator, and a clean session that ends drops what it had
+  not processed yet), and that then stays silent for ``grace_s``: :class:`AskError`
   ``connection_lost`` when the phone's own broker connection dropped (factory mode; counted
-  from the reconnect, as a broker restart drops such requests), ``coordinator_lost`` when a
-  coordinator's Last Will arrived (the phone subscribes to ``{root}/coordinators/+/status``;
-  the broker ACL must let phones read it). A request that already had a reply keeps waiting:
-  a coordinator has it and answers (through the persistent session after a reconnect).
+  from the reconnect, as a broker restart drops such requests), or ``coordinator_lost`` when a
+  coordinator's Last Will arrived (``watch_coordinators=True``: the phone subscribes to
+  ``{root}/coordinators/+/status``, which the broker ACL must let phones read). A request that
+  already had a reply keeps waiting: a coordinator has it and answers (after a reconnect,
+  through the persistent session).
 - Silence: nothing at all arrives for ``timeout_s``: ``asyncio.TimeoutError``.
 
 Stop reading at the first final or error; anything later with the same correlation data is a
@@ -156,7 +157,8 @@ class PhoneClient:
 
     def __init__(self, client: aiomqtt.Client | Callable[[], aiomqtt.Client], client_id: str,
                  topics: Topics | None = None, msgpack: bool = False, *,
-                 check_delivery: bool = False, grace_s: float = 10.0) -> None:
+                 check_delivery: bool = False, watch_coordinators: bool = False,
+                 grace_s: float = 10.0) -> None:
         if isinstance(client, aiomqtt.Client):
             self.client: aiomqtt.Client | None = client
             self._factory: Callable[[], aiomqtt.Client] | None = None
@@ -167,6 +169,7 @@ class PhoneClient:
         self.topics = topics or Topics()
         self.msgpack = msgpack
         self.check_delivery = check_delivery
+        self.watch_coordinators = watch_coordinators
         self.response_topic = f"{self.topics.response_prefix(client_id)}r"
         self.grace_s = grace_s
         self._queues: dict[bytes, asyncio.Queue[wire.PhoneReply | AskError]] = {}
@@ -243,7 +246,8 @@ class PhoneClient:
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         await client.subscribe(self.response_topic, qos=1)
-        await client.subscribe(self.topics.all_coordinator_status, qos=1)
+        if self.watch_coordinators:
+            await client.subscribe(self.topics.all_coordinator_status, qos=1)
 
     def _mark_suspects(self, code: str) -> None:
         for corr in self._queues:
