@@ -385,6 +385,36 @@ def test_agent_handles_any_rpc(batches: Sequence[Sequence[bytes]]) -> None:
             assert len(engine.history.get(s.seq_id, [])) == s.n_past
 
 
+def test_phone_gives_up_on_a_silent_request_after_a_coordinator_will() -> None:
+    """Only the live will of a coordinator seen online makes unanswered requests suspect; a
+    request that had a reply keeps waiting (a coordinator has it)."""
+
+    def status(cid: str, state: str, retain: bool) -> aiomqtt.Message:
+        payload = wire.encode(wire.CoordinatorStatus(coordinator_id=cid,
+                                                     state=state))  # type: ignore[arg-type]
+        return aiomqtt.Message(TP.coordinator_status(cid).topic, payload, qos=1, retain=retain,
+                               mid=1, properties=None)
+
+    async def main() -> None:
+        client = make_client(parse_broker_url("mqtt://127.0.0.1:1"), identifier="unused")
+        ph = PhoneClient(client, "p", TP, watch_coordinators=True, grace_s=0.01)
+        ph._connected.set()
+        silent: asyncio.Queue[wire.PhoneReply | AskError] = asyncio.Queue()
+        streaming: asyncio.Queue[wire.PhoneReply | AskError] = asyncio.Queue()
+        ph._queues = {b"silent": silent, b"streaming": streaming}
+        ph._answered.add(b"streaming")
+        ph._on_coordinator_status(status("c9", "offline", False))  # never seen online
+        ph._on_coordinator_status(status("c0", "online", True))
+        ph._on_coordinator_status(status("c0", "offline", True))  # retained: history
+        assert ph._suspect == {}
+        ph._on_coordinator_status(status("c0", "offline", False))
+        err = await asyncio.wait_for(silent.get(), 10)
+        assert isinstance(err, AskError) and err.code == "coordinator_lost"
+        assert streaming.empty()
+
+    asyncio.run(main())
+
+
 # --------------------------------------------------------------------------- regressions
 
 

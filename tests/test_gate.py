@@ -8,9 +8,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import llama_cpp  # noqa: F401 - the train extra must be installed
 import numpy as np
+import onnx
 import pytest
+import torch
 
+from moe2.coordinator.corpus import read_jsonl
+from moe2.coordinator.gate_data import (
+    Calibration,
+    CalibrationRecord,
+    compute_calibration_from_gguf,
+    load_calibration,
+    save_calibration,
+)
+from moe2.coordinator.gate_train import (
+    GateMLP,
+    GateTrainConfig,
+    export_gate_onnx,
+    mixture_nll,
+    train_gate,
+)
 from moe2.coordinator.gating import (
     FixedGate,
     Gate,
@@ -20,27 +38,7 @@ from moe2.coordinator.gating import (
     load_gate,
     values_for,
 )
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("llama_cpp")
-pytest.importorskip("onnx")
-
-from moe2.coordinator.corpus import read_jsonl  # noqa: E402 (after the extras check)
-from moe2.coordinator.gate_data import (  # noqa: E402
-    Calibration,
-    CalibrationRecord,
-    compute_calibration_from_gguf,
-    load_calibration,
-    save_calibration,
-)
-from moe2.coordinator.gate_train import (  # noqa: E402
-    GateMLP,
-    GateTrainConfig,
-    export_gate_onnx,
-    mixture_nll,
-    train_gate,
-)
-from tests.test_experts import TinyFleet, last_json, run_cli, tiny_fleet  # noqa: E402
+from tests.test_experts import TinyFleet, last_json, run_cli, tiny_fleet
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +68,6 @@ def test_uniform_and_fixed_gates() -> None:
 
 
 def test_onnx_gate_rejects_files_that_are_not_gates(tmp_path: Path) -> None:
-    import onnx
     from onnx import TensorProto, helper
 
     with pytest.raises(GateLoadError, match="no such gate file"):
