@@ -27,7 +27,13 @@ from moe2.agent.sessions import Session, SessionError, SessionTable
 from moe2.agent.stats import AgentStats
 from moe2.shared import __version__, wire
 from moe2.shared.config import AgentConfig
-from moe2.shared.mqtt import Backoff, get_prop, payload_bytes, response_properties
+from moe2.shared.mqtt import (
+    Backoff,
+    cancel_and_wait,
+    get_prop,
+    payload_bytes,
+    response_properties,
+)
 from moe2.shared.sdnotify import Notifier, watchdog_interval_s
 from moe2.shared.topics import Topics
 
@@ -149,11 +155,10 @@ class AgentDaemon:
             deadline = self.clock() + self.cfg.drain_timeout_s
             while (not self._queue.empty() or self._busy) and self.clock() < deadline:  # noqa: ASYNC110 - two conditions, polled briefly at shutdown
                 await asyncio.sleep(0.02)
-            for t in (worker, telemetry, watchdog, expiry):
-                t.cancel()
+            await cancel_and_wait([worker, telemetry, watchdog, expiry])
             self.notifier.stopping()
             await self._publish_offline()
-            session.cancel()
+            await cancel_and_wait([session])
         return 0
 
     _busy = False

@@ -51,7 +51,13 @@ from moe2.coordinator.registry import (
 from moe2.coordinator.rpc import AgentRpc
 from moe2.shared import __version__, wire
 from moe2.shared.config import CoordinatorConfig
-from moe2.shared.mqtt import Backoff, get_prop, payload_bytes, response_properties
+from moe2.shared.mqtt import (
+    Backoff,
+    cancel_and_wait,
+    get_prop,
+    payload_bytes,
+    response_properties,
+)
 from moe2.shared.sdnotify import Notifier, watchdog_interval_s
 from moe2.shared.topics import Topics, valid_name
 
@@ -240,17 +246,16 @@ class Coordinator:
             tasks.append(asyncio.create_task(self._watchdog_loop(), name="watchdog"))
         if self.planner is not None:
             tasks.append(asyncio.create_task(self.planner.run(self), name="planner"))
+        stop = asyncio.create_task(self._stopping.wait(), name="stop-wait")
+        tasks.append(stop)
         try:
-            stop = asyncio.create_task(self._stopping.wait(), name="stop-wait")
-            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 if t is not stop and not t.cancelled() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
             await self._drain()
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
         return 0
 
     async def _drain(self) -> None:

@@ -7,9 +7,11 @@ re-subscribes inside it.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -163,3 +165,20 @@ def payload_bytes(message: aiomqtt.Message) -> bytes:
     if p is None:
         return b""
     return str(p).encode()
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], grace_s: float = 3.0) -> None:
+    """Cancel ``tasks`` and wait for them; cancel again whatever is still running after
+    ``grace_s``. A task that owns an ``async with aiomqtt.Client`` runs the client's graceful
+    disconnect when cancelled, and that disconnect waits without a timeout: a second
+    cancellation is what ends a shutdown whose broker no longer answers."""
+    pending = [t for t in tasks if not t.done()]
+    for t in pending:
+        t.cancel()
+    if not pending:
+        return
+    _done, still = await asyncio.wait(pending, timeout=grace_s)
+    for t in still:
+        t.cancel()
+    if still:
+        await asyncio.wait(still, timeout=grace_s)

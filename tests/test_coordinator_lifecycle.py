@@ -26,7 +26,8 @@ def experts(tmp_path_factory: pytest.TempPathFactory) -> list[ExpertFile]:
     return make_test_experts(tmp_path_factory.mktemp("experts"), count=2)
 
 
-async def _stream_until_sigterm(url: str, proc: Any, max_tokens: int) -> list[Any]:
+async def _stream_until_sigterm(url: str, proc: Any, max_tokens: int,
+                                freeze: Any = None) -> list[Any]:
     cid = "drainphone"
     msgs: list[Any] = []
     async with make_client(parse_broker_url(url), identifier=cid) as c, \
@@ -36,6 +37,8 @@ async def _stream_until_sigterm(url: str, proc: Any, max_tokens: int) -> list[An
         async for m in phone.stream(req, timeout_s=60):
             msgs.append(m)
             if isinstance(m, wire.TokenChunk) and not sent:
+                if freeze is not None:
+                    freeze.send_signal(signal.SIGSTOP)  # the request now cannot finish
                 proc.send_signal(signal.SIGTERM)
                 sent = True
     return msgs
@@ -56,13 +59,13 @@ def test_sigterm_drains_in_flight_requests(procs: Any, fresh_broker: LocalBroker
 def test_drain_timeout_turns_unfinished_requests_into_errors(
         procs: Any, fresh_broker: LocalBroker, experts: list[ExpertFile], tmp_path: Path) -> None:
     url = fresh_broker.url
-    # a slow expert: the large context and many tokens outlast the 0.1 s drain
-    start_agent(procs, url, "d1", experts[1].path)
+    # the agent is frozen (SIGSTOP) at the first token, so the request outlasts the 0.1 s drain
+    agent = start_agent(procs, url, "d1", experts[1].path)
     cfg = tmp_path / "coordinator.toml"
     cfg.write_text('drain_timeout_s = 0.1\nmax_tokens_limit = 5000\n')
     coord = start_coordinator(procs, url, "--config", str(cfg))
     asyncio.run(wait_plan(url, ["d1"]))
-    msgs = asyncio.run(_stream_until_sigterm(url, coord, 480))
+    msgs = asyncio.run(_stream_until_sigterm(url, coord, 480, freeze=agent))
     last = msgs[-1]
     assert isinstance(last, wire.ErrorReplyPhone), last
     assert last.code == wire.ErrorCode.SHUTTING_DOWN
