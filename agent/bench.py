@@ -16,7 +16,7 @@ per-token time into the agent's decode window (``Distribution.latency_s``) and t
 (MQTT round trip, event-loop/thread hops, softmax and top-k, msgpack), and measures a bare MQTT
 echo round trip through the same broker for reference.
 
-This is an offline tool: it builds its GGUFs with :mod:`moe2.coordinator.gguf_models` (the
+This is an offline tool: it builds its GGUFs with :mod:`moe2.shared.gguf_models` (the
 ``dev``/``train`` extras), imported lazily so importing this module needs neither.
 """
 
@@ -100,7 +100,7 @@ class SideRuns:
 
 def _make_models(work: Path, seed: int) -> list[BenchModel]:
     """A tiny test expert and one of at least 50M parameters, written into ``work``."""
-    gm = importlib.import_module("moe2.coordinator.gguf_models")
+    gm = importlib.import_module("moe2.shared.gguf_models")
     tiny = gm.make_test_experts(work / "tiny", count=1, seeds=[1000 + seed])[0]
     large = gm.make_large_expert(work / "large", seed=3000 + seed)
     return [BenchModel(tiny.name, tiny.path, tiny.n_params, "tiny"),

@@ -100,8 +100,10 @@ def run(args: argparse.Namespace) -> int:
             say("coordinator online with the learned gate; asking like a phone would\n")
             test = read_jsonl(manifest.split_path("test"))
             # one prompt from each family first, then more
-            seen: set[str] = set()
-            picked = [s for s in test if not (s.family in seen or seen.add(s.family))]
+            firsts: dict[str, Any] = {}
+            for s in test:
+                firsts.setdefault(s.family, s)
+            picked = list(firsts.values())
             picked = (picked + [s for s in test if s not in picked])[: args.prompts]
 
             async def ask_all() -> None:
@@ -139,7 +141,8 @@ def _show(sample: Any, ans: Any, quiet: bool) -> dict[str, Any]:
     if not quiet:
         experts = ", ".join(f"{e.id} {e.weight:.2f}" for e in used if e.weight >= 0.01)
         sys.stdout.write(
-            f"{sample.prompt}\n   -> {text!r} {'(correct)' if ok else f'(expected {sample.answer!r})'}"
+            f"{sample.prompt}\n   -> {text!r} "
+            f"{'(correct)' if ok else f'(expected {sample.answer!r})'}"
             f"\n      experts (gate weight): {experts}\n"
             f"      {f.tokens} tokens, {f.latency_s * 1e3:.0f} ms, {f.energy_j:.4f} J "
             "(estimated meter)\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from moe2.cli._common import emit_json, fail
 
@@ -38,5 +39,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(result)
     else:
-        sys.stdout.write(open(result["files"]["markdown"]).read())
+        sys.stdout.write(Path(result["files"]["markdown"]).read_text())
     return 0

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from moe2.coordinator.gguf_models import make_test_experts
 from moe2.coordinator.phone import PhoneClient
 from moe2.shared import wire
+from moe2.shared.gguf_models import make_test_experts
 from moe2.shared.localbroker import LocalBroker
 from moe2.shared.mqtt import make_client, parse_broker_url, payload_bytes
 from moe2.shared.topics import Topics

@@ -1208,7 +1208,7 @@ def run_reliability_bench(*, quick: bool = False, out_dir: str | None = None,
                           seed: int = 0) -> dict[str, Any]:
     """The full form (or ``quick``): its own mosquitto, 3 agents and 2 coordinators (+ a bounds
     agent and coordinator) as subprocesses on loopback; returns plain figures."""
-    from moe2.coordinator.gguf_models import make_test_experts
+    from moe2.shared.gguf_models import make_test_experts
 
     spec = QUICK if quick else FULL
     work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="moe2-reliability-"))

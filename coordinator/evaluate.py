@@ -218,8 +218,8 @@ def markdown_table(result: Mapping[str, Any]) -> str:
              f"| Majority Voting | {acc['majority_voting']:.1f} |",
              f"| Average Expert Accuracy | {acc['average_expert']:.1f} |"]
     lines += [f"| Single Agent {n} | {v:.1f} |" for n, v in acc["single"].items()]
-    lines += ["", "| max latency (ms/token) | max energy (J/token) | plan | MoE2 | SMO+MV | Rand+MV |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| max latency (ms/token) | max energy (J/token) | plan | MoE2 | SMO+MV "
+              "| Rand+MV |", "|---|---|---|---|---|---|"]
     for r in result["budget_grid"]:
         plan = ", ".join(r["subset"]) if r["subset"] else "infeasible"
         lines.append(f"| {r['max_latency_s'] * 1e3:.3f} | {r['max_energy_j']:.4f} | {plan} | "
@@ -237,7 +237,8 @@ def plot(result: Mapping[str, Any], path: str | Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     labels = ["MoE2", "Majority\nVoting", "Avg.\nExpert", *[f"Single\n{n}" for n in acc["single"]]]
     values = [acc["moe2"], acc["majority_voting"], acc["average_expert"], *acc["single"].values()]
-    ax1.bar(labels, values, color=["tab:red", "tab:blue", "tab:gray"] + ["tab:green"] * len(acc["single"]))
+    colors = ["tab:red", "tab:blue", "tab:gray"] + ["tab:green"] * len(acc["single"])
+    ax1.bar(labels, values, color=colors)
     ax1.set_ylabel("accuracy (%)")
     ax1.set_title(f"Fig. 3: accuracy on {result['samples']} test prompts")
     grid = result["budget_grid"]

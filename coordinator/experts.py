@@ -50,7 +50,7 @@ import numpy as np
 import numpy.typing as npt
 
 from moe2.coordinator.corpus import SPLITS, Corpus, Sample, generate_corpus
-from moe2.coordinator.gguf_models import LlamaSpec, SpmVocab, train_spm_tokenizer, write_gguf
+from moe2.shared.gguf_models import LlamaSpec, SpmVocab, train_spm_tokenizer, write_gguf
 
 __all__ = [
     "MANIFEST_NAME",
@@ -270,7 +270,7 @@ def quantize_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], quan
     :func:`choose_quant` for a type that fits the model."""
     import llama_cpp
 
-    from moe2.coordinator.gguf_models import read_gguf
+    from moe2.shared.gguf_models import read_gguf
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, _FTYPES[quant])

@@ -246,7 +246,7 @@ class Coordinator:
             tasks.append(asyncio.create_task(self._watchdog_loop(), name="watchdog"))
         if self.planner is not None:
             tasks.append(asyncio.create_task(self.planner.run(self), name="planner"))
-        stop = asyncio.create_task(self._stopping.wait(), name="stop-wait")
+        stop: asyncio.Task[Any] = asyncio.create_task(self._wait_stop(), name="stop-wait")
         tasks.append(stop)
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -257,6 +257,9 @@ class Coordinator:
         finally:
             await cancel_and_wait(tasks)
         return 0
+
+    async def _wait_stop(self) -> None:
+        await self._stopping.wait()
 
     async def _drain(self) -> None:
         self._accepting = False

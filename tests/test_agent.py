@@ -21,8 +21,8 @@ import msgspec
 import numpy as np
 import pytest
 
-from moe2.coordinator import gguf_models as gm
 from moe2.shared import __version__, wire
+from moe2.shared import gguf_models as gm
 from moe2.shared.localbroker import LocalBroker
 from moe2.shared.topics import Topics
 from tests.agent_helpers import (

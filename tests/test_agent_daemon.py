@@ -16,7 +16,7 @@ import pytest
 from moe2.agent.daemon import Work
 from moe2.agent.engine import DecodeJob, LlamaEngine
 from moe2.agent.meters import ManualClock, ManualMeter
-from moe2.coordinator import gguf_models as gm
+from moe2.shared import gguf_models as gm
 from moe2.shared import wire
 from moe2.shared.localbroker import LocalBroker
 from moe2.shared.mqtt import make_client, parse_broker_url, payload_bytes

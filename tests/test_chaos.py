@@ -40,7 +40,6 @@ from moe2.coordinator.bench_reliability import (
     tally,
 )
 from moe2.coordinator.gating import UniformGate
-from moe2.coordinator.gguf_models import make_test_experts
 from moe2.coordinator.phone import AskError, PhoneClient
 from moe2.coordinator.service import (
     MAX_PEERS,
@@ -53,6 +52,7 @@ from moe2.coordinator.service import (
 )
 from moe2.shared import wire
 from moe2.shared.config import CoordinatorConfig
+from moe2.shared.gguf_models import make_test_experts
 from moe2.shared.mqtt import make_client, parse_broker_url, response_properties
 from moe2.shared.topics import Topics
 from tests.agent_helpers import FakeEngine, agent_config

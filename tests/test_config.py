@@ -11,7 +11,7 @@ import pytest
 
 from moe2.cli import agent as agent_cli
 from moe2.cli.main import build_parser, main
-from moe2.coordinator import gguf_models as gm
+from moe2.shared import gguf_models as gm
 from moe2.shared.config import (
     AgentConfig,
     ConfigError,

@@ -18,11 +18,11 @@ import pytest
 
 from moe2.coordinator.fusion import Fused
 from moe2.coordinator.gating import FixedGate
-from moe2.coordinator.gguf_models import ExpertFile, make_test_experts
 from moe2.coordinator.phone import PhoneClient
 from moe2.coordinator.service import Coordinator
 from moe2.shared import wire
 from moe2.shared.config import CoordinatorConfig
+from moe2.shared.gguf_models import ExpertFile, make_test_experts
 from moe2.shared.localbroker import LocalBroker
 from moe2.shared.mqtt import make_client, parse_broker_url
 from tests.fleet import ask, start_agent, start_coordinator, wait_for, wait_plan

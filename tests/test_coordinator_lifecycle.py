@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from moe2.coordinator.gguf_models import ExpertFile, make_test_experts
 from moe2.coordinator.phone import PhoneClient
 from moe2.shared import wire
+from moe2.shared.gguf_models import ExpertFile, make_test_experts
 from moe2.shared.localbroker import LocalBroker
 from moe2.shared.mqtt import make_client, parse_broker_url
 from tests.conftest import log_of

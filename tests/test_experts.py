@@ -25,8 +25,8 @@ from moe2.coordinator.experts import (
     load_manifest,
 )
 from moe2.coordinator.experts_eval import ExpertRunner, greedy_mixture
-from moe2.coordinator.gguf_models import LlamaSpec, random_weights, read_gguf, reference_logits
 from moe2.coordinator.torch_llama import TorchLlama
+from moe2.shared.gguf_models import LlamaSpec, random_weights, read_gguf, reference_logits
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -228,7 +228,7 @@ def test_clusters_follow_domains(fleet: TinyFleet) -> None:
 
 
 def test_llama_cpp_tokenizes_like_training(fleet: TinyFleet) -> None:
-    from moe2.coordinator.gguf_models import SpmVocab
+    from moe2.shared.gguf_models import SpmVocab
 
     vocab = SpmVocab.load(fleet.root / "vocab.model")
     samples = qa.read_jsonl(fleet.manifest.split_path("validation"))

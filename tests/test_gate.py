@@ -174,8 +174,8 @@ def test_load_calibration_rejects_other_files(tmp_path: Path) -> None:
 
 
 def test_calibration_from_gguf_matches_torch(fleet: TinyFleet) -> None:
-    from moe2.coordinator.gguf_models import read_gguf
     from moe2.coordinator.torch_llama import TorchLlama
+    from moe2.shared.gguf_models import read_gguf
 
     samples = read_jsonl(fleet.manifest.split_path("validation"))[:4]
     paths = fleet.manifest.expert_paths()
@@ -189,7 +189,7 @@ def test_calibration_from_gguf_matches_torch(fleet: TinyFleet) -> None:
         assert f.answer_tokens[-1] == 2  # EOS
         assert len(f.probs) == len(paths)
         with torch.no_grad():
-            from moe2.coordinator.gguf_models import SpmVocab
+            from moe2.shared.gguf_models import SpmVocab
 
             vocab = SpmVocab.load(fleet.root / "vocab.model")
             prompt = vocab.encode(f.sample.prompt)

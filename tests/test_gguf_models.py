@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from moe2.coordinator import gguf_models as gm
+from moe2.shared import gguf_models as gm
 
 TEXTS = [
     "Q: What is 12 plus 7? A: 19.",

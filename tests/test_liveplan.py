@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from moe2.coordinator.gguf_models import make_test_experts
 from moe2.coordinator.liveplan import LivePlanner
 from moe2.coordinator.registry import Registry, StatusEvent, TelemetryEvent, apply
 from moe2.shared import wire
+from moe2.shared.gguf_models import make_test_experts
 from moe2.shared.localbroker import LocalBroker
 from moe2.shared.mqtt import make_client, parse_broker_url
 from moe2.shared.topics import Topics

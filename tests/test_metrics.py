@@ -154,7 +154,7 @@ def test_serve_agent_metrics_uses_a_dedicated_registry() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moe2.coordinator.gguf_models import make_test_experts
+    from moe2.shared.gguf_models import make_test_experts
 
     (expert,) = make_test_experts(tmp_path_factory.mktemp("models"), count=1)
     return expert.path

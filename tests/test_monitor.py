@@ -191,7 +191,7 @@ async def test_monitor_once_without_agents_ends_at_the_timeout(
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moe2.coordinator.gguf_models import make_test_experts
+    from moe2.shared.gguf_models import make_test_experts
 
     (expert,) = make_test_experts(tmp_path_factory.mktemp("models"), count=1)
     return expert.path

@@ -261,7 +261,7 @@ def notify_socket() -> Iterator[NotifySocket]:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moe2.coordinator.gguf_models import make_test_experts
+    from moe2.shared.gguf_models import make_test_experts
 
     (expert,) = make_test_experts(tmp_path_factory.mktemp("models"), count=1)
     return expert.path

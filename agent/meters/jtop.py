@@ -99,7 +99,7 @@ class JtopMeter(PollingMeter):
         if jetson is not None:
             try:
                 jetson.close()
-            except Exception as e:  # best effort on shutdown; jtop's errors are its own types
+            except Exception as e:  # noqa: BLE001 - best effort on shutdown; jtop has its own errors
                 logger.debug("jtop close failed: %s", e)
 
     def temperature_c(self) -> float | None:
