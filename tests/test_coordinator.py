@@ -304,3 +304,34 @@ def test_no_reply_topic_outside_own_prefix(fleet: tuple[LocalBroker, str]) -> No
             assert victim.unmatched == 0
 
     asyncio.run(main())
+
+
+def test_experts_with_another_vocabulary_are_never_fused(procs: Any, broker: LocalBroker,
+                                                         experts: list[ExpertFile],
+                                                         tmp_path: Path) -> None:
+    from moe2.shared.gguf_models import make_mismatch_expert
+    from moe2.shared.topics import Topics
+
+    other = make_mismatch_expert(tmp_path)
+    assert other.fingerprint != experts[0].fingerprint
+    start_agent(procs, broker.url, "same0", experts[0].path, "--root", "mix")
+    start_agent(procs, broker.url, "same1", experts[1].path, "--root", "mix")
+    start_agent(procs, broker.url, "other", other.path, "--root", "mix")
+    start_coordinator(procs, broker.url, "--root", "mix")
+
+    async def main() -> list[wire.FinalReply]:
+        await wait_plan(broker.url, ["other", "same0", "same1"], topics=Topics("mix"))
+        finals = []
+        cid = "phonemix"
+        async with make_client(parse_broker_url(broker.url), identifier=cid) as c, \
+                PhoneClient(c, cid, topics=Topics("mix")) as phone:
+            for i in range(3):
+                ans = await phone.ask(wire.PhoneRequest(prompt=f"{PROMPT} {i}", max_tokens=4))
+                assert ans.final is not None, ans.error
+                finals.append(ans.final)
+        return finals
+
+    for final in asyncio.run(main()):
+        used = {e.id for e in final.experts}
+        # one vocabulary family per request: the larger family wins under uniform gating
+        assert used == {"same0", "same1"}
