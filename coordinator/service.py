@@ -76,6 +76,8 @@ MAX_PEERS = 1024
 PLAN_PUBLISH_TIMEOUT_S = 2.0
 #: an RPC that cannot be written within this is dropped (the step deadline handles it)
 RPC_PUBLISH_TIMEOUT_S = 2.0
+#: the smallest non-zero sampling temperature accepted (0 = greedy)
+MIN_TEMPERATURE = 1e-6
 
 
 class InflightMarker(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
@@ -460,6 +462,9 @@ class Coordinator:
                     f"{self.cfg.max_prompt_chars}")
         if req.max_tokens > self.cfg.max_tokens_limit:
             return f"max_tokens {req.max_tokens} exceeds the limit of {self.cfg.max_tokens_limit}"
+        if 0.0 < req.temperature < MIN_TEMPERATURE:  # p^(1/T) overflows to NaN below this
+            return (f"temperature {req.temperature:g} is too small: use 0 for greedy decoding "
+                    f"or at least {MIN_TEMPERATURE:g}")
         if self.cfg.apps and req.app not in self.cfg.apps:
             return f"unknown app {req.app!r}; known: {', '.join(sorted(self.cfg.apps))}"
         return None
