@@ -178,6 +178,8 @@ def role_acl(role: Role, name: str, topics: Topics) -> list[tuple[Access, str]]:
         return [
             ("write", topics.request(name)),
             ("read", topics.response_prefix(name) + "#"),
+            # which coordinators are alive (their Last Will tells a waiting phone to give up)
+            ("read", topics.all_coordinator_status),
         ]
     if role == "agent":
         return [
@@ -195,6 +197,8 @@ def role_acl(role: Role, name: str, topics: Topics) -> list[tuple[Access, str]]:
             ("read", topics.all_agent_telemetry),
             ("read", topics.agent_vocab("+").topic),
             ("read", topics.all_coordinator_status),
+            # in-flight markers: its own, and a dead peer's that it reports and clears
+            ("readwrite", topics.coordinator_inflight("+", "+")),
             ("readwrite", topics.plan.topic),
             ("read", topics.coordinator_inbox(name).topic),
             ("write", topics.coordinator_status(name).topic),

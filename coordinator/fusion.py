@@ -104,7 +104,7 @@ def mix(dists: Sequence[tuple[float, ExpertDist]], n_vocab: int) -> Fused:
 
 def sample(fused: Fused, temperature: float, top_p: float, rng: np.random.Generator) -> int:
     """Greedy at temperature 0; otherwise p^(1/T), nucleus ``top_p``, one draw from ``rng``."""
-    if temperature <= 0.0:
+    if not temperature > 1e-6:  # 0, tiny (p^(1/T) would overflow) or NaN: greedy
         return fused.argmax()
     logp = np.log(np.maximum(fused.probs, 1e-300)) / temperature
     logp -= logp.max()

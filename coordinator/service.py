@@ -112,11 +112,11 @@ def decode_marker(data: bytes) -> InflightMarker:
 
 def inflight_topic(topics: Topics, coordinator_id: str, request_id: str) -> str:
     """``{root}/coordinators/{id}/inflight/{request_id}`` (retained marker of one request)."""
-    return f"{topics.root}/coordinators/{coordinator_id}/inflight/{request_id}"
+    return topics.coordinator_inflight(coordinator_id, request_id)
 
 
 def inflight_filter(topics: Topics, coordinator_id: str = "+") -> str:
-    return f"{topics.root}/coordinators/{coordinator_id}/inflight/+"
+    return topics.coordinator_inflight(coordinator_id, "+")
 
 
 def coordinator_of(topics: Topics, topic: str) -> str | None:

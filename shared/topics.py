@@ -102,6 +102,11 @@ class Topics:
             f"{self.root}/coordinators/{coordinator_id}/status", wire.CoordinatorStatus, retain=True
         )
 
+    def coordinator_inflight(self, coordinator_id: str, request_id: str) -> str:
+        """Retained marker of one request a coordinator is serving (so a surviving peer can
+        tell the phone when this coordinator dies); ``"+"`` for either level in filters."""
+        return f"{self.root}/coordinators/{coordinator_id}/inflight/{request_id}"
+
     @property
     def all_coordinator_status(self) -> str:
         return f"{self.root}/coordinators/+/status"

@@ -144,7 +144,8 @@ def test_acl_rules_per_role_use_the_topic_root() -> None:
     topics = Topics("site1/moe2")
     phone = bc.role_acl("phone", "p1", topics)
     assert phone == [("write", "site1/moe2/requests/p1"),
-                     ("read", "site1/moe2/responses/p1/#")]
+                     ("read", "site1/moe2/responses/p1/#"),
+                     ("read", "site1/moe2/coordinators/+/status")]
     agent = {t: a for a, t in bc.role_acl("agent", "e0", topics)}
     assert agent == {
         "site1/moe2/agents/e0/status": "write", "site1/moe2/agents/e0/telemetry": "write",
@@ -155,6 +156,7 @@ def test_acl_rules_per_role_use_the_topic_root() -> None:
     assert ("read", "site1/moe2/requests/+") in coord
     assert ("read", "site1/moe2/coordinators/c0/inbox") in coord
     assert ("write", "site1/moe2/responses/+/#") in coord
+    assert ("readwrite", "site1/moe2/coordinators/+/inflight/+") in coord
     assert not any("$share" in t for _a, t in coord)
     assert all(a == "read" for a, _t in bc.role_acl("monitor", "m0", topics))
 
