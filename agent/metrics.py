@@ -14,11 +14,10 @@ scrape instead of failing it.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -27,6 +26,7 @@ from prometheus_client.core import (
 )
 
 from moe2.shared import __version__
+from moe2.shared.metrics_http import MetricsServer
 
 if TYPE_CHECKING:
     from moe2.agent.daemon import AgentDaemon
@@ -152,30 +152,6 @@ def agent_registry(daemon: AgentDaemon) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(daemon))
     return registry
-
-
-class MetricsServer:
-    """The HTTP endpoint (``/metrics``) in a daemon thread; ``shutdown()`` stops and closes it."""
-
-    def __init__(self, registry: CollectorRegistry, port: int, addr: str = "0.0.0.0") -> None:
-        self.registry = registry
-        self._httpd, self._thread = start_http_server(port, addr=addr, registry=registry)
-        self._lock = threading.Lock()
-        self._closed = False
-
-    @property
-    def port(self) -> int:
-        port: int = self._httpd.server_port
-        return port
-
-    def shutdown(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5.0)
 
 
 def serve_agent_metrics(daemon: AgentDaemon, port: int, addr: str = "0.0.0.0") -> MetricsServer:

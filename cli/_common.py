@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import os
+import signal
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 
@@ -30,3 +35,33 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.stderr.write(f"moe2: error: {message}\n")
     sys.stderr.flush()
     raise SystemExit(code)
+
+
+def run_daemon(run: Callable[[], Awaitable[int]], request_stop: Callable[[], None],
+               start_metrics: Callable[[], Any] | None = None) -> int:
+    """Run a daemon's main coroutine with SIGTERM/SIGINT wired to its graceful stop; a second
+    signal exits at once. ``start_metrics`` returns a server with ``shutdown()`` (or None)."""
+    log = logging.getLogger("moe2")
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                log.warning("second signal: exiting now")
+                os._exit(1)
+            request_stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        server = start_metrics() if start_metrics is not None else None
+        try:
+            return await run()
+        finally:
+            if server is not None:
+                server.shutdown()
+
+    return asyncio.run(main())

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
-import signal
+from typing import Any
 
-from moe2.cli._common import fail
+from moe2.cli._common import fail, run_daemon
 from moe2.shared.config import AgentConfig, ConfigError, MeterSection, load, override
 from moe2.shared.topics import check_name
 
@@ -117,34 +116,16 @@ def run(args: argparse.Namespace) -> int:
              engine.info.name, engine.info.n_params, engine.info.n_vocab, engine.info.vocab_fp,
              meter.describe(), url.redacted())
 
-    async def main() -> int:
-        loop = asyncio.get_running_loop()
-        signals = 0
+    def start_metrics() -> Any:
+        if cfg.metrics_port is None:
+            return None
+        from moe2.agent.metrics import serve_agent_metrics
 
-        def on_signal() -> None:
-            nonlocal signals
-            signals += 1
-            if signals > 1:
-                log.warning("second signal: exiting now")
-                os._exit(1)
-            daemon.request_stop()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        metrics = None
-        if cfg.metrics_port is not None:
-            from moe2.agent.metrics import serve_agent_metrics
-
-            metrics = serve_agent_metrics(daemon, cfg.metrics_port)
-        try:
-            return await daemon.run()
-        finally:
-            if metrics is not None:
-                metrics.shutdown()
+        return serve_agent_metrics(daemon, cfg.metrics_port)
 
     with meter:
         try:
-            code = asyncio.run(main())
+            code = run_daemon(daemon.run, daemon.request_stop, start_metrics)
         finally:
             engine.close()
     return code

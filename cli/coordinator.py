@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import os
-import signal
 from typing import Any
 
-from moe2.cli._common import fail
+from moe2.cli._common import fail, run_daemon
 from moe2.shared.config import ConfigError, CoordinatorConfig, load, override
 from moe2.shared.topics import check_name
 
@@ -101,29 +98,11 @@ def run(args: argparse.Namespace) -> int:
         metrics = CoordinatorMetrics(cfg.id)
     coordinator = Coordinator(cfg, gate, client_factory, planner=planner, metrics=metrics)
 
-    async def main() -> int:
-        loop = asyncio.get_running_loop()
-        signals = 0
-
-        def on_signal() -> None:
-            nonlocal signals
-            signals += 1
-            if signals > 1:
-                log.warning("second signal: exiting now")
-                os._exit(1)
-            coordinator.request_stop()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        server = None
-        if metrics is not None and cfg.metrics_port is not None:
-            server = metrics.serve(cfg.metrics_port, coordinator)
-        try:
-            return await coordinator.run()
-        finally:
-            if server is not None:
-                server.shutdown()
+    def start_metrics() -> Any:
+        if metrics is None or cfg.metrics_port is None:
+            return None
+        return metrics.serve(cfg.metrics_port, coordinator)
 
     log.info("coordinator %s: broker %s, gate %s", cfg.id, url.redacted(),
              getattr(gate, "kind", "?"))
-    return asyncio.run(main())
+    return run_daemon(coordinator.run, coordinator.request_stop, start_metrics)

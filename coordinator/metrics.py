@@ -19,10 +19,11 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from moe2.shared import wire
+from moe2.shared.metrics_http import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -94,29 +95,6 @@ class _CoordinatorStateCollector:
                                       labels=["coordinator"])
             gauge.add_metric([cid], float(len(agents)))
             yield gauge
-
-
-class MetricsServer:
-    """The HTTP endpoint (``/metrics``) in a daemon thread; ``shutdown()`` stops and closes it."""
-
-    def __init__(self, registry: CollectorRegistry, port: int, addr: str = "0.0.0.0") -> None:
-        self._httpd, self._thread = start_http_server(port, addr=addr, registry=registry)
-        self._lock = threading.Lock()
-        self._closed = False
-
-    @property
-    def port(self) -> int:
-        port: int = self._httpd.server_port
-        return port
-
-    def shutdown(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5.0)
 
 
 class CoordinatorMetrics:
