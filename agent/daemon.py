@@ -267,7 +267,10 @@ class AgentDaemon:
                 # worker would stall on it for aiomqtt's default 10 s after a broker restart.
                 await client.publish(
                     w.response_topic, wire.encode(r), qos=0,
-                    properties=response_properties(correlation_data=w.correlation),
+                    # no property block at all when there is nothing to correlate (every step
+                    # reply from a coordinator): paho packs properties in Python, per message
+                    properties=(None if w.correlation is None
+                                else response_properties(correlation_data=w.correlation)),
                     timeout=REPLY_PUBLISH_TIMEOUT_S,
                 )
             except aiomqtt.MqttError as exc:
