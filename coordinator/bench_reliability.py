@@ -598,17 +598,27 @@ async def phase_broker_restart(fleet: Fleet, spec: LoadSpec, *, down_s: float = 
 
 
 async def phase_coordinator_kill(fleet: Fleet, spec: LoadSpec, *, restart: bool = True,
-                                 seed: int = 0) -> dict[str, Any]:
+                                 seed: int = 0, freeze_agents_s: float = 0.0) -> dict[str, Any]:
     """SIGKILL one of two coordinators under load: the other carries on and tells the phones
-    of the dead one's requests (from its in-flight markers)."""
+    of the dead one's requests (from its in-flight markers). ``freeze_agents_s`` > 0 stops the
+    agents (SIGSTOP) from just before the kill for that long, so the dead coordinator surely
+    holds unfinished requests (the CI test needs the takeover to happen, not just to be
+    possible)."""
     await fleet.wait_ready()
     victim, survivor = fleet.coordinators[0], fleet.coordinators[1]
     times: dict[str, float] = {}
 
     async def inject(progress: Progress) -> None:
         await progress.reached(max(1, spec.total * 30 // 100))
+        if freeze_agents_s > 0:
+            for a in fleet.agents:
+                fleet.signal(a, signal.SIGSTOP)
         times["kill"] = time.monotonic()
         fleet.signal(victim, signal.SIGKILL)
+        if freeze_agents_s > 0:
+            await asyncio.sleep(freeze_agents_s)
+            for a in fleet.agents:
+                fleet.signal(a, signal.SIGCONT)
 
     run = await drive_load(fleet, "coordinator_kill", spec, inject, seed=seed)
     kill = times["kill"]

@@ -122,7 +122,7 @@ def test_coordinator_sigkill_phones_are_told(fleet: Fleet) -> None:
     way into the dying coordinator (MQTT drops what a clean session had not processed) is told
     by the phone client: it saw the coordinator's Last Will and got no reply within its grace.
     No phone is left to its silence timeout."""
-    r = asyncio.run(phase_coordinator_kill(fleet, FAULTS))
+    r = asyncio.run(phase_coordinator_kill(fleet, FAULTS, freeze_agents_s=0.5))
     assert r["in_flight_at_kill"] >= 1
     assert r["told_by_survivor"] >= 1
     assert "went offline before this request finished" in r["told_how"]
