@@ -28,11 +28,11 @@ from moe2.agent.stats import AgentStats
 from moe2.shared import __version__, wire
 from moe2.shared.config import AgentConfig
 from moe2.shared.mqtt import (
-    Backoff,
     cancel_and_wait,
     get_prop,
     payload_bytes,
     response_properties,
+    run_session,
 )
 from moe2.shared.sdnotify import Notifier, watchdog_interval_s
 from moe2.shared.topics import Topics
@@ -175,28 +175,15 @@ class AgentDaemon:
             )
 
     async def _session_loop(self) -> None:
-        backoff = Backoff()
-        while True:
-            client = self.client_factory(self.will())
-            try:
-                async with client:
-                    self._client = client
-                    await self._on_connect(client)
-                    backoff.reset()
-                    async for message in client.messages:
-                        self._on_message(message)
-            except aiomqtt.MqttError as exc:
-                self._client = None
-                self._connected.clear()
-                delay = backoff.next_delay_s()
-                log.warning("agent %s: broker connection lost (%s); retrying in %.1fs",
-                            self.cfg.id, exc, delay)
-                await asyncio.sleep(delay)
-            finally:
-                self._client = None
-                self._connected.clear()
+        await run_session(lambda: self.client_factory(self.will()), self._on_connect,
+                          self._on_message, self._on_lost, f"agent {self.cfg.id}")
+
+    def _on_lost(self) -> None:
+        self._client = None
+        self._connected.clear()
 
     async def _on_connect(self, client: aiomqtt.Client) -> None:
+        self._client = client
         await client.subscribe(self.topics.agent_rpc(self.cfg.id), qos=0)
         info = self.engine.info
         vt = self.topics.agent_vocab(self.cfg.id)

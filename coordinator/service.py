@@ -52,11 +52,11 @@ from moe2.coordinator.rpc import AgentRpc
 from moe2.shared import __version__, wire
 from moe2.shared.config import CoordinatorConfig
 from moe2.shared.mqtt import (
-    Backoff,
     cancel_and_wait,
     get_prop,
     payload_bytes,
     response_properties,
+    run_session,
 )
 from moe2.shared.sdnotify import Notifier, watchdog_interval_s
 from moe2.shared.topics import Topics, valid_name
@@ -294,36 +294,21 @@ class Coordinator:
         return aiomqtt.Will(t.topic, t.encode(self.status("offline")), qos=1, retain=True)
 
     async def _session_loop(self) -> None:
-        backoff = Backoff()
-        while True:
-            client = self.client_factory(self.will())
-            lost = self._conn_lost = asyncio.Event()
-            try:
-                async with client:
-                    self._client = client
-                    await self._on_connect(client)
-                    backoff.reset()
-                    async for message in client.messages:
-                        try:
-                            self._on_message(message)
-                        except Exception:
-                            log.exception("coordinator: message on %s not handled",
-                                          message.topic)
-            except aiomqtt.MqttError as exc:
-                delay = backoff.next_delay_s()
-                log.warning("coordinator %s: broker connection lost (%s); retrying in %.1fs",
-                            self.cfg.id, exc, delay)
-                self._client = None
-                self._connected.clear()
-                self._forget_peers()
-                await asyncio.sleep(delay)
-            finally:
-                lost.set()
-                self._client = None
-                self._connected.clear()
-                self._forget_peers()
+        def new_client() -> aiomqtt.Client:
+            self._conn_lost = asyncio.Event()  # one per connection attempt
+            return self.client_factory(self.will())
+
+        await run_session(new_client, self._on_connect, self._on_message, self._on_lost,
+                          f"coordinator {self.cfg.id}")
+
+    def _on_lost(self) -> None:
+        self._conn_lost.set()
+        self._client = None
+        self._connected.clear()
+        self._forget_peers()
 
     async def _on_connect(self, client: aiomqtt.Client) -> None:
+        self._client = client
         tp = self.topics
         await client.subscribe(tp.coordinator_inbox(self.cfg.id).topic, qos=0)
         await client.subscribe(tp.all_agent_status, qos=1)

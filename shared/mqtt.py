@@ -8,10 +8,11 @@ re-subscribes inside it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -19,6 +20,8 @@ from urllib.parse import unquote, urlsplit
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+_log = logging.getLogger(__name__)
 
 
 class BrokerUrlError(ValueError):
@@ -182,3 +185,35 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], grace_s: float = 3
         t.cancel()
     if still:
         await asyncio.wait(still, timeout=grace_s)
+
+
+async def run_session(
+    new_client: Callable[[], aiomqtt.Client],
+    on_connect: Callable[[aiomqtt.Client], Awaitable[None]],
+    on_message: Callable[[aiomqtt.Message], None],
+    on_lost: Callable[[], None],
+    name: str,
+) -> None:
+    """The one reconnect loop (STYLE.md 2): connect, ``on_connect`` (subscribe, publish status),
+    hand every message to ``on_message``; when the broker goes away call ``on_lost`` and retry
+    after a jittered, capped backoff. Runs until cancelled. A message handler that raises is
+    logged, never allowed to end the session."""
+    backoff = Backoff()
+    while True:
+        client = new_client()
+        try:
+            async with client:
+                await on_connect(client)
+                backoff.reset()
+                async for message in client.messages:
+                    try:
+                        on_message(message)
+                    except Exception:  # noqa: BLE001 - one bad message must not end the session
+                        _log.exception("%s: message on %s not handled", name, message.topic)
+        except aiomqtt.MqttError as exc:
+            on_lost()
+            delay = backoff.next_delay_s()
+            _log.warning("%s: broker connection lost (%s); retrying in %.1fs", name, exc, delay)
+            await asyncio.sleep(delay)
+        finally:
+            on_lost()
