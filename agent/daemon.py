@@ -31,6 +31,7 @@ from moe2.shared.mqtt import (
     cancel_and_wait,
     get_prop,
     payload_bytes,
+    publish_qos0,
     response_properties,
     run_session,
 )
@@ -250,15 +251,16 @@ class AgentDaemon:
                 log.debug("agent %s: reply dropped, not connected", self.cfg.id)
                 continue
             try:
+                # Written to the socket at once (QoS 0, see shared.mqtt.Client.publish_now).
                 # A connection that just died never confirms a publish: without a timeout the
                 # worker would stall on it for aiomqtt's default 10 s after a broker restart.
-                await client.publish(
-                    w.response_topic, wire.encode(r), qos=0,
+                await publish_qos0(
+                    client, w.response_topic, wire.encode(r),
                     # no property block at all when there is nothing to correlate (every step
                     # reply from a coordinator): paho packs properties in Python, per message
                     properties=(None if w.correlation is None
                                 else response_properties(correlation_data=w.correlation)),
-                    timeout=REPLY_PUBLISH_TIMEOUT_S,
+                    timeout_s=REPLY_PUBLISH_TIMEOUT_S,
                 )
             except aiomqtt.MqttError as exc:
                 log.debug("agent %s: reply not sent: %s", self.cfg.id, exc)

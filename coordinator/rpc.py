@@ -2,8 +2,10 @@
 
 Steps due for one agent in the same event-loop tick travel as ONE :class:`wire.Step` message:
 :meth:`AgentRpc.step` queues the item and schedules a flush with ``call_soon``; the flush hands
-one message per agent to the sender queue, which the coordinator's sender task publishes. Replies
-arrive on this coordinator's inbox and resolve futures keyed by (agent, session, seq).
+one message per agent to ``direct`` (the coordinator's connected client, which writes it to the
+socket in the same iteration), or, when that declines, to the sender queue that the
+coordinator's sender task publishes. Replies arrive on this coordinator's inbox and resolve
+futures keyed by (agent, session, seq).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from moe2.shared import wire
@@ -45,6 +48,8 @@ class AgentRpc:
         self._by_agent: dict[str, set[Key]] = defaultdict(set)
         self._pending: dict[str, list[wire.StepItem]] = defaultdict(list)
         self._flush_scheduled = False
+        #: sends one message now and returns True, or returns False to use the sender queue
+        self.direct: Callable[[Outgoing], bool] | None = None
         self.messages_sent = 0
         self.stray_replies = 0
 
@@ -59,8 +64,12 @@ class AgentRpc:
         return fut
 
     def _send(self, agent_id: str, msg: wire.OpenSession | wire.Step | wire.CloseSession) -> None:
+        out = Outgoing(self.topics.agent_rpc(agent_id), wire.encode(msg))
+        if self.direct is not None and self.direct(out):
+            self.messages_sent += 1
+            return
         try:
-            self.outgoing.put_nowait(Outgoing(self.topics.agent_rpc(agent_id), wire.encode(msg)))
+            self.outgoing.put_nowait(out)
             self.messages_sent += 1
         except asyncio.QueueFull:
             log.error("rpc queue full: message to %s dropped", agent_id)

@@ -48,13 +48,15 @@ from moe2.coordinator.registry import (
     VocabEvent,
     apply,
 )
-from moe2.coordinator.rpc import AgentRpc
+from moe2.coordinator.rpc import AgentRpc, Outgoing
 from moe2.shared import __version__, wire
 from moe2.shared.config import CoordinatorConfig
 from moe2.shared.mqtt import (
+    Client,
     cancel_and_wait,
     get_prop,
     payload_bytes,
+    publish_qos0,
     response_properties,
     run_session,
 )
@@ -166,6 +168,8 @@ class Coordinator:
         self.metrics = metrics
         self.registry = Registry()
         self.rpc = AgentRpc(self.topics, cfg.id)
+        self._rpc_props = response_properties(response_topic=self.rpc.inbox)
+        self.rpc.direct = self._send_rpc_now
         self.limits = Limits(cfg.max_concurrent, cfg.max_concurrent_per_client,
                              cfg.rate_per_client_per_s)
         self.settings = GenerationSettings(
@@ -517,8 +521,8 @@ class Coordinator:
                     await self._until_lost(client.publish(topic, payload, qos=qos,
                                                           properties=props))
                 else:
-                    await client.publish(topic, payload, qos=qos, properties=props,
-                                         timeout=RPC_PUBLISH_TIMEOUT_S)
+                    await publish_qos0(client, topic, payload, properties=props,
+                                       timeout_s=RPC_PUBLISH_TIMEOUT_S)
                 return
             except aiomqtt.MqttError:
                 pass
@@ -705,8 +709,20 @@ class Coordinator:
             else:
                 await asyncio.sleep(0.1)
 
+    def _send_rpc_now(self, out: Outgoing) -> bool:
+        """The token path: write a step to its agent in this loop iteration (no sender-task
+        hop). Declines (-> the sender queue) for a client without the immediate write."""
+        client = self._client
+        if not isinstance(client, Client):
+            return False
+        try:
+            client.publish_now(out.topic, out.payload, properties=self._rpc_props)
+        except aiomqtt.MqttError as exc:
+            log.debug("rpc not sent: %s", exc)  # the step deadline drops the expert
+        return True
+
     async def _rpc_sender(self) -> None:
-        props = response_properties(response_topic=self.rpc.inbox)
+        props = self._rpc_props
         while True:
             out = await self.rpc.outgoing.get()
             client = self._client

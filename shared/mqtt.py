@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
+import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -96,7 +97,7 @@ def make_client(
     }
     if max_queued_outgoing is not None:
         kwargs["max_queued_outgoing_messages"] = max_queued_outgoing
-    client = aiomqtt.Client(
+    client = Client(
         hostname=url.host,
         port=url.port,
         username=url.username,
@@ -113,6 +114,72 @@ def make_client(
     # aiomqtt's default warns past 10 pending publishes.
     client.pending_calls_threshold = 100_000
     return client
+
+
+class Client(aiomqtt.Client):
+    """aiomqtt's client plus :meth:`publish_now`, a QoS 0 publish written to the socket at once.
+
+    aiomqtt hands every outgoing packet to the event loop as a writer callback (paho's
+    ``on_socket_register_write``): the bytes leave one to two loop iterations later, after a
+    ``call_soon_threadsafe`` self-pipe wake-up and an ``epoll_ctl`` pair, and the publishing
+    task resumes another iteration after that. On the token path (a step to every expert, a
+    distribution back, every generated token) that is paid on each hop; ``publish_now`` writes
+    the packet in the caller's loop iteration instead, the way paho itself does when it owns
+    the loop. It only claims writes that its own call queues; anything else (a partial write,
+    an error, packets queued by paho's own loop) goes through aiomqtt's writer as before, so
+    ordering and disconnect handling are aiomqtt's.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._paho: paho.Client = self._client
+        self._deferred_register = self._paho.on_socket_register_write
+        self._claim = False
+        self._claimed = False
+        self._paho.on_socket_register_write = self._register_write
+
+    def _register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self._claim:
+            self._claimed = True  # publish_now writes it below, in this same iteration
+            return
+        if self._deferred_register is not None:
+            self._deferred_register(client, userdata, sock)
+
+    def publish_now(self, topic: str, payload: bytes, *,
+                    properties: Properties | None = None) -> None:
+        """Publish at QoS 0 and write it before returning (call on the event-loop thread).
+        Raises :class:`aiomqtt.MqttCodeError` like :meth:`publish` when paho refuses it
+        (not connected, outgoing queue full)."""
+        self._claim = True
+        try:
+            info = self._paho.publish(topic, payload, 0, False, properties)
+        finally:
+            self._claim = False
+        if self._claimed:
+            self._claimed = False
+            try:
+                self._paho.loop_write()
+            except Exception:  # noqa: BLE001 - aiomqtt's writer meets it again and disconnects
+                _log.debug("immediate write failed; leaving it to the event loop's writer")
+            # paho marked the socket as waiting for a writer before we claimed the write:
+            # what is still queued (partial write, error) needs aiomqtt's writer after all.
+            sock = self._paho.socket()
+            if self._paho.want_write() and sock is not None \
+                    and self._deferred_register is not None:
+                self._deferred_register(self._paho, self._paho.user_data_get(), sock)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+
+
+async def publish_qos0(client: aiomqtt.Client, topic: str, payload: bytes, *,
+                       properties: Properties | None = None,
+                       timeout_s: float | None = None) -> None:
+    """QoS 0 publish on the token path: written at once by a :class:`Client`, through
+    aiomqtt's ordinary publish for any other client (tests' fakes)."""
+    if isinstance(client, Client):
+        client.publish_now(topic, payload, properties=properties)
+        return
+    await client.publish(topic, payload, qos=0, properties=properties, timeout=timeout_s)
 
 
 class Backoff:

@@ -1,0 +1,96 @@
+"""shared.mqtt.Client.publish_now: QoS 0 written in the caller's loop iteration, in order, with
+partial writes and errors handed back to aiomqtt's own writer (real mosquitto)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from moe2.shared.localbroker import LocalBroker
+from moe2.shared.mqtt import Client, make_client, parse_broker_url, payload_bytes, publish_qos0
+
+
+async def _receive(sub: aiomqtt.Client, n: int) -> list[bytes]:
+    got: list[bytes] = []
+    it = aiter(sub.messages)
+    while len(got) < n:
+        m = await asyncio.wait_for(anext(it), 10)
+        got.append(payload_bytes(m))
+    return got
+
+
+async def _no_writer_left(client: Client) -> bool:
+    """After a few loop iterations no writer may stay registered for the socket: a stale one
+    would spin the event loop at 100% CPU (aiomqtt's writer re-arms only through paho)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+    sock = client._paho.socket()
+    assert sock is not None
+    return not asyncio.get_running_loop().remove_writer(sock.fileno())
+
+
+async def test_publish_now_writes_before_returning_and_keeps_order(broker: LocalBroker) -> None:
+    url = parse_broker_url(broker.url)
+    async with make_client(url) as pub, make_client(url) as sub:
+        assert isinstance(pub, Client)
+        await sub.subscribe("t/now", qos=1)
+        expected: list[bytes] = []
+        for i in range(300):
+            body = f"{i}".encode()
+            expected.append(body)
+            if i % 7 == 3:  # ordinary aiomqtt publishes interleaved
+                await pub.publish("t/now", body, qos=1)
+                continue
+            pub.publish_now("t/now", body)
+            # nothing left for the event loop to write: the packet is on the socket already
+            assert not pub._paho.want_write()
+        assert await _receive(sub, len(expected)) == expected
+        assert await _no_writer_left(pub)
+
+
+async def test_partial_write_is_finished_by_the_event_loop(broker: LocalBroker) -> None:
+    url = parse_broker_url(broker.url)
+    async with make_client(url) as pub, make_client(url) as sub:
+        assert isinstance(pub, Client)
+        await sub.subscribe("t/partial", qos=0)
+        paho = pub._paho
+        real_send = paho._sock_send
+        calls = {"n": 0}
+
+        def half_then_block(data: Any) -> int:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                return int(real_send(bytes(data)[: len(data) // 2]))
+            if calls["n"] == 2:
+                raise BlockingIOError  # the socket buffer is full: wait for writability
+            return int(real_send(data))
+
+        paho._sock_send = half_then_block
+        try:
+            pub.publish_now("t/partial", b"a" * 4000)
+            assert paho.want_write()  # the rest waits for aiomqtt's writer ...
+            pub.publish_now("t/partial", b"b" * 10)  # ... and so does what comes after it
+            got = await _receive(sub, 2)
+        finally:
+            paho._sock_send = real_send
+        assert got == [b"a" * 4000, b"b" * 10]
+        assert not paho.want_write()
+        assert await _no_writer_left(pub)
+
+
+async def test_publish_now_without_a_connection_raises() -> None:
+    client = make_client(parse_broker_url("mqtt://127.0.0.1:1"))
+    assert isinstance(client, Client)
+    with pytest.raises(aiomqtt.MqttError):
+        client.publish_now("t/x", b"x")
+
+
+async def test_publish_qos0_uses_ordinary_publish_for_other_clients(broker: LocalBroker) -> None:
+    plain = aiomqtt.Client("127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5)
+    async with plain, make_client(parse_broker_url(broker.url)) as sub:
+        await sub.subscribe("t/plain", qos=0)
+        await publish_qos0(plain, "t/plain", b"hello")
+        assert await _receive(sub, 1) == [b"hello"]
