@@ -14,7 +14,8 @@ Figures are medians over the runs; the first run of each side is a warm-up (page
 memory-mapped weights) and is not counted. Besides tokens/s the result splits the MQTT path's
 per-token time into the agent's decode window (``Distribution.latency_s``) and the rest
 (MQTT round trip, event-loop/thread hops, softmax and top-k, msgpack), and measures a bare MQTT
-echo round trip through the same broker for reference.
+echo round trip through the same broker for reference: back to back, and with an idle gap as
+long as one direct step before every ping (the floor the message path has at that step rate).
 
 This is an offline tool: it builds its GGUFs with :mod:`moe2.shared.gguf_models` (the
 ``dev``/``train`` extras), imported lazily so importing this module needs neither.
@@ -51,6 +52,7 @@ from moe2.shared.mqtt import (
     make_client,
     parse_broker_url,
     payload_bytes,
+    publish_qos0,
     response_properties,
 )
 from moe2.shared.topics import Topics
@@ -194,8 +196,8 @@ class _MqttStepper:
     async def call(self, msg: wire.OpenSession | wire.Step) -> wire.Reply:
         self._n += 1
         corr = self._n.to_bytes(8, "little")
-        await self.client.publish(self.topics.agent_rpc(self.agent_id), wire.encode(msg), qos=0,
-                                  properties=response_properties(self.inbox, corr))
+        await publish_qos0(self.client, self.topics.agent_rpc(self.agent_id), wire.encode(msg),
+                           properties=response_properties(self.inbox, corr))
         messages = aiter(self.client.messages)
         while True:
             m = await asyncio.wait_for(anext(messages), timeout=STEP_TIMEOUT_S)
@@ -236,8 +238,12 @@ class _MqttStepper:
         return out
 
 
-async def _echo_rtt_ms(broker_url: str, n: int) -> float:
-    """Median round trip of a 300-byte payload bounced by a second client through the broker."""
+async def _echo_rtt_ms(broker_url: str, n: int, gap_s: float = 0.0) -> float:
+    """Median round trip of a 300-byte payload bounced by a second client through the broker.
+
+    With ``gap_s`` every ping follows that long an idle sleep, as a step follows the agent's
+    decode: every process on the path then wakes from idle for each message, which on a VM
+    costs far more than back-to-back messages do (measured here: 0.35 -> 0.8 ms)."""
     url = parse_broker_url(broker_url)
     tag = uuid.uuid4().hex[:8]
     ping, pong = f"bench/{tag}/ping", f"bench/{tag}/pong"
@@ -248,15 +254,17 @@ async def _echo_rtt_ms(broker_url: str, n: int) -> float:
 
         async def echo() -> None:
             async for m in b.messages:
-                await b.publish(pong, payload_bytes(m))
+                await publish_qos0(b, pong, payload_bytes(m))
 
         task = asyncio.create_task(echo(), name="bench-echo")
         try:
             rtts: list[float] = []
             replies = aiter(a.messages)
             for i in range(n + 10):
+                if gap_s > 0:
+                    await asyncio.sleep(gap_s)
                 t0 = time.perf_counter()
-                await a.publish(ping, payload)
+                await publish_qos0(a, ping, payload)
                 await asyncio.wait_for(anext(replies), timeout=STEP_TIMEOUT_S)
                 if i >= 10:  # warm-up
                     rtts.append(time.perf_counter() - t0)
@@ -320,6 +328,8 @@ async def _bench_model(model: BenchModel, broker_url: str, work: Path, *, runs: 
         rc = _stop(proc)
     d, m = d_runs.summary(), m_runs.summary()
     ratio = m["tokens_per_s"] / d["tokens_per_s"]
+    gap_rtt_ms = await _echo_rtt_ms(broker_url, 50 if runs < 5 else 150,
+                                    gap_s=d["step_ms_median"] / 1000.0)
     # softmax + top-k over the vocabulary, as the agent does per step (in this process)
     rng = np.random.default_rng(0)
     logits = rng.standard_normal(direct.n_vocab).astype(np.float32)
@@ -348,6 +358,12 @@ async def _bench_model(model: BenchModel, broker_url: str, work: Path, *, runs: 
             # agent's thread hops, softmax/top-k, msgpack), median over all steps
             "mqtt_step_outside_decode": m["outside_decode_ms_median"],
             "bare_mqtt_echo_rtt": rtt_ms,
+            # the same echo, each ping after an idle gap as long as one direct step: the
+            # message path's floor at this model's step rate on this machine
+            "bare_mqtt_echo_rtt_after_step_gap": gap_rtt_ms,
+            # what the agent itself adds per step beyond that floor (event-loop and thread
+            # hops, msgpack, top-k)
+            "agent_own": m["outside_decode_ms_median"] - gap_rtt_ms,
             "softmax_topk": softmax_ms,
         },
         "same_tokens": d_runs.tokens == m_runs.tokens,

@@ -11,7 +11,11 @@ overhead = (fused per-token time - slowest expert's own per-token time) / bare M
   echoes it back, through the same local mosquitto.
 
 Medians over repeated runs. Every process shares this machine's cores, which is the honest
-setting for a single edge box and the pessimistic one for the overhead.
+setting for a single edge box and the pessimistic one for the overhead. To show what that
+costs, the single-request phase also reads every process's CPU time (Linux ``/proc``): CPU
+milliseconds per fused token for each agent, the coordinator, the broker and the phone (this
+process), and their sum divided by the core count -- the per-token time below which no
+scheduling could go on this machine.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from moe2.coordinator.phone import PhoneClient
 from moe2.shared import wire
 from moe2.shared.gguf_models import make_test_experts
 from moe2.shared.localbroker import LocalBroker
-from moe2.shared.mqtt import make_client, parse_broker_url, payload_bytes
+from moe2.shared.mqtt import make_client, parse_broker_url, payload_bytes, publish_qos0
 from moe2.shared.topics import Topics
 
 PROMPT = "What is the capital of France?"
@@ -69,14 +73,14 @@ async def _bare_rtt_s(url: str, payload_size: int, n: int) -> float:
 
         async def echo() -> None:
             async for m in b.messages:
-                await b.publish(pong, payload_bytes(m), qos=0)
+                await publish_qos0(b, pong, payload_bytes(m))
 
         task = asyncio.create_task(echo())
         times = []
         it = aiter(a.messages)
         for i in range(n + 10):
             t0 = time.perf_counter()
-            await a.publish(ping, payload, qos=0)
+            await publish_qos0(a, ping, payload)
             await anext(it)
             if i >= 10:
                 times.append(time.perf_counter() - t0)
@@ -101,20 +105,39 @@ async def _wait_ready(url: str, n_experts: int) -> None:
     raise RuntimeError("the coordinator never planned with every expert")
 
 
-async def _fused(url: str, n_tokens: int, repeats: int, concurrency: tuple[int, ...]
-                 ) -> dict[str, Any]:
+def _cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process so far (Linux), or None where unreadable."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def _fused(url: str, n_tokens: int, repeats: int, concurrency: tuple[int, ...],
+                 pids: dict[str, int | None]) -> dict[str, Any]:
     u = parse_broker_url(url)
     req = wire.PhoneRequest(prompt=PROMPT, max_tokens=n_tokens, raw=True)
     per_token: list[float] = []
     async with make_client(u, identifier="bench-phone") as c, PhoneClient(c, "bench-phone") as ph:
         for _ in range(2):  # warm up
             await ph.ask(req)
+        cpu0 = {name: _cpu_s(pid) for name, pid in pids.items()}
+        tokens_total = 0
         for _ in range(repeats):
             ans = await ph.ask(req)
             f = ans.final
             if f is None or f.tokens < 2 or f.ttft_s is None:
                 raise RuntimeError(f"bench request failed: {ans.error}")
             per_token.append((f.latency_s - f.ttft_s) / (f.tokens - 1))
+            tokens_total += f.tokens
+        cpu_ms: dict[str, float] = {}
+        for name, pid in pids.items():
+            before, after = cpu0[name], _cpu_s(pid)
+            if before is not None and after is not None:
+                cpu_ms[name] = 1000.0 * (after - before) / tokens_total
     throughput: dict[str, float] = {}
     for conc in concurrency:
         n_clients = max(1, conc // 8)
@@ -135,7 +158,7 @@ async def _fused(url: str, n_tokens: int, repeats: int, concurrency: tuple[int, 
         tokens = sum(a.final.tokens for a in answers if a.final is not None)
         throughput[str(conc)] = tokens / wall
     return {"per_token_s": statistics.median(per_token), "per_token_runs_s": per_token,
-            "tokens_per_s": throughput}
+            "tokens_per_s": throughput, "cpu_ms_per_token": cpu_ms}
 
 
 def run_fusion_bench(*, quick: bool = False, out_dir: str | None = None,
@@ -167,7 +190,13 @@ def run_fusion_bench(*, quick: bool = False, out_dir: str | None = None,
             async def main() -> tuple[float, dict[str, Any], float]:
                 await _wait_ready(b.url, len(experts))
                 rtt_before = await _bare_rtt_s(b.url, reply_size, 100 if quick else 300)
-                fused = await _fused(b.url, n_tokens, repeats, (1, 8) if quick else (1, 8, 64))
+                pids: dict[str, int | None] = {e.name: p.pid
+                                               for e, p in zip(experts, procs, strict=False)}
+                pids["coordinator"] = procs[-1].pid
+                pids["broker"] = b.pid
+                pids["phone"] = os.getpid()
+                fused = await _fused(b.url, n_tokens, repeats, (1, 8) if quick else (1, 8, 64),
+                                     pids)
                 rtt_after = await _bare_rtt_s(b.url, reply_size, 100 if quick else 300)
                 return rtt_before, fused, rtt_after
 
@@ -197,4 +226,9 @@ def run_fusion_bench(*, quick: bool = False, out_dir: str | None = None,
         "target_overhead_rtts": 1.5,
         "fused_tokens_per_s": fused["tokens_per_s"],
         "cpu_count": os.cpu_count(),
+        # single-request phase: CPU ms each process spent per fused token, and the sum spread
+        # over every core (a lower bound on the per-token time on this machine)
+        "cpu_ms_per_token": fused["cpu_ms_per_token"],
+        "cpu_floor_ms_per_token": (sum(fused["cpu_ms_per_token"].values()) / (os.cpu_count() or 1)
+                                   if fused["cpu_ms_per_token"] else None),
     }

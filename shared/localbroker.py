@@ -55,6 +55,11 @@ class LocalBroker:
         self.log_path = self._dir / "mosquitto.log"
 
     @property
+    def pid(self) -> int | None:
+        """The running mosquitto's process id (benchmarks read its CPU time)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
