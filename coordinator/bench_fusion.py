@@ -10,6 +10,10 @@ overhead = (fused per-token time - slowest expert's own per-token time) / bare M
 * bare round trip: one aiomqtt client publishes a payload the size of a step reply, a second
   echoes it back, through the same local mosquitto.
 
+Beside it, ``fusion_over_alone_rtts`` compares the fused step with the slowest expert served
+alone through the same coordinator (an ``experts`` evaluation override): what the second
+expert and the mixing cost, separately from what any request through MQTT costs.
+
 Medians over repeated runs. Every process shares this machine's cores, which is the honest
 setting for a single edge box and the pessimistic one for the overhead. To show what that
 costs, the single-request phase also reads every process's CPU time (Linux ``/proc``): CPU
@@ -116,14 +120,27 @@ def _cpu_s(pid: int | None) -> float | None:
         return None
 
 
+def _steady_per_token_s(ans: Any) -> float:
+    f = ans.final
+    if f is None or f.tokens < 2 or f.ttft_s is None:
+        raise RuntimeError(f"bench request failed: {ans.error}")
+    return float((f.latency_s - f.ttft_s) / (f.tokens - 1))
+
+
 async def _fused(url: str, n_tokens: int, repeats: int, concurrency: tuple[int, ...],
-                 pids: dict[str, int | None]) -> dict[str, Any]:
+                 pids: dict[str, int | None], slowest: str) -> dict[str, Any]:
     u = parse_broker_url(url)
     req = wire.PhoneRequest(prompt=PROMPT, max_tokens=n_tokens, raw=True)
+    # the slowest expert alone through the same coordinator (an evaluation override)
+    alone = wire.PhoneRequest(prompt=PROMPT, max_tokens=n_tokens, raw=True, experts=[slowest])
     per_token: list[float] = []
+    alone_per_token: list[float] = []
     async with make_client(u, identifier="bench-phone") as c, PhoneClient(c, "bench-phone") as ph:
         for _ in range(2):  # warm up
             await ph.ask(req)
+            await ph.ask(alone)
+        for _ in range(repeats):
+            alone_per_token.append(_steady_per_token_s(await ph.ask(alone)))
         cpu0 = {name: _cpu_s(pid) for name, pid in pids.items()}
         tokens_total = 0
         for _ in range(repeats):
@@ -158,6 +175,7 @@ async def _fused(url: str, n_tokens: int, repeats: int, concurrency: tuple[int, 
         tokens = sum(a.final.tokens for a in answers if a.final is not None)
         throughput[str(conc)] = tokens / wall
     return {"per_token_s": statistics.median(per_token), "per_token_runs_s": per_token,
+            "alone_per_token_s": statistics.median(alone_per_token),
             "tokens_per_s": throughput, "cpu_ms_per_token": cpu_ms}
 
 
@@ -182,7 +200,7 @@ def run_fusion_bench(*, quick: bool = False, out_dir: str | None = None,
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             cfg = work / "coordinator.toml"
             cfg.write_text("dist_k = 64\nmax_concurrent_per_client = 64\n"
-                           "rate_per_client_per_s = 1000.0\n")
+                           "rate_per_client_per_s = 1000.0\nallow_overrides = true\n")
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "moe2.cli.main", "coordinator", "--broker", b.url,
                  "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -196,7 +214,7 @@ def run_fusion_bench(*, quick: bool = False, out_dir: str | None = None,
                 pids["broker"] = b.pid
                 pids["phone"] = os.getpid()
                 fused = await _fused(b.url, n_tokens, repeats, (1, 8) if quick else (1, 8, 64),
-                                     pids)
+                                     pids, max(direct, key=lambda n: direct[n]))
                 rtt_after = await _bare_rtt_s(b.url, reply_size, 100 if quick else 300)
                 return rtt_before, fused, rtt_after
 
@@ -224,6 +242,10 @@ def run_fusion_bench(*, quick: bool = False, out_dir: str | None = None,
         "fused_per_token_ms": fused["per_token_s"] * 1e3,
         "overhead_rtts": overhead,
         "target_overhead_rtts": 1.5,
+        # what fusing costs over serving the slowest expert alone through the same coordinator
+        # (same phone, same broker, an `experts` override): the price of the second expert
+        "slowest_alone_through_coordinator_per_token_ms": fused["alone_per_token_s"] * 1e3,
+        "fusion_over_alone_rtts": (fused["per_token_s"] - fused["alone_per_token_s"]) / rtt,
         "fused_tokens_per_s": fused["tokens_per_s"],
         "cpu_count": os.cpu_count(),
         # single-request phase: CPU ms each process spent per fused token, and the sum spread
