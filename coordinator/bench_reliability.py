@@ -530,6 +530,11 @@ async def phase_agent_faults(fleet: Fleet, spec: LoadSpec, *, hang_s: float = 3.
     fleet.check_alive()
     finals = [o for o in run.outcomes if o.kind == "final"]
     dropped_killed = [r for o in finals for a, r in o.dropped if a == killed]
+    # the kill's own effect: drops of the killed agent in requests that were in flight when it
+    # died (later ones may drop its restarted successor for lateness on a loaded box)
+    kill_s = times.get("kill", float("inf"))
+    dropped_by_kill = [r for o in finals if o.sent_s < kill_s < o.ended_s
+                       for a, r in o.dropped if a == killed]
     dropped_hung = [r for o in finals for a, r in o.dropped if a == hung]
     out = tally(run.outcomes, run.wall_s)
     out.update(
@@ -537,7 +542,8 @@ async def phase_agent_faults(fleet: Fleet, spec: LoadSpec, *, hang_s: float = 3.
         finals_with_killed_dropped=len(dropped_killed),
         finals_with_hung_dropped=len(dropped_hung),
         hung_dropped_by_step_deadline=sum("deadline" in r for r in dropped_hung),
-        killed_drop_reasons=sorted(set(dropped_killed))[:3],
+        finals_in_flight_at_kill_with_killed_dropped=len(dropped_by_kill),
+        killed_drop_reasons=sorted(set(dropped_by_kill))[:3],
         hung_drop_reasons=sorted(set(dropped_hung))[:3],
         finals_using_restarted_agent=sum(killed in o.experts for o in finals
                                          if o.sent_s > times.get("restart", float("inf"))),
