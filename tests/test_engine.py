@@ -115,6 +115,32 @@ def test_batched_decode_equals_separate_decodes(fleet: Fleet) -> None:
     assert np.abs(together[0][-1] - together[1][-1]).max() > 1e-3
 
 
+@pytest.mark.parametrize(("n_ctx", "max_sessions"), [(100, 3), (257, 2)])
+def test_every_session_holds_its_full_context_at_once(fleet: Fleet, n_ctx: int,
+                                                      max_sessions: int) -> None:
+    """Each session has its own KV stream of at least ``n_ctx`` cells, all full at the same
+    time (sizes llama.cpp does not divide evenly included), and a full one does not disturb
+    the others: the last step of each session equals that sequence decoded alone."""
+    eng = LlamaEngine(str(fleet.shared[0].path), n_ctx=n_ctx, max_sessions=max_sessions,
+                      n_threads=1, kv_type="f32")
+    try:
+        tokens = [[1] + [(7 * s + i) % 200 + 3 for i in range(n_ctx - 1)]
+                  for s in range(max_sessions)]
+        last: list[np.ndarray] = []
+        for pos in range(0, n_ctx, 40):  # interleaved chunks, every session in each call
+            out = eng.decode([DecodeJob(s, tokens[s][pos:pos + 40], pos)
+                              for s in range(max_sessions)])
+            last = [softmax64(x) for x in out]
+        for s in range(max_sessions):
+            eng.free(s)
+        for s in range(max_sessions):
+            alone = softmax64(eng.decode([DecodeJob(0, tokens[s], 0)])[0])
+            eng.free(0)
+            np.testing.assert_allclose(last[s], alone, rtol=0, atol=1e-5)
+    finally:
+        eng.close()
+
+
 def test_free_clears_the_sequence_for_reuse(engine: LlamaEngine) -> None:
     tokens = engine.tokenize(PROMPT, add_bos=True, parse_special=False)
     _fed, first = greedy(engine, 3, tokens, 5)
