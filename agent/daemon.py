@@ -36,7 +36,7 @@ from moe2.shared.mqtt import (
     run_session,
 )
 from moe2.shared.sdnotify import Notifier, watchdog_interval_s
-from moe2.shared.topics import Topics
+from moe2.shared.topics import Topics, publishable_topic
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class AgentDaemon:
         self._ready_sent = False
         self._entered = False
         self.connections = 0  # successful MQTT sessions so far (tests read it)
+        self.dropped_requests = 0  # requests no reply could be sent for (bad response topic)
 
     # ------------------------------------------------------------------ messages
     def status(self, state: str) -> wire.AgentStatus:
@@ -208,6 +209,13 @@ class AgentDaemon:
         data = payload_bytes(message)
         rt = get_prop(message, "ResponseTopic")
         corr = get_prop(message, "CorrelationData")
+        if rt is not None and not publishable_topic(rt):
+            # No reply can go there (paho refuses it, mosquitto would disconnect us for it);
+            # running the request anyway would only move a session nobody hears about.
+            log.debug("agent %s: request with an unusable response topic %r dropped",
+                      self.cfg.id, rt[:200])
+            self.dropped_requests += 1
+            return
         try:
             msg = wire.decode_agent_inbound(data)
         except wire.DecodeError as exc:
@@ -262,7 +270,7 @@ class AgentDaemon:
                                 else response_properties(correlation_data=w.correlation)),
                     timeout_s=REPLY_PUBLISH_TIMEOUT_S,
                 )
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, ValueError) as exc:  # ValueError: paho refused the topic
                 log.debug("agent %s: reply not sent: %s", self.cfg.id, exc)
 
     # ------------------------------------------------------------------ engine thread

@@ -145,6 +145,11 @@ class AgentCollector:
                                   labels=["agent"])
         fam.add_metric([agent], d.connections)
         yield fam
+        fam = CounterMetricFamily("moe2_agent_dropped_requests",
+                                  "Requests dropped unanswered: their response topic cannot be "
+                                  "published to", labels=["agent"])
+        fam.add_metric([agent], d.dropped_requests)
+        yield fam
 
 
 def agent_registry(daemon: AgentDaemon) -> CollectorRegistry:

@@ -59,7 +59,7 @@ import msgspec
 import psutil
 
 from moe2.coordinator.phone import AskError, PhoneClient, session_client
-from moe2.coordinator.service import InflightMarker, inflight_topic, publishable_topic
+from moe2.coordinator.service import InflightMarker, inflight_topic
 from moe2.shared import wire
 from moe2.shared.localbroker import LocalBroker
 from moe2.shared.mqtt import (
@@ -69,7 +69,7 @@ from moe2.shared.mqtt import (
     payload_bytes,
     response_properties,
 )
-from moe2.shared.topics import Topics
+from moe2.shared.topics import Topics, publishable_topic
 
 log = logging.getLogger(__name__)
 
@@ -777,16 +777,19 @@ def fuzz_messages(t: FuzzTargets, n_per_family: int, rng: random.Random, batch: 
         r = rng.random()
         payload = (rng.randbytes(rng.randint(0, 200)) if r < 0.3
                    else mutate(rng.choice(samples), rng) if r < 0.8 else rng.choice(samples))
-        with_rt = rng.random() < 0.9
+        r_rt = rng.random()
+        # no response topic (no reply), the inbox, or one with wildcards that mosquitto
+        # forwards but no reply can be published to (dropped unanswered)
+        rt = None if r_rt < 0.1 else rng.choice((f"{t.inbox}/+", "#", "+/x")) \
+            if r_rt < 0.15 else t.inbox
         try:
             msg: Any = wire.decode_agent_inbound(payload)
         except wire.DecodeError:
             msg = None
         is_close = isinstance(msg, wire.CloseSession)
         c = corr()
-        out.append(FuzzMessage("agent_rpc", tp.agent_rpc(agent), payload,
-                               t.inbox if with_rt else None, c,
-                               expect=1 if with_rt and not is_close else 0))
+        out.append(FuzzMessage("agent_rpc", tp.agent_rpc(agent), payload, rt, c,
+                               expect=1 if rt == t.inbox and not is_close else 0))
     # -- coordinator inbox: forged replies (no answer expected; the coordinator must not care)
     replies = _reply_samples(t.agents)
     for i in range(n_per_family):

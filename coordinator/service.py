@@ -61,7 +61,7 @@ from moe2.shared.mqtt import (
     run_session,
 )
 from moe2.shared.sdnotify import Notifier, watchdog_interval_s
-from moe2.shared.topics import Topics, valid_name
+from moe2.shared.topics import Topics, publishable_topic, valid_name
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +128,6 @@ def coordinator_of(topics: Topics, topic: str) -> str | None:
         return None
     cid = topic[len(prefix):].split("/", 1)[0]
     return cid if valid_name(cid) else None
-
-
-def publishable_topic(topic: str) -> bool:
-    """A topic name the broker accepts in a PUBLISH: mosquitto disconnects a client that
-    publishes to a topic with wildcards or control characters (U+0000-U+001F, U+007F-U+009F)."""
-    return (0 < len(topic.encode("utf-8", "surrogatepass")) <= 65535
-            and not any(c in "+#" or ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in topic)
-            and not any(0xD800 <= ord(c) <= 0xDFFF for c in topic))
 
 
 def takeover_handler(self_id: str, peers_online: Sequence[str]) -> bool:

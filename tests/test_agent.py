@@ -24,6 +24,7 @@ import pytest
 from moe2.shared import __version__, wire
 from moe2.shared import gguf_models as gm
 from moe2.shared.localbroker import LocalBroker
+from moe2.shared.mqtt import make_client, parse_broker_url, response_properties
 from moe2.shared.topics import Topics
 from tests.agent_helpers import (
     AgentRpcClient,
@@ -385,6 +386,23 @@ async def test_step_message_mixes_results_and_errors_per_item(agents: RunningAge
         assert [(e.code, e.session_id) for e in reply.errors] == [
             (E.UNKNOWN_SESSION, "ghost"), (E.BAD_TOKEN, "mix-b")]
         await close_confirmed(c, agents.small, "mix-a", "mix-b")
+
+
+async def test_request_with_an_unusable_response_topic_is_dropped(agents: RunningAgents) -> None:
+    """Mosquitto forwards a Response Topic with wildcards; paho refuses to publish to it. Such a
+    request is dropped unprocessed (it once killed the agent's worker), and the agent serves on."""
+    async with AgentRpcClient(agents.url) as c, \
+            make_client(parse_broker_url(agents.url)) as forger:
+        await online(c, agents.small)
+        for i, rt in enumerate(["x/+/y", "x/#", "+"]):
+            await forger.publish(
+                c.topics.agent_rpc(agents.small),
+                wire.encode(wire.OpenSession(session_id="forged", k=4, prompt=PROMPT)),
+                properties=response_properties(rt, bytes([i])))
+        # the same session id is still free: none of the forged opens ran
+        opened = await c.open(agents.small, "forged", k=4, prompt=PROMPT)
+        assert not opened.errors, opened.errors
+        await close_confirmed(c, agents.small, "forged")
 
 
 # --------------------------------------------------------------------------- chat template

@@ -47,14 +47,13 @@ from moe2.coordinator.service import (
     InflightMarker,
     decode_marker,
     inflight_topic,
-    publishable_topic,
     takeover_handler,
 )
 from moe2.shared import wire
 from moe2.shared.config import CoordinatorConfig
 from moe2.shared.gguf_models import make_test_experts
 from moe2.shared.mqtt import make_client, parse_broker_url, response_properties
-from moe2.shared.topics import Topics
+from moe2.shared.topics import Topics, publishable_topic
 from tests.agent_helpers import FakeEngine, agent_config
 
 pytestmark = pytest.mark.chaos
