@@ -149,6 +149,5 @@ class Topics:
 
     def response_allowed(self, client_id: str, response_topic: str) -> bool:
         """A reply may only go below the requesting phone's own response prefix."""
-        return response_topic.startswith(self.response_prefix(client_id)) and not any(
-            c in response_topic for c in "+#\0"
-        )
+        return response_topic.startswith(self.response_prefix(client_id)) and publishable_topic(
+            response_topic)

@@ -489,6 +489,17 @@ def test_publishable_topic(topic: str, ok: bool) -> None:
     assert publishable_topic(topic) is ok
 
 
+@pytest.mark.parametrize(("client_id", "topic", "ok"), [
+    ("p", "moe2/responses/p/r", True), ("p", "moe2/responses/q/r", False),
+    ("p", "moe2/responses/p/+", False), ("p", "moe2/responses/p/#", False),
+    ("p", "moe2/responses/p/\x01", False), ("p", "moe2/responses/p/\x7f", False),
+    ("p", "moe2/responses/pp/r", False),
+])
+def test_response_allowed_only_below_the_phones_prefix_and_publishable(
+        client_id: str, topic: str, ok: bool) -> None:
+    assert Topics().response_allowed(client_id, topic) is ok
+
+
 def test_marker_decoding_and_takeover_choice() -> None:
     m = InflightMarker(coordinator_id="c1", incarnation="i", client_id="p",
                        response_topic="moe2/responses/p/r", correlation=b"x")
