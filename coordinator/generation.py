@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,6 +73,9 @@ class RequestContext:
     clock: Callable[[], float] = time.monotonic
     #: called with (request id, step, fused distribution, chosen token) -- tests and tracing
     observer: Callable[[str, int, Fused, int], None] | None = None
+    #: called after each step with the seconds it took beyond its slowest expert's decode
+    #: window (steps sent -> every distribution back, minus the largest ``latency_s``)
+    on_step_overhead: Callable[[float], None] | None = None
     sessions_prefix: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
 
@@ -209,6 +212,7 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
             seq += 1
             futs = {e.agent_id: ctx.rpc.step(e.agent_id, wire.StepItem(
                 e.session_id, token, seq, settings.dist_k)) for e in active}
+            t_sent = ctx.clock()
         if chunk:
             if ttft_s is None:
                 ttft_s = ctx.clock() - t0
@@ -217,6 +221,8 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
             finish = "stop" if stream.stopped else "length"
             break
         dists = await _gather(futs, _deadline(ctx.registry(), active, settings), by_id)
+        if ctx.on_step_overhead is not None and dists and len(dists) == len(futs):
+            ctx.on_step_overhead(step_overhead_s(ctx.clock() - t_sent, dists.values()))
     tail = stream.flush()
     if tail:
         if ttft_s is None:
@@ -230,6 +236,11 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
                  for e in experts],
         app=req.app, coordinator_id=ctx.coordinator_id,
     )
+
+
+def step_overhead_s(elapsed_s: float, dists: Iterable[wire.Distribution]) -> float:
+    """What a step cost beyond its slowest expert's own decode window (never negative)."""
+    return max(0.0, elapsed_s - max((d.latency_s for d in dists), default=0.0))
 
 
 def _deadline(reg: Registry, active: Sequence[ExpertState], s: GenerationSettings) -> float:

@@ -9,6 +9,12 @@ retained on the plan topic, and requests of each application class use that clas
 Units: latency budgets are seconds per generated token (per application); the energy budget is
 joules per generated token, or a per-request budget divided by ``expected_tokens``.
 
+Latency of a set = its slowest member's step latency + the step overhead (paper eq. 4-8's
+network term): what a fused step costs beyond that decode -- MQTT both ways and the message
+handling in agents and coordinator -- measured from the steps this coordinator serves (median
+of the last ones, 0 before the first), or fixed by ``planner.step_overhead_s``. Agents' own
+telemetry covers only their decode window, so without it a tight budget would be overrun.
+
 Loss: from a calibration file (``planner.calibration``, written by ``moe2 calibrate``) when it
 covers every expert considered; otherwise the documented prior of
 :meth:`moe2.coordinator.planner.LossTable.prior` (every expert alike: more experts, lower loss).
@@ -41,6 +47,20 @@ from moe2.shared.config import CoordinatorConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_APP = "default"
+
+
+class StepOverhead:
+    """Running median of the per-step overhead samples (seconds); 0.0 before the first."""
+
+    def __init__(self, window: int = 256) -> None:
+        self._samples: deque[float] = deque(maxlen=window)
+
+    def record(self, overhead_s: float) -> None:
+        if math.isfinite(overhead_s) and overhead_s >= 0:
+            self._samples.append(overhead_s)
+
+    def estimate_s(self) -> float:
+        return statistics.median(self._samples) if self._samples else 0.0
 
 
 @dataclass
@@ -109,6 +129,7 @@ class LivePlanner:
         expected_context_tokens: int = 128,
         epsilon: float = pl.DEFAULT_EPSILON,
         coordinator_id: str = "coordinator",
+        step_overhead_s: float | None = None,
         clock: Any = time.monotonic,
         wall: Any = time.time,
     ) -> None:
@@ -121,6 +142,8 @@ class LivePlanner:
         self.expected_context_tokens = expected_context_tokens
         self.epsilon = epsilon
         self.coordinator_id = coordinator_id
+        self.fixed_step_overhead_s = step_overhead_s
+        self.step_overhead = StepOverhead()
         self.clock = clock
         self.wall = wall
         self.profiles: dict[str, Profile] = {}
@@ -143,9 +166,19 @@ class LivePlanner:
             {name: a.max_latency_s for name, a in cfg.apps.items()}, method=p.method,
             max_energy_j=energy, interval_s=p.interval_s, change_fraction=p.change_fraction,
             calibration=calib, epsilon=p.epsilon, coordinator_id=cfg.id,
+            step_overhead_s=p.step_overhead_s,
         )
 
     # ------------------------------------------------------------------ inputs
+    def record_step_overhead(self, overhead_s: float) -> None:
+        """One served step's overhead (the coordinator's request runner calls this)."""
+        self.step_overhead.record(overhead_s)
+
+    def step_overhead_s(self) -> float:
+        if self.fixed_step_overhead_s is not None:
+            return self.fixed_step_overhead_s
+        return self.step_overhead.estimate_s()
+
     def on_registry(self, before: Registry, after: Registry) -> None:
         self._registry = after
         if set(before.agents) != set(after.agents):
@@ -205,8 +238,9 @@ class LivePlanner:
             self._loss_cache = {key: loss}
         if isinstance(loss, pl.LossTable):
             source = "calibration"
+        overhead_s = self.step_overhead_s()
         problem = pl.Problem.create(
-            names, [est[n][0] for n in names], [est[n][1] for n in names], self.apps,
+            names, [est[n][0] + overhead_s for n in names], [est[n][1] for n in names], self.apps,
             math.inf if self.max_energy_j is None else self.max_energy_j, loss)
         plans = pl.plan_all(problem, self.method, seed=0, epsilon=self.epsilon)
         self._used = est
@@ -222,7 +256,8 @@ class LivePlanner:
             coordinator_id=self.coordinator_id, ts=self.wall(), method=self.method,
             max_energy_j=self.max_energy_j,
             apps={a: ap(r, self.apps[a]) for a, r in plans["per_application"].items()},
-            joint=ap(plans["joint"], problem.joint_latency_s), loss_source=source)
+            joint=ap(plans["joint"], problem.joint_latency_s), loss_source=source,
+            step_overhead_s=overhead_s)
 
     def replan(self) -> wire.PlanMsg | None:
         plan = self.compute(self._registry)

@@ -277,7 +277,8 @@ def render(state: MonitorState, now_s: float, *, title: str = "moe2 fleet") -> R
         parts.append(f"joint=[{', '.join(plan.joint.experts or []) or 'infeasible'}]")
         budget = "unlimited" if plan.max_energy_j is None else f"{plan.max_energy_j:g} J/token"
         lines.append(Text(
-            f"plan by {plan.coordinator_id} ({plan.method}, energy budget {budget}"
+            f"plan by {plan.coordinator_id} ({plan.method}, energy budget {budget}, "
+            f"step overhead {plan.step_overhead_s * 1e3:.1f} ms"
             + (f", {age:.0f}s old" if age is not None else "") + "): " + "  ".join(parts)
         ))
     if state.coordinators:

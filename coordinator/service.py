@@ -197,6 +197,7 @@ class Coordinator:
             gate_is_uniform=getattr(gate, "kind", "uniform") == "uniform",
             plan_for=self.plan_for, top_k_for=self._top_k_for, coordinator_id=cfg.id,
             allow_overrides=cfg.allow_overrides, clock=clock,
+            on_step_overhead=getattr(planner, "record_step_overhead", None),
         )
 
     # ------------------------------------------------------------------ decisions

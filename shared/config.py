@@ -7,6 +7,7 @@ apply their flags with :func:`override`.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -102,6 +103,10 @@ class PlannerSection(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=True
     calibration: str | None = None
     epsilon: float = 1e-6
     enabled: bool = True
+    #: seconds a fused step adds to its slowest expert's decode (MQTT both ways, the agents'
+    #: and the coordinator's message handling; the "+ network" of paper eq. 4-8), added to
+    #: every set's latency; None = measured from the steps this coordinator serves
+    step_overhead_s: float | None = None
 
 
 class CoordinatorConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -142,6 +147,10 @@ class CoordinatorConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=T
         _positive("max_tokens_limit", self.max_tokens_limit)
         for name, app in self.apps.items():
             _positive(f"apps.{name}.max_latency_s", app.max_latency_s)
+        overhead = self.planner.step_overhead_s
+        if overhead is not None and not (overhead >= 0 and math.isfinite(overhead)):
+            raise ConfigError("planner.step_overhead_s must be a finite number >= 0 "
+                              "(or left out: measured)")
         return self
 
 

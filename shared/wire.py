@@ -283,6 +283,8 @@ class PlanMsg(_Strict, tag="plan", frozen=True):
     apps: dict[str, AppPlan]
     joint: AppPlan
     loss_source: str = "prior"
+    #: what every set's latency includes for messaging (seconds per token; see liveplan)
+    step_overhead_s: float = 0.0
     v: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:

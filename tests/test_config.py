@@ -241,6 +241,8 @@ max_energy_j = 3.5
     ("[planner]\nmethod = \"magic\"\n", "method"),
     ("[apps.chat]\nlatency = 1\n", "latency"),
     ('gate = "/nonexistent/gate.onnx"\n', "gate"),
+    ("[planner]\nstep_overhead_s = -0.001\n", "step_overhead_s"),
+    ("[planner]\nstep_overhead_s = nan\n", "step_overhead_s"),
 ])
 def test_bad_coordinator_toml(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):

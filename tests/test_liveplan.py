@@ -58,6 +58,56 @@ def test_planner_unit_latency_budget_and_recovery() -> None:
     assert plan is not None and sorted(plan.apps["chat"].experts or []) == ["a", "b"]
 
 
+def _planner_with(latency_b_s: float, **kwargs: Any) -> tuple[LivePlanner, Registry]:
+    lp = LivePlanner({"chat": 0.05}, max_energy_j=None, **kwargs)
+    reg = Registry()
+    for a in ("a", "b"):
+        before, reg = reg, apply(reg, StatusEvent(status(a), 0.0))
+        lp.on_registry(before, reg)
+    for ts in (1.0, 2.0, 3.0):
+        for a, lat in (("a", 0.01), ("b", latency_b_s)):
+            before, reg = reg, apply(reg, TelemetryEvent(telemetry(a, lat, ts), ts))
+            lp.on_registry(before, reg)
+    lp._registry = reg
+    return lp, reg
+
+
+def test_step_overhead_counts_against_the_latency_budget() -> None:
+    """Paper eq. 4-8: a set's delay is its slowest member's step plus the messaging; b's 0.03 s
+    fits a 0.05 s budget alone, not with 0.03 s of overhead on top."""
+    lp, _ = _planner_with(0.03)
+    plan = lp.replan()
+    assert plan is not None and sorted(plan.apps["chat"].experts or []) == ["a", "b"]
+    assert plan.step_overhead_s == 0.0  # nothing served yet
+    assert plan.apps["chat"].latency_s == pytest.approx(0.03)
+
+    fixed, _ = _planner_with(0.03, step_overhead_s=0.03)
+    plan = fixed.replan()
+    assert plan is not None and plan.apps["chat"].experts == ["a"]
+    assert plan.step_overhead_s == pytest.approx(0.03)
+    assert plan.apps["chat"].latency_s == pytest.approx(0.04)
+
+    measured, _ = _planner_with(0.03)
+    for s in (0.02, 0.03, 0.5, 0.025, 0.03):  # one outlier: the median ignores it
+        measured.record_step_overhead(s)
+    measured.record_step_overhead(float("nan"))
+    measured.record_step_overhead(-1.0)
+    plan = measured.replan()
+    assert plan is not None and plan.apps["chat"].experts == ["a"]
+    assert plan.step_overhead_s == pytest.approx(0.03)
+
+
+def test_step_overhead_is_the_time_beyond_the_slowest_decode() -> None:
+    from moe2.coordinator.generation import step_overhead_s
+
+    def dist(latency_s: float) -> wire.Distribution:
+        return wire.Distribution(session_id="s", seq=1, probs=b"", ids=b"", rest_mass=0.0,
+                                 n_past=1, n_evaluated=1, energy_j=0.0, latency_s=latency_s)
+
+    assert step_overhead_s(0.010, [dist(0.004), dist(0.007)]) == pytest.approx(0.003)
+    assert step_overhead_s(0.005, [dist(0.007)]) == 0.0  # clocks apart: never negative
+
+
 def test_energy_budget_per_request_is_converted_to_per_token() -> None:
     from moe2.shared.config import CoordinatorConfig, PlannerSection
 
@@ -102,9 +152,12 @@ def test_live_replanning_follows_telemetry_membership_and_apps(
         unknown = asyncio.run(ask(b.url, wire.PhoneRequest(prompt="hi", app="nope")))
         assert unknown.error is not None and "unknown app" in unknown.error.message
 
-        # b recovers: it returns to chat's plan.
+        # b recovers: it returns to chat's plan, which now counts the messaging overhead the
+        # coordinator measured while serving the requests above.
         asyncio.run(_forge(b.url, topics, "b", [0.01] * 5))
-        asyncio.run(wait_plan(b.url, ["a", "b"], app="chat"))
+        plan = asyncio.run(wait_plan(b.url, ["a", "b"], app="chat"))
+        assert plan.step_overhead_s > 0
+        assert plan.apps["chat"].latency_s == pytest.approx(0.01 + plan.step_overhead_s)
 
         # a leaves (killed; the broker sends its Last Will): replanned at once, not at 60 s.
         agents["a"].send_signal(signal.SIGKILL)
