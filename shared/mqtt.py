@@ -12,6 +12,7 @@ import logging
 import random
 import socket
 import ssl
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -125,13 +126,20 @@ class Client(aiomqtt.Client):
     task resumes another iteration after that. On the token path (a step to every expert, a
     distribution back, every generated token) that is paid on each hop; ``publish_now`` writes
     the packet in the caller's loop iteration instead, the way paho itself does when it owns
-    the loop. It only claims writes that its own call queues; anything else (a partial write,
-    an error, packets queued by paho's own loop) goes through aiomqtt's writer as before, so
-    ordering and disconnect handling are aiomqtt's.
+    the loop. It only claims writes that its own call queues; what the socket does not take at
+    once (a partial write) goes to a writer as before, so paho's single FIFO keeps the order.
+
+    Writers asked for on the loop thread are added at once, not through aiomqtt's
+    ``call_soon_threadsafe``: in that one-iteration window the socket can be closed and its
+    file descriptor reused by another connection, and a writer added then would stay on the
+    new socket and spin the loop (an aiomqtt race; ``publish_now`` would be one more way in).
+    Registrations from other threads (paho's CONNECT, sent from aiomqtt's executor) keep
+    aiomqtt's path.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # binds the running loop: we are on its thread
+        self._loop_thread = threading.get_ident()
         self._paho: paho.Client = self._client
         self._deferred_register = self._paho.on_socket_register_write
         self._claim = False
@@ -142,40 +150,68 @@ class Client(aiomqtt.Client):
         if self._claim:
             self._claimed = True  # publish_now writes it below, in this same iteration
             return
-        if self._deferred_register is not None:
+        if threading.get_ident() == self._loop_thread:
+            self._loop.add_writer(sock.fileno(), self._write_ready)
+        elif self._deferred_register is not None:
             self._deferred_register(client, userdata, sock)
+
+    def _write_ready(self) -> None:
+        """The writer callback, as aiomqtt's: a failed write ends the connection."""
+        try:
+            self._paho.loop_write()
+        except Exception as exc:  # noqa: BLE001 - handed to the session as the disconnect cause
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._disconnected.done():
+            self._disconnected.set_exception(exc)
 
     def publish_now(self, topic: str, payload: bytes, *,
                     properties: Properties | None = None) -> None:
         """Publish at QoS 0 and write it before returning (call on the event-loop thread).
-        Raises :class:`aiomqtt.MqttCodeError` like :meth:`publish` when paho refuses it
-        (not connected, outgoing queue full)."""
+
+        Raises :class:`aiomqtt.MqttError` when paho refuses it (not connected) or the write
+        finds the connection broken (the session then ends and reconnects as usual). QoS 0 has
+        no acknowledgement and paho no queue limit for it: what the socket cannot take waits in
+        paho's queue for the writer, and a dead link is dropped by the keepalive."""
         self._claim = True
         try:
             info = self._paho.publish(topic, payload, 0, False, properties)
         finally:
             self._claim = False
+        rc = paho.MQTT_ERR_SUCCESS
+        error: Exception | None = None
         if self._claimed:
             self._claimed = False
-            try:
-                self._paho.loop_write()
-            except Exception:  # noqa: BLE001 - aiomqtt's writer meets it again and disconnects
-                _log.debug("immediate write failed; leaving it to the event loop's writer")
-            # paho marked the socket as waiting for a writer before we claimed the write:
-            # what is still queued (partial write, error) needs aiomqtt's writer after all.
+            # Inside a paho callback (paho holds its non-reentrant callback lock) writing here
+            # would deadlock in on_publish: paho's own _packet_queue makes the same check.
+            lock = self._paho._in_callback_mutex
+            if lock.acquire(False):
+                lock.release()
+                try:
+                    rc = self._paho.loop_write()
+                except Exception as exc:  # noqa: BLE001 - raised below as the publish's error
+                    error = exc
+            # paho marked the socket as waiting for a writer before we claimed the write: what
+            # is still queued (partial write, the callback case) needs the writer after all.
             sock = self._paho.socket()
-            if self._paho.want_write() and sock is not None \
-                    and self._deferred_register is not None:
-                self._deferred_register(self._paho, self._paho.user_data_get(), sock)
+            if self._paho.want_write() and sock is not None:
+                self._loop.add_writer(sock.fileno(), self._write_ready)
+        if error is not None:
+            self._fail(error)
+            raise aiomqtt.MqttError(f"Could not publish message: {error}") from error
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        if rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(rc, "Could not publish message")
 
 
 async def publish_qos0(client: aiomqtt.Client, topic: str, payload: bytes, *,
                        properties: Properties | None = None,
                        timeout_s: float | None = None) -> None:
-    """QoS 0 publish on the token path: written at once by a :class:`Client`, through
-    aiomqtt's ordinary publish for any other client (tests' fakes)."""
+    """QoS 0 publish on the token path: written at once by a :class:`Client` (which never
+    waits, so ``timeout_s`` does not apply), through aiomqtt's ordinary publish (waiting up to
+    ``timeout_s`` for the write) for any other client, such as tests' fakes."""
     if isinstance(client, Client):
         client.publish_now(topic, payload, properties=properties)
         return

@@ -81,6 +81,22 @@ async def test_partial_write_is_finished_by_the_event_loop(broker: LocalBroker) 
         assert await _no_writer_left(pub)
 
 
+async def test_publish_now_inside_a_paho_callback_leaves_the_write_to_the_loop(
+        broker: LocalBroker) -> None:
+    """Within a paho callback (paho holds its non-reentrant callback lock) an immediate write
+    would deadlock in on_publish; the packet goes to the loop's writer instead."""
+    url = parse_broker_url(broker.url)
+    async with make_client(url) as pub, make_client(url) as sub:
+        assert isinstance(pub, Client)
+        await sub.subscribe("t/cb", qos=0)
+        lock = pub._paho._in_callback_mutex
+        with lock:  # as during paho's on_message / on_publish
+            pub.publish_now("t/cb", b"from a callback")
+            assert pub._paho.want_write()
+        assert await _receive(sub, 1) == [b"from a callback"]
+        assert await _no_writer_left(pub)
+
+
 async def test_publish_now_without_a_connection_raises() -> None:
     client = make_client(parse_broker_url("mqtt://127.0.0.1:1"))
     assert isinstance(client, Client)
