@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -55,6 +56,7 @@ class GenerationSettings:
     unknown_expert_weight: float = 0.0
     step_deadline_min_s: float = 2.0
     step_deadline_factor: float = 20.0
+    step_deadline_max_s: float = 30.0
     open_deadline_s: float = 30.0
 
 
@@ -168,7 +170,7 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
     futs = {e.agent_id: ctx.rpc.open(e.agent_id, wire.OpenSession(session_id=e.session_id,
                                                                   **open_msg))  # type: ignore[arg-type]
             for e in experts}
-    dists = await _gather(futs, settings.open_deadline_s, by_id)
+    dists = _drop_invalid(await _gather(futs, settings.open_deadline_s, by_id), by_id, n_vocab)
     stream = TextStream(pieces, req.stop_list())
     rng = np.random.default_rng(req.seed)
     n_tokens = 0
@@ -220,7 +222,8 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
         if done:
             finish = "stop" if stream.stopped else "length"
             break
-        dists = await _gather(futs, _deadline(ctx.registry(), active, settings), by_id)
+        dists = _drop_invalid(await _gather(futs, _deadline(ctx.registry(), active, settings),
+                                            by_id), by_id, n_vocab)
         if ctx.on_step_overhead is not None and dists and len(dists) == len(futs):
             ctx.on_step_overhead(step_overhead_s(ctx.clock() - t_sent, dists.values()))
     tail = stream.flush()
@@ -238,6 +241,50 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
     )
 
 
+#: float32 probabilities may sum a little above 1
+_PROB_SLACK = 1e-3
+
+
+def invalid_distribution(d: wire.Distribution, n_vocab: int) -> str | None:
+    """Why ``d`` cannot be fused (an agent's reply is network input), or None when it can:
+    float32 probabilities in [0, 1] summing to at most 1, one distinct in-vocabulary id per
+    probability (a full-vocabulary reply has exactly ``n_vocab``), rest mass in [0, 1], and
+    finite non-negative energy and latency (they are summed into the phone's final)."""
+    n = len(d.probs) // 4  # whole 4-byte values, as many ids: the wire decoder checked that
+    if n == 0:
+        return "no probabilities"
+    if not d.ids and n != n_vocab:
+        return f"a full distribution of {n} probabilities for a vocabulary of {n_vocab}"
+    p = d.prob_array()
+    if not np.isfinite(p).all() or p.min() < 0 or p.max() > 1 + _PROB_SLACK \
+            or float(p.sum(dtype=np.float64)) > 1 + _PROB_SLACK:
+        return "probabilities are not a distribution"
+    if d.ids:
+        ids = d.id_array()
+        if ids.min() < 0 or ids.max() >= n_vocab:
+            return "token ids outside the vocabulary"
+        if np.unique(ids).shape[0] != n:
+            return "repeated token ids"
+    if not (0.0 <= d.rest_mass <= 1.0 + _PROB_SLACK):  # NaN fails too
+        return "rest mass outside [0, 1]"
+    if not (0.0 <= d.energy_j < math.inf) or not (0.0 <= d.latency_s < math.inf):
+        return "energy or latency not finite and non-negative"
+    return None
+
+
+def _drop_invalid(dists: dict[str, wire.Distribution], by_id: Mapping[str, ExpertState],
+                  n_vocab: int) -> dict[str, wire.Distribution]:
+    for agent_id, d in list(dists.items()):
+        problem = invalid_distribution(d, n_vocab)
+        if problem is not None:
+            e = by_id[agent_id]
+            e.active = False
+            e.reason = f"sent an invalid distribution: {problem}"
+            log.warning("expert %s dropped: %s", agent_id, e.reason)
+            del dists[agent_id]
+    return dists
+
+
 def step_overhead_s(elapsed_s: float, dists: Iterable[wire.Distribution]) -> float:
     """What a step cost beyond its slowest expert's own decode window (never negative)."""
     return max(0.0, elapsed_s - max((d.latency_s for d in dists), default=0.0))
@@ -246,7 +293,9 @@ def step_overhead_s(elapsed_s: float, dists: Iterable[wire.Distribution]) -> flo
 def _deadline(reg: Registry, active: Sequence[ExpertState], s: GenerationSettings) -> float:
     """Per-step deadline from the agents' measured step latency (slowest member)."""
     lat = [v.step_latency_s() or 0.0 for e in active if (v := reg.agents.get(e.agent_id))]
-    return max(s.step_deadline_min_s, s.step_deadline_factor * max(lat, default=0.0))
+    # reported latencies are network input: bounded on both sides (registry ignores NaN/inf)
+    return min(s.step_deadline_max_s,
+               max(s.step_deadline_min_s, s.step_deadline_factor * max(lat, default=0.0)))
 
 
 async def _gather(futs: Mapping[str, asyncio.Future[wire.Distribution]], timeout_s: float,

@@ -81,13 +81,19 @@ def latency_at(view: AgentView, context_tokens: int) -> float | None:
     t = view.telemetry
     if t is None:
         return None
-    bins = sorted(t.latency_by_ctx, key=lambda b: b.ctx_upto)
+    # telemetry is network input: a bin with NaN/inf/negative latency is ignored, not planned on
+    bins = sorted((b for b in t.latency_by_ctx if finite_positive(b.latency_s)),
+                  key=lambda b: b.ctx_upto)
     for b in bins:
         if b.ctx_upto >= context_tokens and b.n > 0:
             return b.latency_s
     if bins:
         return bins[-1].latency_s
-    return t.step_latency_s if t.step_latency_s > 0 else None
+    return t.step_latency_s if finite_positive(t.step_latency_s) else None
+
+
+def finite_positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,14 @@ class Calibration:
             return None
         cols = [idx[n] for n in names]
         return pl.LossTable(self.gates[:, cols], self.target_probs[:, cols])
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    names: list[str]
+    est: dict[str, tuple[float, float]]
+    loss: pl.LossModel
+    overhead_s: float
 
 
 class LivePlanner:
@@ -153,6 +167,7 @@ class LivePlanner:
         self._trigger = asyncio.Event()
         self._registry: Registry = Registry()
         self._loss_cache: dict[tuple[str, ...], pl.LossModel] = {}
+        self._over_cap_warned = 0
 
     @staticmethod
     def from_config(cfg: CoordinatorConfig) -> LivePlanner:
@@ -193,9 +208,9 @@ class LivePlanner:
                 continue
             prof.last_ts = t.ts
             lat = latency_at(view, self.expected_context_tokens)
-            if lat is not None and lat > 0:
+            if lat is not None and finite_positive(lat):
                 prof.latency_s.append(lat)
-            if t.joules_per_token > 0:
+            if finite_positive(t.joules_per_token):
                 prof.energy_j.append(t.joules_per_token)
             if self._moved(agent_id, prof.estimate()):
                 self._trigger.set()
@@ -221,6 +236,16 @@ class LivePlanner:
         return ap.experts or []
 
     def compute(self, reg: Registry) -> wire.PlanMsg | None:
+        prep = self.prepare(reg)
+        if prep is None:
+            return None
+        plan = self.solve(prep)
+        self.adopt(prep)
+        return plan
+
+    def prepare(self, reg: Registry) -> _Prepared | None:
+        """The planning problem from the current state (event-loop thread: it reads and
+        updates the profiles that telemetry updates)."""
         views = reg.online()
         # Drop the state of agents that left.
         for gone in set(self.profiles) - {v.agent_id for v in views}:
@@ -229,22 +254,29 @@ class LivePlanner:
             return None
         names = [v.agent_id for v in views]
         est = {n: self.profiles.get(n, Profile()).estimate() for n in names}
+        if len(names) > pl.MAX_EXPERTS:
+            # The planner's subset lattice stops at MAX_EXPERTS: plan over the fastest ones
+            # (a larger site needs more coordinators, each with its own agents' root).
+            names = sorted(names, key=lambda n: (est[n][0], n))[:pl.MAX_EXPERTS]
+            if self._over_cap_warned != len(views):
+                self._over_cap_warned = len(views)
+                log.warning("%d agents online; planning over the %d fastest (the planner's "
+                            "limit)", len(views), pl.MAX_EXPERTS)
         key = tuple(names)
         loss = self._loss_cache.get(key)
-        source = "prior"
         if loss is None:
             table = self.calibration.loss_for(names) if self.calibration else None
             loss = table if table is not None else pl.LossTable.prior(len(names))
             self._loss_cache = {key: loss}
-        if isinstance(loss, pl.LossTable):
-            source = "calibration"
-        overhead_s = self.step_overhead_s()
+        return _Prepared(names, est, loss, self.step_overhead_s())
+
+    def solve(self, prep: _Prepared) -> wire.PlanMsg:
+        """Pure and CPU-bound (the coordinator runs it in a worker thread)."""
+        names, est, overhead_s = prep.names, prep.est, prep.overhead_s
         problem = pl.Problem.create(
             names, [est[n][0] + overhead_s for n in names], [est[n][1] for n in names], self.apps,
-            math.inf if self.max_energy_j is None else self.max_energy_j, loss)
+            math.inf if self.max_energy_j is None else self.max_energy_j, prep.loss)
         plans = pl.plan_all(problem, self.method, seed=0, epsilon=self.epsilon)
-        self._used = est
-        self.replans += 1
 
         def ap(r: pl.PlanResult, budget: float | None) -> wire.AppPlan:
             return wire.AppPlan(
@@ -256,11 +288,28 @@ class LivePlanner:
             coordinator_id=self.coordinator_id, ts=self.wall(), method=self.method,
             max_energy_j=self.max_energy_j,
             apps={a: ap(r, self.apps[a]) for a, r in plans["per_application"].items()},
-            joint=ap(plans["joint"], problem.joint_latency_s), loss_source=source,
+            joint=ap(plans["joint"], problem.joint_latency_s),
+            loss_source="calibration" if isinstance(prep.loss, pl.LossTable) else "prior",
             step_overhead_s=overhead_s)
 
+    def adopt(self, prep: _Prepared) -> None:
+        self._used = prep.est
+        self.replans += 1
+
     def replan(self) -> wire.PlanMsg | None:
-        plan = self.compute(self._registry)
+        return self._take(self.compute(self._registry))
+
+    async def replan_off_loop(self) -> wire.PlanMsg | None:
+        """:meth:`replan` with the search in a worker thread: with 64 agents one plan takes
+        a few hundred milliseconds that the event loop must not stall for."""
+        prep = self.prepare(self._registry)
+        if prep is None:
+            return self._take(None)
+        plan = await asyncio.to_thread(self.solve, prep)
+        self.adopt(prep)
+        return self._take(plan)
+
+    def _take(self, plan: wire.PlanMsg | None) -> wire.PlanMsg | None:
         old, self.plan = self.plan, plan
         if plan is not None and (old is None or old.apps != plan.apps):
             log.info("plan: %s", ", ".join(
@@ -274,6 +323,10 @@ class LivePlanner:
                 await asyncio.wait_for(self._trigger.wait(), timeout=self.interval_s)
             self._trigger.clear()
             self._registry = coordinator.registry
-            plan = self.replan()
+            try:
+                plan = await self.replan_off_loop()
+            except Exception:  # a bad input must not end planning (or the process)
+                log.exception("replanning failed; the previous plan stays in force")
+                continue
             if plan is not None:
                 await coordinator.publish_plan(plan)

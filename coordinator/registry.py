@@ -7,6 +7,7 @@ vocabulary *families* by fingerprint; a request only ever fuses experts of one f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -33,7 +34,7 @@ class AgentView:
 
     def step_latency_s(self) -> float | None:
         t = self.telemetry
-        if t is None or t.step_latency_s <= 0.0:
+        if t is None or not (0.0 < t.step_latency_s < math.inf):  # NaN fails too
             return None
         return t.step_latency_s
 

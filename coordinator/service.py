@@ -74,6 +74,8 @@ TAKEOVER_GRACE_S = 1.0
 TAKEOVER_WINDOW_S = 10.0
 #: bounds on peer bookkeeping (hostile status floods cannot grow it further)
 MAX_PEERS = 1024
+#: an outbox reply during whose publishing this many connections were lost is dropped
+OUTBOX_MAX_LOSSES = 3
 #: the planner does not wait longer than this for the broker to acknowledge a plan
 PLAN_PUBLISH_TIMEOUT_S = 2.0
 #: an RPC that cannot be written within this is dropped (the step deadline handles it)
@@ -168,6 +170,7 @@ class Coordinator:
             dist_k=cfg.dist_k, top_k=cfg.top_k, unknown_expert_weight=cfg.unknown_expert_weight,
             step_deadline_min_s=cfg.step_deadline_min_s,
             step_deadline_factor=cfg.step_deadline_factor, open_deadline_s=cfg.open_deadline_s,
+            step_deadline_max_s=cfg.step_deadline_max_s,
         )
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
@@ -175,7 +178,8 @@ class Coordinator:
         self._stopping = asyncio.Event()
         self._accepting = True
         self._requests: dict[asyncio.Task[None], str] = {}
-        self._outbox: deque[tuple[str, bytes, Any, int]] = deque(maxlen=100_000)
+        # (topic, payload, properties, qos, connections lost while publishing it)
+        self._outbox: deque[tuple[str, bytes, Any, int, int]] = deque(maxlen=100_000)
         self._outbox_event = asyncio.Event()
         self._ready_sent = False
         self._n = 0
@@ -500,7 +504,7 @@ class Coordinator:
         return _Emit()
 
     def _queue_phone(self, topic: str, payload: bytes, props: Any, qos: int) -> None:
-        self._outbox.append((topic, payload, props, qos))
+        self._outbox.append((topic, payload, props, qos, 0))
         self._outbox_event.set()
 
     async def _publish(self, topic: str, payload: bytes, props: Any, qos: int) -> None:
@@ -520,7 +524,7 @@ class Coordinator:
             except aiomqtt.MqttError:
                 pass
         if qos > 0:
-            self._outbox.append((topic, payload, props, qos))
+            self._outbox.append((topic, payload, props, qos, 0))
             self._outbox_event.set()
 
     async def _until_lost(self, op: Coroutine[Any, Any, T]) -> T:
@@ -550,7 +554,13 @@ class Coordinator:
                 await self._until_lost(client.publish(item[0], item[1], qos=item[3],
                                                       properties=item[2]))
             except aiomqtt.MqttError:
-                self._outbox.appendleft(item)
+                if item[4] + 1 >= OUTBOX_MAX_LOSSES:
+                    # The same message lost the connection again and again: the broker refuses
+                    # it (and disconnects us for it); retrying forever would keep us offline.
+                    log.error("reply to %r dropped: %d connections lost while sending it",
+                              item[0][:200], item[4] + 1)
+                else:
+                    self._outbox.appendleft((*item[:4], item[4] + 1))
                 return
 
     # ------------------------------------------------------------------ in-flight markers

@@ -124,6 +124,8 @@ class CoordinatorConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=T
     allow_overrides: bool = False
     step_deadline_min_s: float = 2.0
     step_deadline_factor: float = 20.0
+    #: the deadline never exceeds this, whatever step latency an agent reports
+    step_deadline_max_s: float = 30.0
     open_deadline_s: float = 30.0
     drain_timeout_s: float = 10.0
     max_concurrent: int = 256
@@ -147,6 +149,8 @@ class CoordinatorConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=T
         _positive("max_tokens_limit", self.max_tokens_limit)
         for name, app in self.apps.items():
             _positive(f"apps.{name}.max_latency_s", app.max_latency_s)
+        if not self.step_deadline_min_s <= self.step_deadline_max_s:
+            raise ConfigError("step_deadline_max_s must be >= step_deadline_min_s")
         overhead = self.planner.step_overhead_s
         if overhead is not None and not (overhead >= 0 and math.isfinite(overhead)):
             raise ConfigError("planner.step_overhead_s must be a finite number >= 0 "

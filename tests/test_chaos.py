@@ -304,7 +304,7 @@ def test_coordinator_handles_any_message(msgs: Sequence[tuple[str, bytes, str | 
         while coord._requests:
             await asyncio.gather(*list(coord._requests))
         got: Counter[bytes | None] = Counter()
-        for topic, payload, props, _qos in coord._outbox:
+        for topic, payload, props, _qos, _lost in coord._outbox:
             reply = wire.decode_phone_reply(payload, getattr(props, "ContentType", None))
             assert topic.startswith(TP.response_prefix(PHONE))
             if isinstance(reply, (wire.FinalReply, wire.ErrorReplyPhone)):
@@ -458,7 +458,7 @@ def test_subnormal_temperature_is_a_bad_request() -> None:
     """Found by the fuzzer: temperature 1e-310 made p^(1/T) NaN and the request an internal
     error; it is now refused up front with a clear message."""
 
-    async def main() -> list[tuple[str, bytes, object, int]]:
+    async def main() -> list[tuple[str, bytes, object, int, int]]:
         coord = Coordinator(CoordinatorConfig(id="c0"), UniformGate(), _no_client)
         for i, t in enumerate((1e-310, 0.0, 0.5)):
             body = wire.encode_phone(wire.PhoneRequest(prompt="hi", temperature=t), None)
@@ -469,7 +469,7 @@ def test_subnormal_temperature_is_a_bad_request() -> None:
         return list(coord._outbox)
 
     out = {getattr(props, "CorrelationData", None): wire.decode_phone_reply(payload, None)
-           for _t, payload, props, _q in asyncio.run(main())}
+           for _t, payload, props, _q, _n in asyncio.run(main())}
     tiny = out[b"0"]
     assert isinstance(tiny, wire.ErrorReplyPhone)
     assert tiny.code == wire.ErrorCode.BAD_REQUEST and "temperature" in tiny.message

@@ -162,7 +162,7 @@ def test_expert_killed_mid_generation_is_dropped(procs: Any, broker: LocalBroker
     # A step deadline no load on a shared CI box reaches: the survivors are never dropped for
     # lateness, and the killed one is dropped by its Last Will, not by the deadline.
     cfg = tmp_path / "coordinator.toml"
-    cfg.write_text("step_deadline_min_s = 60.0\n")
+    cfg.write_text("step_deadline_min_s = 30.0\n")
     start_coordinator(procs, broker.url, "--root", "kill", "--config", str(cfg))
 
     async def main() -> wire.FinalReply:
