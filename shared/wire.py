@@ -364,6 +364,11 @@ def decode_any(data: bytes) -> AnyAgentMsg:
 # --------------------------------------------------------------------------- phone API
 
 
+#: bounds of a request's ``stop`` (checked at decode: the reply is a typed ``bad_request``)
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
 class PhoneRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What a phone publishes on ``requests/{client_id}`` (JSON or MessagePack)."""
 
@@ -396,6 +401,17 @@ class PhoneRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("top_p must be in (0, 1]")
         if not self.app or len(self.app) > 64:
             raise ValueError("app must be 1..64 characters")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError("seed must be >= 0")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        # every stop string is searched for after every token: bounded like the prompt
+        if len(stops) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in stops):
+            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most "
+                             f"{MAX_STOP_CHARS} characters")
+        if self.messages is not None and any(len(m.role) > 64 for m in self.messages):
+            raise ValueError("a message role must be at most 64 characters")
+        if self.experts is not None and len(self.experts) > 256:
+            raise ValueError("experts lists at most 256 names")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

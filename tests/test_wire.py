@@ -237,6 +237,10 @@ def test_invalid_agent_inbound_rejected(body: Any) -> None:
     {"prompt": "x", "app": "a" * 65},
     {"prompt": 5},
     {"prompt": "x", "stop": 3},
+    {"prompt": "x", "seed": -1},  # numpy refused it after the sessions were open: internal
+    {"prompt": "x", "stop": ["s"] * (wire.MAX_STOP_STRINGS + 1)},
+    {"prompt": "x", "stop": "s" * (wire.MAX_STOP_CHARS + 1)},
+    {"messages": [{"role": "r" * 65, "content": "y"}]},
 ])
 def test_invalid_phone_request_rejected(body: dict[str, Any]) -> None:
     with pytest.raises(wire.DecodeError):
