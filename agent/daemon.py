@@ -290,19 +290,13 @@ class AgentDaemon:
             except SessionError as exc:  # whole-message errors (open)
                 sid = w.msg.session_id if isinstance(w.msg, wire.OpenSession) else None
                 errors[i].append(exc.item(sid, 0 if sid else None))
-        # A session closed later in the same batch (the coordinator gave up on a step it had
-        # sent) lost its KV sequence in the close: its step is not decoded -- decoding it would
-        # fail the whole llama_decode call, and with it every other session in the round.
-        for j in pending:
-            if self.table.sessions.get(j.session.session_id) is not j.session:
-                errors[j.work_index].append(wire.ErrorItem(
-                    code=wire.ErrorCode.UNKNOWN_SESSION,
-                    message=f"session {j.session.session_id!r} was closed",
-                    session_id=j.session.session_id, seq=j.seq))
-        pending = [j for j in pending
-                   if self.table.sessions.get(j.session.session_id) is j.session]
         # Rounds: a session may appear once per llama_decode call.
         while pending:
+            # A session closed later in the same batch (the coordinator gave up on a step it
+            # had sent), or by a failed earlier round, lost its KV sequence: its jobs are not
+            # decoded -- that would fail the whole llama_decode call, and with it every other
+            # session in the round (or write into a freed sequence).
+            pending = self._drop_closed(pending, errors)
             seen: set[int] = set()
             round_jobs: list[_Job] = []
             later: list[_Job] = []
@@ -318,6 +312,18 @@ class AgentDaemon:
             else:
                 replies.append(wire.Reply(agent_id=self.cfg.id, dists=dists[i], errors=errors[i]))
         return replies
+
+    def _drop_closed(self, jobs: list[_Job], errors: list[list[wire.ErrorItem]]) -> list[_Job]:
+        live = []
+        for j in jobs:
+            if self.table.sessions.get(j.session.session_id) is j.session:
+                live.append(j)
+            else:
+                errors[j.work_index].append(wire.ErrorItem(
+                    code=wire.ErrorCode.UNKNOWN_SESSION,
+                    message=f"session {j.session.session_id!r} was closed",
+                    session_id=j.session.session_id, seq=j.seq))
+        return live
 
     def _admit(self, i: int, msg: wire.OpenSession | wire.Step | wire.CloseSession, now: float,
                pending: list[_Job], errors: list[wire.ErrorItem]) -> None:
@@ -401,8 +407,7 @@ class AgentDaemon:
             s = j.session
             s.n_past += len(j.tokens)
             s.last_seq = max(s.last_seq, j.seq)
-            if not j.is_open:
-                s.pending -= 1
+            s.pending -= len(j.tokens)  # the prompt at open, one token a step
             s.busy = False
             ids, probs, rest = softmax_topk(lg, j.k)
             share = energy_j * len(j.tokens) / n_tokens if n_tokens else 0.0

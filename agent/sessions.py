@@ -21,7 +21,8 @@ class Session:
     last_used_s: float = 0.0
     k: int = 0
     busy: bool = False
-    #: steps admitted into the current batch but not decoded yet (each adds one token)
+    #: tokens admitted but not decoded yet (the prompt at open, one a step): they count
+    #: against the context when later steps of the same batch are admitted
     pending: int = 0
 
 
@@ -79,7 +80,10 @@ class SessionTable:
                 ErrorCode.TOO_MANY_SESSIONS,
                 f"all {self.max_sessions} sessions are in use; retry later",
             )
-        s = Session(session_id, self._free.pop(), n_past=0, last_seq=0, last_used_s=now_s, k=k)
+        # The prompt counts against the context from now on: steps of this session that
+        # arrive in the same batch as its open are checked before the prompt is decoded.
+        s = Session(session_id, self._free.pop(), n_past=0, last_seq=0, last_used_s=now_s, k=k,
+                    pending=n_prompt)
         self.sessions[session_id] = s
         return s
 

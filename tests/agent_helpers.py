@@ -381,6 +381,8 @@ class FakeEngine:
             h = self.history.setdefault(j.seq_id, [])
             if j.pos0 != len(h):
                 raise EngineError(f"seq {j.seq_id}: pos0 {j.pos0} but {len(h)} cached")
+            if len(h) + len(j.tokens) > self.n_ctx:  # as llama.cpp's per-sequence KV stream
+                raise EngineError(f"seq {j.seq_id}: no room for {len(j.tokens)} more tokens")
             h.extend(int(t) for t in j.tokens)
             out.append(self.logits_for(h))
         self.calls.append([len(j.tokens) for j in jobs])

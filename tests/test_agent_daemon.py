@@ -234,6 +234,39 @@ def test_duplicate_step_in_one_batch_is_decoded_once() -> None:
     assert [e.code for e in reply.errors] == [E.CONTEXT_FULL]
 
 
+def test_steps_in_the_batch_of_their_open_count_the_prompt_against_the_context() -> None:
+    """Found by an adversarial review: an open with n_ctx - 1 prompt tokens and steps 1-3 in
+    the same batch were all admitted (the prompt was not decoded yet) and overran the KV
+    stream, failing the whole round -- other sessions included."""
+    engine = FakeEngine(n_ctx=8)
+    daemon = make_daemon(agent_config("ctx0", max_sessions=2), engine, "mqtt://127.0.0.1:1")
+    daemon.process([_work(wire.OpenSession(session_id="other", k=2, tokens=[1, 4]))])
+    opened, stepped = daemon.process([
+        _work(wire.OpenSession(session_id="s", k=2, tokens=[1, 4, 5, 6, 7, 8, 9])),
+        _work(wire.Step(items=[wire.StepItem("s", 5, 1, 2), wire.StepItem("s", 5, 2, 2),
+                               wire.StepItem("other", 5, 1, 2)]))])
+    assert opened is not None and stepped is not None
+    assert not opened.errors
+    assert sorted((d.session_id, d.seq, d.n_past) for d in stepped.dists) == [
+        ("other", 1, 3), ("s", 1, 8)]
+    assert [(e.code, e.session_id, e.seq) for e in stepped.errors] == [
+        (E.CONTEXT_FULL, "s", 2)]
+
+
+def test_a_failed_round_does_not_decode_later_steps_of_its_sessions() -> None:
+    engine = FakeEngine()
+    daemon = make_daemon(agent_config("fr0", max_sessions=2), engine, "mqtt://127.0.0.1:1")
+    daemon.process([_work(wire.OpenSession(session_id="s", k=2, tokens=[1, 4]))])
+    seq_id = daemon.table.sessions["s"].seq_id
+    engine.fail_next = True
+    [reply] = daemon.process([_work(wire.Step(items=[wire.StepItem("s", 5, 1, 2),
+                                                     wire.StepItem("s", 6, 2, 2)]))])
+    assert reply is not None and not reply.dists
+    assert [(e.code, e.seq) for e in reply.errors] == [
+        (E.INTERNAL, 1), (E.UNKNOWN_SESSION, 2)]
+    assert seq_id not in engine.history  # nothing written into the freed sequence
+
+
 def test_decode_failure_is_an_internal_error_and_frees_the_session() -> None:
     engine = FakeEngine()
     daemon = make_daemon(agent_config("f0", max_sessions=2), engine, "mqtt://127.0.0.1:1")
