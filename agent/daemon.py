@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
+import msgspec
 
 from moe2.agent.engine import DecodeJob, Engine, EngineError, softmax_topk
 from moe2.agent.meters import EnergyMeter, EstimatedMeter
@@ -105,6 +106,8 @@ class AgentDaemon:
         self._entered = False
         self.connections = 0  # successful MQTT sessions so far (tests read it)
         self.dropped_requests = 0  # requests no reply could be sent for (bad response topic)
+        self._status_topic = self.topics.agent_status(cfg.id).topic
+        self._reassert = asyncio.Event()
 
     # ------------------------------------------------------------------ messages
     def status(self, state: str) -> wire.AgentStatus:
@@ -152,12 +155,13 @@ class AgentDaemon:
             telemetry = tg.create_task(self._telemetry_loop(), name="telemetry")
             watchdog = tg.create_task(self._watchdog_loop(), name="watchdog")
             expiry = tg.create_task(self._expiry_loop(), name="expiry")
+            status = tg.create_task(self._status_loop(), name="own-status")
             await self._stopping.wait()
             # Drain: let queued and in-flight work finish (up to the timeout).
             deadline = self.clock() + self.cfg.drain_timeout_s
             while (not self._queue.empty() or self._busy) and self.clock() < deadline:  # noqa: ASYNC110 - two conditions, polled briefly at shutdown
                 await asyncio.sleep(0.02)
-            await cancel_and_wait([worker, telemetry, watchdog, expiry])
+            await cancel_and_wait([worker, telemetry, watchdog, expiry, status])
             self.notifier.stopping()
             await self._publish_offline()
             await cancel_and_wait([session])
@@ -197,6 +201,9 @@ class AgentDaemon:
         )
         st = self.topics.agent_status(self.cfg.id)
         await client.publish(st.topic, st.encode(self.status("online")), qos=1, retain=True)
+        # Watch our own retained status: a forged or stale one (offline, cleared, or another
+        # model's) would keep coordinators from using this agent until it reconnected.
+        await client.subscribe(st.topic, qos=1)
         self.connections += 1
         self._connected.set()
         log.info("agent %s: online (model %s, %s, meter %s)", self.cfg.id, info.name,
@@ -207,6 +214,9 @@ class AgentDaemon:
 
     def _on_message(self, message: aiomqtt.Message) -> None:
         data = payload_bytes(message)
+        if str(message.topic) == self._status_topic:
+            self._on_own_status(data)
+            return
         rt = get_prop(message, "ResponseTopic")
         corr = get_prop(message, "CorrelationData")
         if rt is not None and not publishable_topic(rt):
@@ -227,6 +237,35 @@ class AgentDaemon:
                 self._queue.put_nowait(Work(None, f"malformed request: {exc}", rt, corr, code))
             return
         self._queue.put_nowait(Work(msg, None, rt, corr))
+
+    def _on_own_status(self, data: bytes) -> None:
+        if self._stopping.is_set():
+            return
+        mine = self.status("online")
+        try:
+            seen = wire.decode_as(data, wire.AgentStatus) if data else None
+        except wire.DecodeError:
+            seen = None
+        if seen is not None and msgspec.structs.replace(seen, ts=mine.ts) == mine:
+            return
+        log.warning("agent %s: the retained status says %s; publishing ours again", self.cfg.id,
+                    "nothing" if seen is None else f"{seen.state} ({seen.model})")
+        self._reassert.set()
+
+    async def _status_loop(self) -> None:
+        """Re-publish our online status when the retained one is not ours (at most 1/s: two
+        agents misconfigured with one id must not flood the broker fighting over it)."""
+        while True:
+            await self._reassert.wait()
+            self._reassert.clear()
+            client = self._client
+            if client is not None and self._connected.is_set() and not self._stopping.is_set():
+                st = self.topics.agent_status(self.cfg.id)
+                with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                    await asyncio.wait_for(client.publish(
+                        st.topic, st.encode(self.status("online")), qos=1, retain=True),
+                        timeout=REPLY_PUBLISH_TIMEOUT_S)
+            await asyncio.sleep(1.0)
 
     async def _worker_loop(self) -> None:
         while True:

@@ -405,6 +405,33 @@ async def test_request_with_an_unusable_response_topic_is_dropped(agents: Runnin
         await close_confirmed(c, agents.small, "forged")
 
 
+@pytest.mark.parametrize("forged", ["offline", "empty", "other-model"])
+async def test_a_forged_retained_status_is_replaced_by_the_live_agent(
+        agents: RunningAgents, forged: str) -> None:
+    """A retained offline (or cleared, or someone else's) status for a running agent kept every
+    coordinator from using it until it reconnected; the agent now puts its own back."""
+    async with AgentRpcClient(agents.url) as c, \
+            make_client(parse_broker_url(agents.url)) as forger:
+        live = await online(c, agents.small)
+        st = c.topics.agent_status(agents.small)
+        payload = {"offline": st.encode(msgspec.structs.replace(live, state="offline")),
+                   "empty": b"",
+                   "other-model": st.encode(msgspec.structs.replace(live, model="impostor"))
+                   }[forged]
+        mark = c.status_mark()
+        await forger.publish(st.topic, payload, qos=1, retain=True)
+        back = await c.wait_status(agents.small, "online", since=mark, timeout_s=10)
+        if forged == "other-model":  # the forged one is "online" too: wait for the real one
+            while back.status.model == "impostor":
+                mark = c.statuses.index(back) + 1
+                back = await c.wait_status(agents.small, "online", since=mark, timeout_s=10)
+        assert back.status.model == live.model
+        # and it serves
+        opened = await c.open(agents.small, "after-forgery", k=4, prompt=PROMPT)
+        assert not opened.errors
+        await close_confirmed(c, agents.small, "after-forgery")
+
+
 # --------------------------------------------------------------------------- chat template
 
 
