@@ -74,6 +74,9 @@ TAKEOVER_GRACE_S = 1.0
 TAKEOVER_WINDOW_S = 10.0
 #: bounds on peer bookkeeping (hostile status floods cannot grow it further)
 MAX_PEERS = 1024
+#: a vocabulary with more pieces is refused (the largest real ones have ~256k): each piece
+#: costs far more in memory than its two bytes on the wire
+MAX_VOCAB_PIECES = 1 << 20
 #: an outbox reply during whose publishing this many connections were lost is dropped
 OUTBOX_MAX_LOSSES = 3
 #: the planner does not wait longer than this for the broker to acknowledge a plan
@@ -372,7 +375,13 @@ class Coordinator:
                     raise wire.DecodeError("agent id does not match its topic")
                 event = TelemetryEvent(tm, now)
             elif topic.endswith("/vocab") and data:
-                event = VocabEvent(tp.agent_vocab(agent_id).decode(data))
+                vocab = tp.agent_vocab(agent_id).decode(data)
+                if vocab.agent_id != agent_id:
+                    raise wire.DecodeError("agent id does not match its topic")
+                if not 0 < len(vocab.pieces) <= MAX_VOCAB_PIECES:
+                    raise wire.DecodeError(f"{len(vocab.pieces)} pieces (at most "
+                                           f"{MAX_VOCAB_PIECES})")
+                event = VocabEvent(vocab)
         except wire.DecodeError as exc:
             log.debug("malformed message on %s dropped: %s", topic, exc)
             return

@@ -166,3 +166,29 @@ def test_topics_deeper_than_mosquitto_publishes_are_not_publishable(levels: int,
                                                                      ok: bool) -> None:
     """mosquitto 2.0 forwards such a Response Topic but disconnects whoever publishes to it."""
     assert publishable_topic("x" + "/x" * levels) is ok
+
+
+def test_vocabularies_must_name_their_own_agent_and_be_bounded() -> None:
+    from moe2.coordinator.gating import UniformGate
+    from moe2.coordinator.service import MAX_VOCAB_PIECES, Coordinator
+    from moe2.shared.config import CoordinatorConfig
+    from moe2.shared.topics import Topics
+    from tests.test_chaos import _message, _no_client
+
+    tp = Topics()
+
+    async def main() -> Coordinator:
+        coord = Coordinator(CoordinatorConfig(id="c0"), UniformGate(), _no_client)
+        for topic_agent, vocab in [
+            ("a0", wire.Vocab(agent_id="a1", vocab_fp="fp-other", pieces=[b"x"])),
+            ("a0", wire.Vocab(agent_id="a0", vocab_fp="fp-empty", pieces=[])),
+            ("a0", wire.Vocab(agent_id="a0", vocab_fp="fp-huge",
+                              pieces=[b""] * (MAX_VOCAB_PIECES + 1))),
+            ("a0", wire.Vocab(agent_id="a0", vocab_fp="fp-ok", pieces=[b"a", b"b"])),
+        ]:
+            coord._on_message(_message(tp.agent_vocab(topic_agent).topic, wire.encode(vocab),
+                                       None, None, None, True))
+        return coord
+
+    coord = asyncio.run(main())
+    assert set(coord.registry.vocabs) == {"fp-ok"}
