@@ -219,9 +219,10 @@ class AgentDaemon:
             return
         rt = get_prop(message, "ResponseTopic")
         corr = get_prop(message, "CorrelationData")
-        if rt is not None and not publishable_topic(rt):
-            # No reply can go there (paho refuses it, mosquitto would disconnect us for it);
-            # running the request anyway would only move a session nobody hears about.
+        if rt is not None and not (publishable_topic(rt) and self.topics.is_coordinator_inbox(rt)):
+            # No reply can go there: paho refuses wildcards, mosquitto disconnects us for some
+            # topics, and agents answer only coordinators' inboxes (as the broker ACL allows).
+            # Running the request anyway would only move a session nobody hears about.
             log.debug("agent %s: request with an unusable response topic %r dropped",
                       self.cfg.id, rt[:200])
             self.dropped_requests += 1

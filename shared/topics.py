@@ -114,6 +114,15 @@ class Topics:
         """Agents' replies to one coordinator (the Response Topic of its RPCs)."""
         return TypedTopic(f"{self.root}/coordinators/{coordinator_id}/inbox", wire.Reply)
 
+    def is_coordinator_inbox(self, topic: str) -> bool:
+        """Whether ``topic`` is some coordinator's inbox: the only place agents reply to (the
+        broker ACL says the same; without one, an agent must not be a reflector that sends
+        distributions, k = 0 ones of 4 bytes a vocabulary entry, wherever a request says)."""
+        prefix = f"{self.root}/coordinators/"
+        if not (topic.startswith(prefix) and topic.endswith("/inbox")):
+            return False
+        return valid_name(topic[len(prefix):-len("/inbox")])
+
     def coordinator_status(self, coordinator_id: str) -> TypedTopic[wire.CoordinatorStatus]:
         return TypedTopic(
             f"{self.root}/coordinators/{coordinator_id}/status", wire.CoordinatorStatus, retain=True

@@ -7,6 +7,7 @@ template path, and a broker restart.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -390,11 +391,15 @@ async def test_step_message_mixes_results_and_errors_per_item(agents: RunningAge
 
 async def test_request_with_an_unusable_response_topic_is_dropped(agents: RunningAgents) -> None:
     """Mosquitto forwards a Response Topic with wildcards; paho refuses to publish to it. Such a
-    request is dropped unprocessed (it once killed the agent's worker), and the agent serves on."""
+    request is dropped unprocessed (it once killed the agent's worker), and the agent serves on.
+    So is one asking for the reply anywhere but a coordinator's inbox (a phone's topic, say):
+    the agent is no reflector."""
     async with AgentRpcClient(agents.url) as c, \
             make_client(parse_broker_url(agents.url)) as forger:
         await online(c, agents.small)
-        for i, rt in enumerate(["x/+/y", "x/#", "+"]):
+        await forger.subscribe("moe2/responses/#", qos=0)
+        for i, rt in enumerate(["x/+/y", "x/#", "+", "moe2/responses/victim/r",
+                                "moe2/coordinators/a/b/inbox", "moe2/coordinators/+/inbox"]):
             await forger.publish(
                 c.topics.agent_rpc(agents.small),
                 wire.encode(wire.OpenSession(session_id="forged", k=4, prompt=PROMPT)),
@@ -403,6 +408,8 @@ async def test_request_with_an_unusable_response_topic_is_dropped(agents: Runnin
         opened = await c.open(agents.small, "forged", k=4, prompt=PROMPT)
         assert not opened.errors, opened.errors
         await close_confirmed(c, agents.small, "forged")
+        with pytest.raises(asyncio.TimeoutError):  # and nothing reached the victim
+            await asyncio.wait_for(anext(aiter(forger.messages)), 0.5)
 
 
 @pytest.mark.parametrize("forged", ["offline", "empty", "other-model"])

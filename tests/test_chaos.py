@@ -354,7 +354,8 @@ def _agent(max_sessions: int = 3) -> tuple[AgentDaemon, FakeEngine]:
 
 def _batch(d: AgentDaemon, payloads: Sequence[bytes], with_rt: bool = True) -> list[Work]:
     for i, p in enumerate(payloads):
-        d._on_message(_message(TP.agent_rpc("fz"), p, "inbox" if with_rt else None,
+        d._on_message(_message(TP.agent_rpc("fz"), p,
+                               TP.coordinator_inbox("c0").topic if with_rt else None,
                                str(i).encode(), None, False))
     out = []
     while not d._queue.empty():
