@@ -7,6 +7,7 @@ returns typed errors instead of raising into the receive loop.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 from moe2.shared.wire import ErrorCode, ErrorItem
@@ -46,7 +47,9 @@ class SessionTable:
     _free: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._free = list(range(self.max_sessions - 1, -1, -1))
+        # a heap: the lowest free KV sequence first, so the sessions open at once hold
+        # consecutive ids -- llama.cpp puts consecutive sequences of one batch into one ubatch
+        self._free = list(range(self.max_sessions))
 
     def check_k(self, k: int) -> None:
         if not (0 <= k <= min(self.max_k, self.n_vocab)):
@@ -82,8 +85,8 @@ class SessionTable:
             )
         # The prompt counts against the context from now on: steps of this session that
         # arrive in the same batch as its open are checked before the prompt is decoded.
-        s = Session(session_id, self._free.pop(), n_past=0, last_seq=0, last_used_s=now_s, k=k,
-                    pending=n_prompt)
+        s = Session(session_id, heapq.heappop(self._free), n_past=0, last_seq=0,
+                    last_used_s=now_s, k=k, pending=n_prompt)
         self.sessions[session_id] = s
         return s
 
@@ -113,11 +116,13 @@ class SessionTable:
     def close(self, session_id: str) -> Session | None:
         s = self.sessions.pop(session_id, None)
         if s is not None:
-            self._free.append(s.seq_id)
+            heapq.heappush(self._free, s.seq_id)
         return s
 
     def expired(self, now_s: float, idle_timeout_s: float) -> list[str]:
-        return [
-            sid for sid, s in self.sessions.items()
-            if not s.busy and now_s - s.last_used_s > idle_timeout_s
-        ]
+        # Called on the event loop while the engine thread may open and close sessions: a
+        # snapshot (one C-level copy under the GIL), not a live iteration that can fail with
+        # "dictionary changed size during iteration" and take the daemon down.
+        snapshot = list(self.sessions.items())
+        return [sid for sid, s in snapshot
+                if not s.busy and now_s - s.last_used_s > idle_timeout_s]

@@ -183,7 +183,9 @@ def role_acl(role: Role, name: str, topics: Topics) -> list[tuple[Access, str]]:
         ]
     if role == "agent":
         return [
-            ("write", topics.agent_status(name).topic),
+            # read too: the agent watches its retained status and puts its own back when a
+            # stale or forged one is there
+            ("readwrite", topics.agent_status(name).topic),
             ("write", topics.agent_telemetry(name).topic),
             ("write", topics.agent_vocab(name).topic),
             ("read", topics.agent_rpc(name)),

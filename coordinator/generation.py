@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,8 +75,8 @@ class RequestContext:
     clock: Callable[[], float] = time.monotonic
     #: called with (request id, step, fused distribution, chosen token) -- tests and tracing
     observer: Callable[[str, int, Fused, int], None] | None = None
-    #: called after each step with the seconds it took beyond its slowest expert's decode
-    #: window (steps sent -> every distribution back, minus the largest ``latency_s``)
+    #: called once a token with the seconds its cycle (steps sent -> next steps sent) took
+    #: beyond the slowest expert's decode window (the largest ``latency_s``)
     on_step_overhead: Callable[[float], None] | None = None
     sessions_prefix: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
@@ -177,6 +177,7 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
     ttft_s: float | None = None
     finish = "length"
     seq = 0
+    last_step: tuple[float, float] | None = None  # (steps sent at, slowest decode window)
     while True:
         active = [e for e in experts if e.active and e.agent_id in dists]
         for e in experts:
@@ -215,6 +216,14 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
             futs = {e.agent_id: ctx.rpc.step(e.agent_id, wire.StepItem(
                 e.session_id, token, seq, settings.dist_k)) for e in active}
             t_sent = ctx.clock()
+            if ctx.on_step_overhead is not None and last_step is not None:
+                # one whole token cycle (wait, checks, mixing, sampling, detokenising) beyond
+                # the slowest expert's decode window of the previous step
+                ctx.on_step_overhead(step_overhead_s(t_sent - last_step[0], last_step[1]))
+            last_step = None
+            # The steps leave in the RPC flush (call_soon, so that steps due for one agent in
+            # this tick share a message): let it run before the phone's chunk is written.
+            await asyncio.sleep(0)
         if chunk:
             if ttft_s is None:
                 ttft_s = ctx.clock() - t0
@@ -224,8 +233,8 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
             break
         dists = _drop_invalid(await _gather(futs, _deadline(ctx.registry(), active, settings),
                                             by_id), by_id, n_vocab)
-        if ctx.on_step_overhead is not None and dists and len(dists) == len(futs):
-            ctx.on_step_overhead(step_overhead_s(ctx.clock() - t_sent, dists.values()))
+        if dists and len(dists) == len(futs):  # no drop (a deadline wait is no sample)
+            last_step = (t_sent, max(d.latency_s for d in dists.values()))
     tail = stream.flush()
     if tail:
         if ttft_s is None:
@@ -243,6 +252,8 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
 
 #: float32 probabilities may sum a little above 1
 _PROB_SLACK = 1e-3
+#: how far from 1 a reply's probabilities plus rest mass may be (float32 rounding is ~1e-6)
+_MASS_SLACK = 1e-2
 
 
 def invalid_distribution(d: wire.Distribution, n_vocab: int) -> str | None:
@@ -267,6 +278,9 @@ def invalid_distribution(d: wire.Distribution, n_vocab: int) -> str | None:
             return "repeated token ids"
     if not (0.0 <= d.rest_mass <= 1.0 + _PROB_SLACK):  # NaN fails too
         return "rest mass outside [0, 1]"
+    total = float(p.sum(dtype=np.float64)) + d.rest_mass
+    if abs(total - 1.0) > _MASS_SLACK:  # an all-zero reply would divide fusion by zero
+        return f"probabilities and rest mass sum to {total:.4g}, not 1"
     if not (0.0 <= d.energy_j < math.inf) or not (0.0 <= d.latency_s < math.inf):
         return "energy or latency not finite and non-negative"
     return None
@@ -285,9 +299,11 @@ def _drop_invalid(dists: dict[str, wire.Distribution], by_id: Mapping[str, Exper
     return dists
 
 
-def step_overhead_s(elapsed_s: float, dists: Iterable[wire.Distribution]) -> float:
-    """What a step cost beyond its slowest expert's own decode window (never negative)."""
-    return max(0.0, elapsed_s - max((d.latency_s for d in dists), default=0.0))
+def step_overhead_s(cycle_s: float, slowest_decode_s: float) -> float:
+    """What one token cycle (steps sent to steps sent) cost beyond the slowest expert's decode
+    window: MQTT both ways, the agents' and this coordinator's work. Never negative (the two
+    come from different clocks)."""
+    return max(0.0, cycle_s - slowest_decode_s)
 
 
 def _deadline(reg: Registry, active: Sequence[ExpertState], s: GenerationSettings) -> float:

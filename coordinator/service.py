@@ -559,10 +559,14 @@ class Coordinator:
             if client is None or not self._connected.is_set():
                 return
             item = self._outbox.popleft()
+            lost = self._conn_lost  # this connection's (a reconnect makes a new one)
             try:
                 await self._until_lost(client.publish(item[0], item[1], qos=item[3],
                                                       properties=item[2]))
             except aiomqtt.MqttError:
+                if not lost.is_set():  # refused or timed out on a live connection: retry
+                    self._outbox.appendleft(item)
+                    return
                 if item[4] + 1 >= OUTBOX_MAX_LOSSES:
                     # The same message lost the connection again and again: the broker refuses
                     # it (and disconnects us for it); retrying forever would keep us offline.
@@ -725,6 +729,9 @@ class Coordinator:
         """The token path: write a step to its agent in this loop iteration (no sender-task
         hop). Declines (-> the sender queue) for a client without the immediate write."""
         client = self._client
+        if client is None:
+            return True  # dropped, not queued: sent after a reconnect it could overtake a
+            #              later close (a leaked session); the step deadline drops the expert
         if not isinstance(client, Client):
             return False
         try:

@@ -253,6 +253,17 @@ def test_steps_in_the_batch_of_their_open_count_the_prompt_against_the_context()
         (E.CONTEXT_FULL, "s", 2)]
 
 
+def test_sessions_get_the_lowest_free_kv_sequence() -> None:
+    """Sessions open together hold consecutive sequence ids (one ubatch in llama.cpp)."""
+    from moe2.agent.sessions import SessionTable
+
+    t = SessionTable(max_sessions=4, n_ctx=32, n_vocab=64, max_k=64)
+    assert [t.open(s, 2, 1, 0.0).seq_id for s in "abcd"] == [0, 1, 2, 3]
+    t.close("c")
+    t.close("a")
+    assert [t.open(s, 2, 1, 0.0).seq_id for s in "ef"] == [0, 2]
+
+
 def test_a_failed_round_does_not_decode_later_steps_of_its_sessions() -> None:
     engine = FakeEngine()
     daemon = make_daemon(agent_config("fr0", max_sessions=2), engine, "mqtt://127.0.0.1:1")

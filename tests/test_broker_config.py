@@ -148,7 +148,7 @@ def test_acl_rules_per_role_use_the_topic_root() -> None:
                      ("read", "site1/moe2/coordinators/+/status")]
     agent = {t: a for a, t in bc.role_acl("agent", "e0", topics)}
     assert agent == {
-        "site1/moe2/agents/e0/status": "write", "site1/moe2/agents/e0/telemetry": "write",
+        "site1/moe2/agents/e0/status": "readwrite", "site1/moe2/agents/e0/telemetry": "write",
         "site1/moe2/agents/e0/vocab": "write", "site1/moe2/agents/e0/rpc": "read",
         "site1/moe2/coordinators/+/inbox": "write",
     }
@@ -307,7 +307,12 @@ async def test_agent_acl(secure: SecureBroker) -> None:
         inbox = TOPICS.coordinator_inbox("c0").topic
         await e0.publish(inbox, b"reply", qos=1)
         got = await receive_until(c0, inbox)
+        # e0 reads its own status -- it watches for a stale or forged retained one
+        await e0.subscribe(TOPICS.agent_status("e0").topic, qos=1)
+        await e0.publish(TOPICS.agent_status("e0").topic, b"watched", qos=1)
+        own = await receive_until(e0, TOPICS.agent_status("e0").topic)
     assert got == [(TOPICS.agent_status("e0").topic, b"mine"), (inbox, b"reply")]
+    assert own == [(TOPICS.agent_status("e0").topic, b"watched")]
 
 
 async def test_monitor_reads_status_but_cannot_publish_a_plan(secure: SecureBroker) -> None:

@@ -141,6 +141,24 @@ def test_every_session_holds_its_full_context_at_once(fleet: Fleet, n_ctx: int,
         eng.close()
 
 
+def test_jobs_out_of_seq_order_get_their_own_logits(fleet: Fleet) -> None:
+    """decode orders a batch by seq_id (consecutive ids share a ubatch); the logits still come
+    back in the order of the jobs given."""
+    eng = LlamaEngine(str(fleet.shared[0].path), n_ctx=64, max_sessions=4, n_threads=1,
+                      kv_type="f32")
+    try:
+        prompts = {3: [1, 40, 41], 0: [1, 50], 2: [1, 60, 61, 62]}
+        alone = {}
+        for sid, toks in prompts.items():
+            alone[sid] = softmax64(eng.decode([DecodeJob(sid, toks, 0)])[0])
+            eng.free(sid)
+        together = eng.decode([DecodeJob(sid, toks, 0) for sid, toks in prompts.items()])
+    finally:
+        eng.close()
+    for (sid, _toks), lg in zip(prompts.items(), together, strict=True):
+        np.testing.assert_allclose(softmax64(lg), alone[sid], rtol=0, atol=1e-5)
+
+
 def test_free_clears_the_sequence_for_reuse(engine: LlamaEngine) -> None:
     tokens = engine.tokenize(PROMPT, add_bos=True, parse_special=False)
     _fed, first = greedy(engine, 3, tokens, 5)

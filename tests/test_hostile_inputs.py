@@ -155,6 +155,9 @@ def test_a_sound_distribution_is_accepted() -> None:
     (_dist([0.5], [1], rest=0.5, energy_j=math.nan), "energy or latency"),
     (_dist([0.5], [1], rest=0.5, energy_j=math.inf), "energy or latency"),
     (_dist([0.5], [1], rest=0.5, latency_s=-1.0), "energy or latency"),
+    (_dist([0.0, 0.0], [1, 2]), "sum to 0"),  # fusion divided by zero on it
+    (_dist([0.0] * N_VOCAB), "sum to 0"),
+    (_dist([0.2, 0.1], [1, 2], rest=0.3), "sum to 0.6"),
 ])
 def test_distributions_that_cannot_be_fused_are_named(dist: wire.Distribution, why: str) -> None:
     problem = invalid_distribution(dist, N_VOCAB)
