@@ -2,10 +2,10 @@
 
 Steps due for one agent in the same event-loop tick travel as ONE :class:`wire.Step` message:
 :meth:`AgentRpc.step` queues the item and schedules a flush with ``call_soon``; the flush hands
-one message per agent to ``direct`` (the coordinator's connected client, which writes it to the
-socket in the same iteration), or, when that declines, to the sender queue that the
-coordinator's sender task publishes. Replies arrive on this coordinator's inbox and resolve
-futures keyed by (agent, session, seq).
+one message per agent to ``direct`` (the coordinator writes it to the socket in the same
+iteration), or, without one or when it declines, to the :attr:`outgoing` queue that its owner
+drains (the calibration driver, :mod:`moe2.coordinator.agent_client`). Replies arrive on this
+coordinator's inbox and resolve futures keyed by (agent, session, seq).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The coordinator service: phones' requests in, fused tokens out.
 
-One task group of named loops (STYLE.md): the MQTT session with its reconnect loop, the RPC
-sender, the planner, the watchdog; plus one task per accepted request, tracked and awaited --
-never fire-and-forget. Gate, client factory, clock and planner are injected; ``cli/coordinator``
-wires the real ones.
+One task group of named loops (STYLE.md): the MQTT session with its reconnect loop, the phone
+outbox, the in-flight markers, the planner, the watchdog (steps to agents are written from the
+request tasks themselves, see :meth:`Coordinator._send_rpc_now`); plus one task per accepted
+request, tracked and awaited -- never fire-and-forget. Gate, client factory, clock and planner
+are injected; ``cli/coordinator`` wires the real ones.
 
 In-flight markers (how phones hear about a coordinator that dies mid-request): while it serves a
 request, a coordinator keeps a retained :class:`InflightMarker` (the phone's response topic and
@@ -65,7 +66,7 @@ from moe2.shared.topics import Topics, publishable_topic, valid_name
 
 log = logging.getLogger(__name__)
 
-ClientFactory = Callable[[aiomqtt.Will], aiomqtt.Client]
+ClientFactory = Callable[[aiomqtt.Will], Client]
 T = TypeVar("T")
 
 #: how long a peer must stay offline after its Last Will before its phones are told
@@ -175,7 +176,7 @@ class Coordinator:
             step_deadline_factor=cfg.step_deadline_factor, open_deadline_s=cfg.open_deadline_s,
             step_deadline_max_s=cfg.step_deadline_max_s,
         )
-        self._client: aiomqtt.Client | None = None
+        self._client: Client | None = None
         self._connected = asyncio.Event()
         self._conn_lost = asyncio.Event()  # set when the current connection ends
         self._stopping = asyncio.Event()
@@ -244,7 +245,6 @@ class Coordinator:
     async def run(self) -> int:
         tasks = [
             asyncio.create_task(self._session_loop(), name="mqtt-session"),
-            asyncio.create_task(self._rpc_sender(), name="rpc-sender"),
             asyncio.create_task(self._outbox_loop(), name="outbox"),
             asyncio.create_task(self._inflight_loop(), name="inflight"),
         ]
@@ -298,7 +298,7 @@ class Coordinator:
         return aiomqtt.Will(t.topic, t.encode(self.status("offline")), qos=1, retain=True)
 
     async def _session_loop(self) -> None:
-        def new_client() -> aiomqtt.Client:
+        def new_client() -> Client:
             self._conn_lost = asyncio.Event()  # one per connection attempt
             return self.client_factory(self.will())
 
@@ -311,7 +311,7 @@ class Coordinator:
         self._connected.clear()
         self._forget_peers()
 
-    async def _on_connect(self, client: aiomqtt.Client) -> None:
+    async def _on_connect(self, client: Client) -> None:
         self._client = client
         tp = self.topics
         await client.subscribe(tp.coordinator_inbox(self.cfg.id).topic, qos=0)
@@ -726,34 +726,16 @@ class Coordinator:
                 await asyncio.sleep(0.1)
 
     def _send_rpc_now(self, out: Outgoing) -> bool:
-        """The token path: write a step to its agent in this loop iteration (no sender-task
-        hop). Declines (-> the sender queue) for a client without the immediate write."""
+        """The token path: write a step to its agent in this loop iteration. While the broker
+        is away it is dropped, not queued -- sent after a reconnect it could overtake a later
+        close (a leaked session) -- and the step deadline drops the expert."""
         client = self._client
-        if client is None:
-            return True  # dropped, not queued: sent after a reconnect it could overtake a
-            #              later close (a leaked session); the step deadline drops the expert
-        if not isinstance(client, Client):
-            return False
-        try:
-            client.publish_now(out.topic, out.payload, properties=self._rpc_props)
-        except aiomqtt.MqttError as exc:
-            log.debug("rpc not sent: %s", exc)  # the step deadline drops the expert
-        return True
-
-    async def _rpc_sender(self) -> None:
-        props = self._rpc_props
-        while True:
-            out = await self.rpc.outgoing.get()
-            client = self._client
-            if client is None:
-                continue  # the step deadline will drop the expert
+        if client is not None:
             try:
-                # A connection that just died never confirms a publish: without a timeout one
-                # such publish would hold every RPC behind it for aiomqtt's default 10 s.
-                await client.publish(out.topic, out.payload, qos=0, properties=props,
-                                     timeout=RPC_PUBLISH_TIMEOUT_S)
+                client.publish_now(out.topic, out.payload, properties=self._rpc_props)
             except aiomqtt.MqttError as exc:
                 log.debug("rpc not sent: %s", exc)
+        return True
 
     async def _watchdog_loop(self) -> None:
         interval = watchdog_interval_s(default_s=5.0)

@@ -15,7 +15,7 @@ import ssl
 import threading
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -81,7 +81,7 @@ def make_client(
     keepalive_s: int = 10,
     clean_start: bool = True,
     max_queued_outgoing: int | None = 10000,
-) -> aiomqtt.Client:
+) -> Client:
     """An MQTT 5 client for ``url``; TLS from the URL scheme with an optional private CA."""
     tls_context: ssl.SSLContext | None = None
     if url.tls:
@@ -290,9 +290,12 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], grace_s: float = 3
         await asyncio.wait(still, timeout=grace_s)
 
 
+C = TypeVar("C", bound=aiomqtt.Client)
+
+
 async def run_session(
-    new_client: Callable[[], aiomqtt.Client],
-    on_connect: Callable[[aiomqtt.Client], Awaitable[None]],
+    new_client: Callable[[], C],
+    on_connect: Callable[[C], Awaitable[None]],
     on_message: Callable[[aiomqtt.Message], None],
     on_lost: Callable[[], None],
     name: str,
