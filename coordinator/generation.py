@@ -267,8 +267,9 @@ def invalid_distribution(d: wire.Distribution, n_vocab: int) -> str | None:
     if not d.ids and n != n_vocab:
         return f"a full distribution of {n} probabilities for a vocabulary of {n_vocab}"
     p = d.prob_array()
-    if not np.isfinite(p).all() or p.min() < 0 or p.max() > 1 + _PROB_SLACK \
-            or float(p.sum(dtype=np.float64)) > 1 + _PROB_SLACK:
+    mass = float(p.sum(dtype=np.float64))  # NaN or inf when any entry is
+    if not math.isfinite(mass) or p.min() < 0 or p.max() > 1 + _PROB_SLACK \
+            or mass > 1 + _PROB_SLACK:
         return "probabilities are not a distribution"
     if d.ids:
         ids = d.id_array()
@@ -278,7 +279,7 @@ def invalid_distribution(d: wire.Distribution, n_vocab: int) -> str | None:
             return "repeated token ids"
     if not (0.0 <= d.rest_mass <= 1.0 + _PROB_SLACK):  # NaN fails too
         return "rest mass outside [0, 1]"
-    total = float(p.sum(dtype=np.float64)) + d.rest_mass
+    total = mass + d.rest_mass
     if abs(total - 1.0) > _MASS_SLACK:  # an all-zero reply would divide fusion by zero
         return f"probabilities and rest mass sum to {total:.4g}, not 1"
     if not (0.0 <= d.energy_j < math.inf) or not (0.0 <= d.latency_s < math.inf):
