@@ -199,11 +199,10 @@ class AgentDaemon:
                                  pieces=list(info.pieces))),
             qos=1, retain=True,
         )
-        st = self.topics.agent_status(self.cfg.id)
-        await client.publish(st.topic, st.encode(self.status("online")), qos=1, retain=True)
+        await self._publish_online(client)
         # Watch our own retained status: a forged or stale one (offline, cleared, or another
         # model's) would keep coordinators from using this agent until it reconnected.
-        await client.subscribe(st.topic, qos=1)
+        await client.subscribe(self._status_topic, qos=1)
         self.connections += 1
         self._connected.set()
         log.info("agent %s: online (model %s, %s, meter %s)", self.cfg.id, info.name,
@@ -261,12 +260,14 @@ class AgentDaemon:
             self._reassert.clear()
             client = self._client
             if client is not None and self._connected.is_set() and not self._stopping.is_set():
-                st = self.topics.agent_status(self.cfg.id)
                 with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
-                    await asyncio.wait_for(client.publish(
-                        st.topic, st.encode(self.status("online")), qos=1, retain=True),
-                        timeout=REPLY_PUBLISH_TIMEOUT_S)
+                    await asyncio.wait_for(self._publish_online(client),
+                                           timeout=REPLY_PUBLISH_TIMEOUT_S)
             await asyncio.sleep(1.0)
+
+    async def _publish_online(self, client: aiomqtt.Client) -> None:
+        st = self.topics.agent_status(self.cfg.id)
+        await client.publish(st.topic, st.encode(self.status("online")), qos=1, retain=True)
 
     async def _worker_loop(self) -> None:
         while True:
@@ -310,7 +311,7 @@ class AgentDaemon:
                                 else response_properties(correlation_data=w.correlation)),
                     timeout_s=REPLY_PUBLISH_TIMEOUT_S,
                 )
-            except (aiomqtt.MqttError, ValueError) as exc:  # ValueError: paho refused the topic
+            except aiomqtt.MqttError as exc:
                 log.debug("agent %s: reply not sent: %s", self.cfg.id, exc)
 
     # ------------------------------------------------------------------ engine thread
