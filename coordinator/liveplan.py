@@ -89,7 +89,7 @@ def latency_at(view: AgentView, context_tokens: int) -> float | None:
             return b.latency_s
     if bins:
         return bins[-1].latency_s
-    return t.step_latency_s if finite_positive(t.step_latency_s) else None
+    return view.step_latency_s()  # None unless finite and positive, as the bins above
 
 
 def finite_positive(x: float) -> bool:
