@@ -57,7 +57,6 @@ from moe2.shared.mqtt import (
     cancel_and_wait,
     get_prop,
     payload_bytes,
-    publish_qos0,
     response_properties,
     run_session,
 )
@@ -82,8 +81,6 @@ MAX_VOCAB_PIECES = 1 << 20
 OUTBOX_MAX_LOSSES = 3
 #: the planner does not wait longer than this for the broker to acknowledge a plan
 PLAN_PUBLISH_TIMEOUT_S = 2.0
-#: an RPC that cannot be written within this is dropped (the step deadline handles it)
-RPC_PUBLISH_TIMEOUT_S = 2.0
 #: the smallest non-zero sampling temperature accepted (0 = greedy)
 MIN_TEMPERATURE = 1e-6
 
@@ -527,8 +524,7 @@ class Coordinator:
                     await self._until_lost(client.publish(topic, payload, qos=qos,
                                                           properties=props))
                 else:
-                    await publish_qos0(client, topic, payload, properties=props,
-                                       timeout_s=RPC_PUBLISH_TIMEOUT_S)
+                    client.publish_now(topic, payload, properties=props)
                 return
             except aiomqtt.MqttError:
                 pass

@@ -26,21 +26,21 @@ def valid_name(name: str) -> bool:
     return bool(_NAME_RE.match(name))
 
 
+#: mosquitto 2 refuses (and disconnects) a PUBLISH whose topic has more '/' than this; it
+#: forwards such a Response Topic all the same
+MAX_TOPIC_SEPARATORS = 200
+
+
 def publishable_topic(topic: str) -> bool:
-    """A topic name the broker accepts in a PUBLISH: mosquitto disconnects a client that
+    """A topic name the broker accepts in a PUBLISH. Mosquitto disconnects a client that
     publishes to a topic with wildcards, control characters (U+0000-U+001F, U+007F-U+009F) or
-    more than 200 levels' separators,
-    and paho refuses wildcards with ValueError before sending. Response Topics arrive from the
-    network unchecked (mosquitto 2.0 forwards ``a/+/b`` as one), so every reply checks first."""
+    more than 200 levels, and paho refuses wildcards with ValueError before sending. Response
+    Topics arrive from the network unchecked (mosquitto 2.0 forwards ``a/+/b`` as one), so every
+    reply checks first."""
     return (0 < len(topic.encode("utf-8", "surrogatepass")) <= 65535
             and topic.count("/") <= MAX_TOPIC_SEPARATORS
             and not any(c in "+#" or ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in topic)
             and not any(0xD800 <= ord(c) <= 0xDFFF for c in topic))
-
-
-#: mosquitto 2 refuses (and disconnects) a PUBLISH whose topic has more '/' than this; it
-#: forwards such a Response Topic all the same
-MAX_TOPIC_SEPARATORS = 200
 
 
 def check_name(kind: str, name: str) -> str:
