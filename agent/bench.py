@@ -48,6 +48,7 @@ from moe2.shared import wire
 from moe2.shared.config import CoordinatorConfig
 from moe2.shared.localbroker import LocalBroker
 from moe2.shared.mqtt import (
+    MessageReader,
     get_prop,
     make_client,
     parse_broker_url,
@@ -169,13 +170,13 @@ class _MqttStepper:
         self.inbox = self.topics.coordinator_inbox(self.name).topic
         self.client = make_client(parse_broker_url(broker_url), identifier=self.name,
                                   keepalive_s=60)
+        self.reader = MessageReader(self.client, name=f"{self.name}-reader")
         self._n = 0
 
     async def wait_online(self, proc: subprocess.Popen[bytes], log_path: Path) -> None:
         status_topic = self.topics.agent_status(self.agent_id)
         await self.client.subscribe(status_topic.topic, qos=1)
         deadline = time.monotonic() + ONLINE_TIMEOUT_S
-        messages = aiter(self.client.messages)
         while True:
             if proc.poll() is not None:
                 tail = await asyncio.to_thread(log_path.read_text, errors="replace")
@@ -183,9 +184,8 @@ class _MqttStepper:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RuntimeError(f"bench agent not online within {ONLINE_TIMEOUT_S}s")
-            try:
-                m = await asyncio.wait_for(anext(messages), timeout=min(left, 1.0))
-            except asyncio.TimeoutError:
+            m = await self.reader.next(timeout_s=min(left, 1.0))
+            if m is None:
                 continue
             if str(m.topic) == status_topic.topic and \
                     status_topic.decode(payload_bytes(m)).state == "online":
@@ -198,9 +198,10 @@ class _MqttStepper:
         corr = self._n.to_bytes(8, "little")
         await publish_qos0(self.client, self.topics.agent_rpc(self.agent_id), wire.encode(msg),
                            properties=response_properties(self.inbox, corr))
-        messages = aiter(self.client.messages)
         while True:
-            m = await asyncio.wait_for(anext(messages), timeout=STEP_TIMEOUT_S)
+            m = await self.reader.next(timeout_s=STEP_TIMEOUT_S)
+            if m is None:
+                raise RuntimeError(f"no reply from the agent within {STEP_TIMEOUT_S}s")
             if get_prop(m, "CorrelationData") != corr:
                 continue
             reply = wire.decode_as(payload_bytes(m), wire.Reply)
@@ -259,15 +260,16 @@ async def _echo_rtt_ms(broker_url: str, n: int, gap_s: float = 0.0) -> float:
         task = asyncio.create_task(echo(), name="bench-echo")
         try:
             rtts: list[float] = []
-            replies = aiter(a.messages)
-            for i in range(n + 10):
-                if gap_s > 0:
-                    await asyncio.sleep(gap_s)
-                t0 = time.perf_counter()
-                await publish_qos0(a, ping, payload)
-                await asyncio.wait_for(anext(replies), timeout=STEP_TIMEOUT_S)
-                if i >= 10:  # warm-up
-                    rtts.append(time.perf_counter() - t0)
+            async with MessageReader(a) as replies:
+                for i in range(n + 10):
+                    if gap_s > 0:
+                        await asyncio.sleep(gap_s)
+                    t0 = time.perf_counter()
+                    await publish_qos0(a, ping, payload)
+                    if await replies.next(timeout_s=STEP_TIMEOUT_S) is None:
+                        raise RuntimeError("the echo did not come back")
+                    if i >= 10:  # warm-up
+                        rtts.append(time.perf_counter() - t0)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -312,7 +314,7 @@ async def _bench_model(model: BenchModel, broker_url: str, work: Path, *, runs: 
     try:
         prompt = direct.tokenize(PROMPT)
         stepper = _MqttStepper(broker_url, agent_id, k)
-        async with stepper.client:
+        async with stepper.client, stepper.reader:
             await stepper.wait_online(proc, log_path)
             # warm-up (weights paged in, caches, JIT-free but first-touch costs)
             # (the direct loop runs in a worker thread, one hop per run, so this event loop

@@ -149,22 +149,33 @@ class AgentDaemon:
             raise RuntimeError("AgentDaemon.run() may be called once")
         self._entered = True
         self.notifier.notify("STATUS=connecting")
-        async with asyncio.TaskGroup() if hasattr(asyncio, "TaskGroup") else _TaskGroup() as tg:
-            session = tg.create_task(self._session_loop(), name="mqtt-session")
-            worker = tg.create_task(self._worker_loop(), name="engine-worker")
-            telemetry = tg.create_task(self._telemetry_loop(), name="telemetry")
-            watchdog = tg.create_task(self._watchdog_loop(), name="watchdog")
-            expiry = tg.create_task(self._expiry_loop(), name="expiry")
-            status = tg.create_task(self._status_loop(), name="own-status")
-            await self._stopping.wait()
+        session = asyncio.create_task(self._session_loop(), name="mqtt-session")
+        loops = [
+            asyncio.create_task(self._worker_loop(), name="engine-worker"),
+            asyncio.create_task(self._telemetry_loop(), name="telemetry"),
+            asyncio.create_task(self._watchdog_loop(), name="watchdog"),
+            asyncio.create_task(self._expiry_loop(), name="expiry"),
+            asyncio.create_task(self._status_loop(), name="own-status"),
+        ]
+        stop = asyncio.create_task(self._stopping.wait(), name="stop-wait")
+        try:
+            # Until a stop is asked for -- or a loop fails (the session gives up when the
+            # broker keeps refusing our credentials): that error is re-raised.
+            running: set[asyncio.Task[Any]] = {session, *loops, stop}
+            while not stop.done():
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    if t is not stop and not t.cancelled() and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
             # Drain: let queued and in-flight work finish (up to the timeout).
             deadline = self.clock() + self.cfg.drain_timeout_s
             while (not self._queue.empty() or self._busy) and self.clock() < deadline:  # noqa: ASYNC110 - two conditions, polled briefly at shutdown
                 await asyncio.sleep(0.02)
-            await cancel_and_wait([worker, telemetry, watchdog, expiry, status])
+            await cancel_and_wait(loops)
             self.notifier.stopping()
             await self._publish_offline()
-            await cancel_and_wait([session])
+        finally:
+            await cancel_and_wait([session, *loops, stop])
         return 0
 
     _busy = False
@@ -496,32 +507,4 @@ class AgentDaemon:
                 log.info("agent %s: closing %d idle session(s)", self.cfg.id, len(expired))
                 self._queue.put_nowait(Work(wire.CloseSession(session_ids=expired), None,
                                             None, None))
-
-
-class _TaskGroup:
-    """Minimal asyncio.TaskGroup for Python 3.10 (cancel the rest when one task fails)."""
-
-    def __init__(self) -> None:
-        self._tasks: list[asyncio.Task[Any]] = []
-
-    def create_task(self, coro: Any, *, name: str | None = None) -> asyncio.Task[Any]:
-        t = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.append(t)
-        return t
-
-    async def __aenter__(self) -> _TaskGroup:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        pending = set(self._tasks)
-        error: BaseException | None = None
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-            for t in done:
-                if not t.cancelled() and t.exception() is not None and error is None:
-                    error = t.exception()
-                    for p in pending:
-                        p.cancel()
-        if error is not None:
-            raise error
 

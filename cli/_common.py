@@ -16,6 +16,17 @@ class UsageError(Exception):
     """Bad input or configuration: reported as one line on stderr, exit code 2."""
 
 
+def log_to_file(args: Any, path: str | os.PathLike[str]) -> None:
+    """For long-running tools with their own progress lines (demo, reproduce): every log record
+    goes to ``path``; the terminal keeps warnings and errors (everything with ``--verbose``)."""
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    stderr: logging.Handler | None = getattr(args, "log_handler", None)
+    if stderr is not None and not getattr(args, "verbose", False):
+        stderr.setLevel(logging.WARNING)
+
+
 def emit_json(obj: Any) -> None:
     """Print exactly one JSON object on one line (the contract for ``--json``)."""
     sys.stdout.write(json.dumps(obj, separators=(",", ":"), default=_default) + "\n")

@@ -123,9 +123,13 @@ def run(args: argparse.Namespace) -> int:
 
         return serve_agent_metrics(daemon, cfg.metrics_port)
 
+    from moe2.shared.mqtt import BrokerRefusedError
+
     with meter:
         try:
             code = run_daemon(daemon.run, daemon.request_stop, start_metrics)
+        except BrokerRefusedError as exc:
+            fail(f"agent {cfg.id}: {url.redacted()}: {exc}")
         finally:
             engine.close()
     return code

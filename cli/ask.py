@@ -23,7 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--raw", action="store_true", help="no chat template; tokenise as is")
-    p.add_argument("--client-id", help="phone id (default: random)")
+    p.add_argument("--client-id",
+                   help="phone id (default: the broker URL's user name, else random); a "
+                        "secured broker takes requests only from <name> logged in as <name>")
     p.add_argument("--root", default="moe2")
     p.add_argument("--ca-file", help="CA certificate for mqtts://")
     p.add_argument("--msgpack", action="store_true", help="send MessagePack instead of JSON")
@@ -32,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe2.coordinator.phone import PhoneClient
+    from moe2.coordinator.phone import AskError, PhoneClient
     from moe2.shared import wire
     from moe2.shared.mqtt import BrokerUrlError, TlsOptions, make_client, parse_broker_url
     from moe2.shared.topics import Topics
@@ -44,21 +46,28 @@ def run(args: argparse.Namespace) -> int:
                                 stop=args.stop, raw=args.raw)
     except (BrokerUrlError, ValueError) as exc:
         fail(str(exc))
-    client_id = args.client_id or f"cli-{uuid.uuid4().hex[:8]}"
+    client_id = args.client_id or url.username or f"cli-{uuid.uuid4().hex[:8]}"
 
     async def main() -> int:
         import aiomqtt
+        from aiomqtt.exceptions import MqttConnectError
 
         client = make_client(url, identifier=client_id, tls=TlsOptions(ca_file=args.ca_file))
         try:
+            # check_delivery: an ACL refusal or "no matching subscribers" (no coordinator) is
+            # reported by the broker's PUBACK at once, instead of a silent wait
             async with client, PhoneClient(client, client_id, Topics(args.root),
-                                           msgpack=args.msgpack) as phone:
+                                           msgpack=args.msgpack, check_delivery=True) as phone:
                 def show(text: str) -> None:
                     if not args.json:
                         sys.stdout.write(text)
                         sys.stdout.flush()
 
                 answer = await phone.ask(req, timeout_s=args.timeout, on_chunk=show)
+        except AskError as exc:
+            fail(f"{exc.code}: {exc.message}", code=1)
+        except MqttConnectError as exc:
+            fail(f"the broker at {url.redacted()} refused the connection: {exc}", code=1)
         except aiomqtt.MqttError as exc:
             fail(f"cannot reach the broker at {url.redacted()}: {exc}", code=1)
         except (TimeoutError, asyncio.TimeoutError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import sys
 from pathlib import Path
 
 from moe2.cli._common import emit_json, fail
@@ -89,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
         "accounts": {a.name: {"username": a.username, "role": a.role} for a in files.accounts},
         "needs_chown": [str(conf_dir / p.name) for p in files.needs_chown],
         "broker_user": args.broker_user,
+        "broker_group": files.broker_group,
+        "unreachable": str(files.unreachable) if files.unreachable else None,
+        "start": f"mosquitto -c {files.conf}",
     }
     if args.json:
         emit_json(summary)
@@ -103,8 +107,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"  plain MQTT: 127.0.0.1:{args.port} only")
     if files.needs_chown:
         who = getpass.getuser()
+        group = files.broker_group or args.broker_user
         print(f"  mosquitto runs as {args.broker_user!r}, not {who!r}: on the broker host run")
         paths = " ".join(str(conf_dir / p.name) for p in files.needs_chown)
-        print(f"    sudo chown {args.broker_user}: {paths}")
+        print(f"    sudo chgrp {group} {conf_dir} {paths} && sudo chmod 0750 {conf_dir} "
+              f"&& sudo chmod 0640 {paths}")
+    if files.unreachable is not None:
+        print(f"  warning: {args.broker_user!r} cannot enter {files.unreachable}, so mosquitto "
+              f"could not open its password file after dropping root: choose another --out "
+              f"(e.g. /etc/mosquitto/moe2) or let that user in", file=sys.stderr)
     print(f"  start: mosquitto -c {files.conf}   (or include it from /etc/mosquitto/conf.d/)")
     return 0

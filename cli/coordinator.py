@@ -90,7 +90,14 @@ def run(args: argparse.Namespace) -> int:
         return make_client(url, identifier=f"moe2-coordinator-{cfg.id}", will=will, tls=tls,
                            keepalive_s=5)
 
-    planner = LivePlanner.from_config(cfg) if cfg.planner.enabled else None
+    from moe2.coordinator.fleetcheck import fleet_warnings
+
+    experts = tuple(getattr(gate, "experts", ()))
+
+    def warnings(registry: Any) -> list[str]:
+        return fleet_warnings(experts, cfg.unknown_expert_weight, registry)
+
+    planner = LivePlanner.from_config(cfg, warnings) if cfg.planner.enabled else None
     metrics = None
     if cfg.metrics_port is not None:
         from moe2.coordinator.metrics import CoordinatorMetrics
@@ -105,4 +112,9 @@ def run(args: argparse.Namespace) -> int:
 
     log.info("coordinator %s: broker %s, gate %s", cfg.id, url.redacted(),
              getattr(gate, "kind", "?"))
-    return run_daemon(coordinator.run, coordinator.request_stop, start_metrics)
+    from moe2.shared.mqtt import BrokerRefusedError
+
+    try:
+        return run_daemon(coordinator.run, coordinator.request_stop, start_metrics)
+    except BrokerRefusedError as exc:
+        fail(f"coordinator {cfg.id}: {url.redacted()}: {exc}")

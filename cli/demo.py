@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moe2.cli._common import emit_json, fail
+from moe2.cli._common import emit_json, fail, log_to_file
 
 HELP = "run a whole MoE2 fleet on this machine and ask it a few questions"
 
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
+    log_to_file(args, work / "demo.log")
     t0 = time.monotonic()
     say = pl._say
     # A demo-sized fleet: fewer training steps than `moe2 reproduce`, same recipe.

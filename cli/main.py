@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
     )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="also show other libraries' log lines below WARNING (onnx, torch, ...)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in SUBCOMMANDS:
         try:
@@ -53,14 +56,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: every log line's shape (the stderr handler and the log files subcommands add)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class OwnLines(logging.Filter):
+    """Passes moe2's own records, and anyone's warnings and errors: libraries' INFO chatter
+    (onnxscript, onnx_ir, torch, httpx, ...) appears only with ``--verbose``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name == "moe2" or record.name.startswith("moe2.") \
+            or record.levelno >= logging.WARNING
+
+
+def configure_logging(level: str, verbose: bool) -> logging.Handler:
+    """One stderr handler on the root logger; returns it (quiet subcommands raise its level
+    and send the full story to a log file of their own)."""
+    root = logging.getLogger()
+    root.setLevel(getattr(logging, str(level).upper(), logging.INFO))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    if not verbose:
+        handler.addFilter(OwnLines())
+    root.addHandler(handler)
+    return handler
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    args.log_handler = configure_logging(args.log_level, args.verbose)
     code: int = args._run(args)
     return code
 

@@ -84,9 +84,10 @@ class _Session:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, self.args.timeout)
         settle = loop.time() + min(RETAINED_SETTLE_S, max(0.0, self.args.timeout))
-        async with self.client() as client:
+        from moe2.shared.mqtt import MessageReader
+
+        async with self.client() as client, MessageReader(client) as reader:
             await self.subscribe(client)
-            messages = client.messages
             while not self.stop.is_set():
                 now = loop.time()
                 if now >= settle and once_complete(self.state):
@@ -94,11 +95,9 @@ class _Session:
                 if now >= deadline:
                     return
                 wait = (settle if now < settle else deadline) - now
-                try:
-                    message = await asyncio.wait_for(messages.__anext__(), timeout=wait)
-                except asyncio.TimeoutError:
-                    continue
-                self.feed(message)
+                message = await reader.next(timeout_s=wait)
+                if message is not None:
+                    self.feed(message)
 
     async def live(self) -> None:
         """Receive until stopped, reconnecting with backoff."""

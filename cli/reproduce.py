@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from moe2.cli._common import emit_json, fail
+from moe2.cli._common import emit_json, fail, log_to_file
 
 HELP = "make experts, serve them, calibrate, train the gate, evaluate (paper Fig. 3, Tables II-IV)"
 
@@ -35,7 +35,10 @@ def run(args: argparse.Namespace) -> int:
                          quantized=args.quantized, eval_limit=args.limit,
                          calib_limit=60 if args.tiny else None, gate_lr=args.gate_lr,
                          gate_epochs=args.gate_epochs)
-    result = reproduce(args.out, s)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_to_file(args, out / "reproduce.log")
+    result = reproduce(out, s)
     if args.json:
         emit_json(result)
     else:

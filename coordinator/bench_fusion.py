@@ -41,7 +41,14 @@ from moe2.coordinator.phone import PhoneClient
 from moe2.shared import wire
 from moe2.shared.gguf_models import make_test_experts
 from moe2.shared.localbroker import LocalBroker
-from moe2.shared.mqtt import make_client, parse_broker_url, payload_bytes, publish_qos0
+from moe2.shared.mqtt import (
+    MessageReader,
+    cancel_and_wait,
+    make_client,
+    parse_broker_url,
+    payload_bytes,
+    publish_qos0,
+)
 from moe2.shared.topics import Topics
 
 PROMPT = "What is the capital of France?"
@@ -81,14 +88,17 @@ async def _bare_rtt_s(url: str, payload_size: int, n: int) -> float:
 
         task = asyncio.create_task(echo())
         times = []
-        it = aiter(a.messages)
-        for i in range(n + 10):
-            t0 = time.perf_counter()
-            await publish_qos0(a, ping, payload)
-            await anext(it)
-            if i >= 10:
-                times.append(time.perf_counter() - t0)
-        task.cancel()
+        try:
+            async with MessageReader(a) as replies:
+                for i in range(n + 10):
+                    t0 = time.perf_counter()
+                    await publish_qos0(a, ping, payload)
+                    if await replies.next(timeout_s=10.0) is None:
+                        raise RuntimeError("the echo did not come back")
+                    if i >= 10:
+                        times.append(time.perf_counter() - t0)
+        finally:
+            await cancel_and_wait([task])
         return statistics.median(times)
 
 
@@ -96,10 +106,13 @@ async def _wait_ready(url: str, n_experts: int) -> None:
     for _ in range(200):
         try:
             ident = f"w-{uuid.uuid4().hex[:6]}"
-            async with make_client(parse_broker_url(url), identifier=ident) as c:
+            async with make_client(parse_broker_url(url), identifier=ident) as c, \
+                    MessageReader(c) as reader:
                 t = Topics().plan
                 await c.subscribe(t.topic, qos=1)
-                m = await asyncio.wait_for(anext(aiter(c.messages)), 2.0)
+                m = await reader.next(timeout_s=2.0)
+                if m is None:
+                    raise RuntimeError("no plan yet")
                 plan = t.decode(payload_bytes(m))
                 if len(plan.joint.experts or []) == n_experts:
                     return

@@ -25,6 +25,7 @@ Everything here except :func:`generate_tls` and :func:`write_broker_config` is p
 from __future__ import annotations
 
 import base64
+import grp
 import hashlib
 import hmac
 import ipaddress
@@ -35,6 +36,7 @@ import pwd
 import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -367,6 +369,9 @@ def _openssl(args: Sequence[str], cwd: Path) -> None:
 
 
 def _ec_key(path: Path, cwd: Path) -> None:
+    # private from the first byte: openssl truncates the file and keeps its mode
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE))
+    os.chmod(path, PRIVATE_MODE)
     _openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
               "-out", str(path)], cwd)
     path.chmod(0o600)
@@ -477,8 +482,21 @@ class BrokerFiles:
     credentials: Path
     tls: TlsFiles
     accounts: tuple[Account, ...]
-    #: files mosquitto must read but the broker user does not own (chown them on install)
+    #: files mosquitto must read but the broker user cannot yet (give them its group on install)
     needs_chown: tuple[Path, ...] = field(default=())
+    #: the broker user's group (name), which may read the folder and the files mosquitto opens
+    broker_group: str | None = None
+    #: a folder above ``out_dir`` that the broker user cannot enter (mosquitto would then fail
+    #: to open its password file after dropping root), or None
+    unreachable: Path | None = None
+
+
+#: the folder: owner all, the broker's group may enter and list it, nobody else anything
+DIR_MODE = 0o750
+#: files mosquitto opens after dropping root (passwd, acl, server.key): its group reads them
+BROKER_READ_MODE = 0o640
+#: secrets nobody but the owner reads (ca.key, credentials.json)
+PRIVATE_MODE = 0o600
 
 
 def _write_private(path: Path, text: str, mode: int = 0o600) -> None:
@@ -499,6 +517,45 @@ def _broker_ids(user: str) -> tuple[int, int] | None:
     return pw.pw_uid, pw.pw_gid
 
 
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _user_gids(user: str, gid: int) -> set[int]:
+    return {gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+
+
+def can_enter(st_mode: int, st_uid: int, st_gid: int, uid: int, gids: set[int]) -> bool:
+    """Whether a user may traverse a folder with these owner, group and mode bits (pure)."""
+    if uid == 0:
+        return True
+    if st_uid == uid:
+        return bool(st_mode & stat.S_IXUSR)
+    if st_gid in gids:
+        return bool(st_mode & stat.S_IXGRP)
+    return bool(st_mode & stat.S_IXOTH)
+
+
+def unreachable_folder(path: Path, user: str) -> Path | None:
+    """The first folder above ``path`` (exclusive) that ``user`` cannot enter, or None (also
+    when the user does not exist here: the files are meant for another host)."""
+    ids = _broker_ids(user)
+    if ids is None:
+        return None
+    gids = _user_gids(user, ids[1])
+    for folder in reversed(path.absolute().parents):
+        try:
+            st = folder.stat()
+        except OSError:
+            return None
+        if not can_enter(st.st_mode, st.st_uid, st.st_gid, ids[0], gids):
+            return folder
+    return None
+
+
 def write_broker_config(
     out_dir: Path,
     fleet: Fleet,
@@ -507,16 +564,23 @@ def write_broker_config(
     iterations: int = DEFAULT_ITERATIONS,
     rotate: bool = False,
 ) -> BrokerFiles:
-    """Write every file into ``out_dir`` (created 0700 if missing).
+    """Write every file into ``out_dir``.
 
     Without ``rotate``, accounts already in ``credentials.json`` keep their passwords and an
     existing CA is reused (clients keep trusting it); the server certificate is always renewed.
-    Files mosquitto reads are 0600; run as root, they are given to ``spec.broker_user``.
+
+    Who reads what: mosquitto started as root switches to ``spec.broker_user`` before it opens
+    the password file, the ACL and the server key, so those are owner-writable and readable by
+    the broker user's group (0640), and the folder is 0750 with that group (run as root, they
+    are given the group here; otherwise ``needs_chown`` lists them). The CA key and
+    ``credentials.json`` stay 0600, readable by their owner alone; certificates and
+    ``mosquitto.conf`` are public (0644).
     """
     spec = spec.validate()
     fleet = fleet.validate()
     topics = Topics(spec.root)
-    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    created = not out_dir.exists()
+    out_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     cred_path = out_dir / CREDENTIALS_NAME
     previous = {} if rotate else load_previous_accounts(cred_path)
     accounts = make_accounts(fleet, previous)
@@ -531,17 +595,30 @@ def write_broker_config(
     _write_private(conf, mosquitto_conf_text(spec, accounts), 0o644)
     os.chmod(tls.ca_cert, 0o644)
     os.chmod(tls.server_cert, 0o644)
+    os.chmod(tls.ca_key, PRIVATE_MODE)
     _write_private(cred_path, json.dumps(credentials_doc(accounts, spec), indent=2) + "\n")
     broker_read = (passwd, acl, tls.server_key)
     needs_chown: tuple[Path, ...] = ()
     ids = _broker_ids(spec.broker_user)
     me = os.geteuid()
+    group: str | None = None
     if ids is not None and ids[0] == me:
-        pass
+        pass  # mosquitto runs as this very user: owner-only files are what it needs
     elif ids is not None and me == 0:
+        group = _group_name(ids[1])
         for p in broker_read:
-            os.chown(p, ids[0], ids[1])
+            os.chown(p, -1, ids[1])
+            os.chmod(p, BROKER_READ_MODE)
+        st = out_dir.stat()
+        if created or not can_enter(st.st_mode, st.st_uid, st.st_gid, ids[0],
+                                    _user_gids(spec.broker_user, ids[1])):
+            os.chown(out_dir, -1, ids[1])
+            os.chmod(out_dir, DIR_MODE if created else stat.S_IMODE(st.st_mode) | 0o050)
     else:
         needs_chown = broker_read
+        group = _group_name(ids[1]) if ids is not None else spec.broker_user
+    unreachable = (unreachable_folder(out_dir, spec.broker_user)
+                   if spec.conf_dir.absolute() == out_dir.absolute() else None)
     return BrokerFiles(out_dir=out_dir, conf=conf, passwd=passwd, acl=acl, credentials=cred_path,
-                       tls=tls, accounts=tuple(accounts), needs_chown=needs_chown)
+                       tls=tls, accounts=tuple(accounts), needs_chown=needs_chown,
+                       broker_group=group, unreachable=unreachable)

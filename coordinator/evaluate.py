@@ -34,7 +34,7 @@ from moe2.coordinator import planner as pl
 from moe2.coordinator.corpus import Sample
 from moe2.coordinator.phone import PhoneClient
 from moe2.shared import wire
-from moe2.shared.mqtt import make_client, parse_broker_url, payload_bytes
+from moe2.shared.mqtt import MessageReader, make_client, parse_broker_url, payload_bytes
 from moe2.shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -89,16 +89,15 @@ async def measure_profiles(url: str, topics: Topics, agents: Sequence[str],
     """(per-token latency s, joules per token) per agent, from their telemetry."""
     lat: dict[str, list[float]] = {a: [] for a in agents}
     jpt: dict[str, list[float]] = {a: [] for a in agents}
-    async with make_client(parse_broker_url(url), identifier=f"prof-{uuid.uuid4().hex[:6]}") as c:
+    async with make_client(parse_broker_url(url), identifier=f"prof-{uuid.uuid4().hex[:6]}") as c, \
+            MessageReader(c) as reader:
         await c.subscribe(topics.all_agent_telemetry, qos=0)
         deadline = time.monotonic() + duration_s
-        it = aiter(c.messages)
         while time.monotonic() < deadline or any(not lat[a] for a in agents):
             if time.monotonic() > deadline + 30:
                 raise RuntimeError(f"no telemetry from {[a for a in agents if not lat[a]]}")
-            try:
-                m = await asyncio.wait_for(anext(it), 0.5)
-            except asyncio.TimeoutError:
+            m = await reader.next(timeout_s=0.5)
+            if m is None:
                 continue
             aid = topics.agent_id_of(str(m.topic))
             if aid not in lat:

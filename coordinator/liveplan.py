@@ -32,7 +32,7 @@ import math
 import statistics
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,7 @@ class _Prepared:
     est: dict[str, tuple[float, float]]
     loss: pl.LossModel
     overhead_s: float
+    warnings: list[str] = field(default_factory=list)
 
 
 class LivePlanner:
@@ -146,8 +147,11 @@ class LivePlanner:
         step_overhead_s: float | None = None,
         clock: Any = time.monotonic,
         wall: Any = time.time,
+        warnings: Callable[[Registry], list[str]] | None = None,
     ) -> None:
         self.apps = dict(apps) or {DEFAULT_APP: math.inf}
+        #: the operator warnings the plan message carries (see coordinator.fleetcheck)
+        self.warnings = warnings or (lambda reg: [])
         self.method = method
         self.max_energy_j = max_energy_j
         self.interval_s = interval_s
@@ -170,7 +174,8 @@ class LivePlanner:
         self._over_cap_warned = 0
 
     @staticmethod
-    def from_config(cfg: CoordinatorConfig) -> LivePlanner:
+    def from_config(cfg: CoordinatorConfig,
+                    warnings: Callable[[Registry], list[str]] | None = None) -> LivePlanner:
         p = cfg.planner
         energy = p.max_energy_j
         if p.max_request_energy_j is not None:
@@ -181,7 +186,7 @@ class LivePlanner:
             {name: a.max_latency_s for name, a in cfg.apps.items()}, method=p.method,
             max_energy_j=energy, interval_s=p.interval_s, change_fraction=p.change_fraction,
             calibration=calib, epsilon=p.epsilon, coordinator_id=cfg.id,
-            step_overhead_s=p.step_overhead_s,
+            step_overhead_s=p.step_overhead_s, warnings=warnings,
         )
 
     # ------------------------------------------------------------------ inputs
@@ -268,7 +273,7 @@ class LivePlanner:
             table = self.calibration.loss_for(names) if self.calibration else None
             loss = table if table is not None else pl.LossTable.prior(len(names))
             self._loss_cache = {key: loss}
-        return _Prepared(names, est, loss, self.step_overhead_s())
+        return _Prepared(names, est, loss, self.step_overhead_s(), self.warnings(reg))
 
     def solve(self, prep: _Prepared) -> wire.PlanMsg:
         """Pure and CPU-bound (the coordinator runs it in a worker thread)."""
@@ -290,7 +295,7 @@ class LivePlanner:
             apps={a: ap(r, self.apps[a]) for a, r in plans["per_application"].items()},
             joint=ap(plans["joint"], problem.joint_latency_s),
             loss_source="calibration" if isinstance(prep.loss, pl.LossTable) else "prior",
-            step_overhead_s=overhead_s)
+            step_overhead_s=overhead_s, warnings=prep.warnings)
 
     def adopt(self, prep: _Prepared) -> None:
         self._used = prep.est

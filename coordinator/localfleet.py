@@ -8,7 +8,6 @@ when the context exits.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import subprocess
@@ -24,7 +23,7 @@ import aiomqtt
 
 from moe2.shared import wire
 from moe2.shared.localbroker import LocalBroker
-from moe2.shared.mqtt import make_client, parse_broker_url, payload_bytes
+from moe2.shared.mqtt import MessageReader, make_client, parse_broker_url, payload_bytes
 from moe2.shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -97,16 +96,15 @@ class LocalFleet:
         seen: dict[str, wire.AgentStatus] = {}
         deadline = time.monotonic() + timeout_s
         async with make_client(parse_broker_url(self.url),
-                               identifier=f"fleet-{uuid.uuid4().hex[:6]}") as c:
+                               identifier=f"fleet-{uuid.uuid4().hex[:6]}") as c, \
+                MessageReader(c) as reader:
             await c.subscribe(self.topics.all_agent_status, qos=1)
-            it = aiter(c.messages)
             while not want <= set(seen):
                 self.check_alive()
                 if time.monotonic() > deadline:
                     raise FleetError(f"agents not online: {sorted(want - set(seen))}")
-                try:
-                    m = await asyncio.wait_for(anext(it), 0.5)
-                except asyncio.TimeoutError:
+                m = await reader.next(timeout_s=0.5)
+                if m is None:
                     continue
                 aid = self.topics.agent_id_of(str(m.topic))
                 if aid is None or not payload_bytes(m):
@@ -121,16 +119,15 @@ class LocalFleet:
         want = set(agent_ids)
         deadline = time.monotonic() + timeout_s
         async with make_client(parse_broker_url(self.url),
-                               identifier=f"fleet-{uuid.uuid4().hex[:6]}") as c:
+                               identifier=f"fleet-{uuid.uuid4().hex[:6]}") as c, \
+                MessageReader(c) as reader:
             await c.subscribe(self.topics.plan.topic, qos=1)
-            it = aiter(c.messages)
             while True:
                 self.check_alive()
                 if time.monotonic() > deadline:
                     raise FleetError(f"the coordinator never planned with {sorted(want)}")
-                try:
-                    m = await asyncio.wait_for(anext(it), 0.5)
-                except asyncio.TimeoutError:
+                m = await reader.next(timeout_s=0.5)
+                if m is None:
                     continue
                 plan = self.topics.plan.decode(payload_bytes(m))
                 if want <= set(plan.joint.experts or []) or any(

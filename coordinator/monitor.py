@@ -281,6 +281,7 @@ def render(state: MonitorState, now_s: float, *, title: str = "moe2 fleet") -> R
             f"step overhead {plan.step_overhead_s * 1e3:.1f} ms"
             + (f", {age:.0f}s old" if age is not None else "") + "): " + "  ".join(parts)
         ))
+        lines += [Text(f"warning: {w}", style="bold red") for w in plan.warnings]
     if state.coordinators:
         lines.append(Text("coordinators: " + ", ".join(
             f"{c.coordinator_id} {c.state} (gate {c.gate})"

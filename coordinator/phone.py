@@ -55,6 +55,8 @@ from moe2.shared.topics import Topics
 
 #: MQTT 5 PUBACK reason code: the broker had no subscriber for the message
 NO_MATCHING_SUBSCRIBERS = 0x10
+#: MQTT 5 PUBACK reason code: the broker's ACL refused the publish (mosquitto 2 sends it)
+NOT_AUTHORIZED = 0x87
 
 
 class AskError(Exception):
@@ -325,6 +327,15 @@ class PhoneClient:
                 if code == NO_MATCHING_SUBSCRIBERS:
                     raise AskError("no_coordinator",
                                    "no coordinator is subscribed to requests; nobody will answer")
+                if code == NOT_AUTHORIZED:
+                    raise AskError(
+                        "not_authorized",
+                        f"the broker refused the request on {topic} (not authorised): a secured "
+                        f"broker lets a phone publish only on {self.topics.request('<name>')} "
+                        "with its MQTT username and client id both <name>")
+                if code >= 0x80:
+                    raise AskError("refused", f"the broker refused the request on {topic} "
+                                              f"(MQTT 5 reason code 0x{code:02x})")
             else:
                 await client.publish(topic, payload, qos=1, properties=props)
         except BaseException:

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import aiomqtt
 import msgspec
 
+from moe2.coordinator.fleetcheck import fleet_warnings
 from moe2.coordinator.generation import GenerationSettings, RequestContext, run_request
 from moe2.coordinator.limits import Limits
 from moe2.coordinator.registry import (
@@ -194,6 +195,7 @@ class Coordinator:
         self._orphans: deque[tuple[str, InflightMarker]] = deque(maxlen=100_000)
         self._reassert = False
         self._inflight_event = asyncio.Event()
+        self._warned: set[str] = set()
         self.counters: dict[str, int] = {"accepted": 0, "rejected": 0, "finals": 0, "errors": 0,
                                          "malformed": 0, "dropped_no_reply_topic": 0,
                                          "taken_over": 0}
@@ -393,8 +395,24 @@ class Coordinator:
             self.rpc.fail_agent(gone, wire.ErrorCode.INTERNAL, f"agent {gone} went offline")
         for joined in set(self.registry.agents) - set(before.agents):
             log.info("agent %s joined", joined)
+        if self.registry.version != before.version:
+            self._check_fleet()
         if self.planner is not None:
             self.planner.on_registry(before, self.registry)
+
+    def fleet_warnings(self, registry: Registry | None = None) -> list[str]:
+        """What the operator must know about the fleet now (see coordinator.fleetcheck)."""
+        experts = tuple(getattr(self.gate, "experts", ()))
+        return fleet_warnings(experts, self.cfg.unknown_expert_weight,
+                              registry if registry is not None else self.registry)
+
+    def _check_fleet(self) -> None:
+        """Log each warning when it first appears (membership changes call this)."""
+        now = self.fleet_warnings()
+        for w in now:
+            if w not in self._warned:
+                log.warning("coordinator %s: %s", self.cfg.id, w)
+        self._warned = set(now)
 
     # ------------------------------------------------------------------ phones
     def _on_request(self, message: aiomqtt.Message, topic: str, data: bytes) -> None:

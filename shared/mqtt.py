@@ -8,11 +8,13 @@ re-subscribes inside it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
 import ssl
 import threading
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -20,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 import paho.mqtt.client as paho
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -218,6 +221,76 @@ async def publish_qos0(client: aiomqtt.Client, topic: str, payload: bytes, *,
     await client.publish(topic, payload, qos=0, properties=properties, timeout=timeout_s)
 
 
+class MessageReader:
+    """The one long-lived consumer of a client's messages, for code that waits with a deadline.
+
+    aiomqtt 2.5's ``MessagesIterator.__anext__`` takes the message off its queue in a task of
+    its own; when the wait around it is cancelled in the iteration in which that task finished
+    (``asyncio.wait_for(anext(messages), t)`` timing out just as a message arrives), the message
+    is gone. A retained status is sent once, so losing it made ``moe2 reproduce`` wait for an
+    agent that was online. Here one task reads ``client.messages`` for the whole connection and
+    keeps what it read in a deque; :meth:`next` waits for *something to be there* with a
+    deadline and only then takes it, synchronously -- a timeout or a cancellation can never
+    drop a message.
+
+    ``async with MessageReader(client) as reader: m = await reader.next(timeout_s=1.0)``.
+    """
+
+    def __init__(self, client: aiomqtt.Client, *, name: str = "mqtt-reader") -> None:
+        self._client = client
+        self._name = name
+        self._items: deque[aiomqtt.Message] = deque()
+        self._ready = asyncio.Event()
+        self._error: aiomqtt.MqttError | None = None
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> MessageReader:
+        if self._task is not None:
+            raise RuntimeError("a MessageReader can be entered once")
+        self._task = asyncio.create_task(self._run(), name=self._name)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            await cancel_and_wait([self._task])
+
+    async def _run(self) -> None:
+        try:
+            async for m in self._client.messages:
+                self._items.append(m)
+                self._ready.set()
+        except aiomqtt.MqttError as exc:
+            self._error = exc
+        finally:
+            self._closed = True
+            self._ready.set()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def next(self, timeout_s: float | None = None) -> aiomqtt.Message | None:
+        """The next message; None when none came within ``timeout_s`` (None: wait forever).
+        Raises :class:`aiomqtt.MqttError` once the connection ended and everything received
+        before that was read."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while not self._items:
+            if self._closed:
+                raise self._error or aiomqtt.MqttError("the message reader stopped")
+            self._ready.clear()
+            if deadline is None:
+                await self._ready.wait()
+                continue
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            # Cancelling this wait loses nothing: a message is only taken below, after it.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), left)
+        return self._items.popleft()
+
+
 class Backoff:
     """Jittered, capped exponential backoff (full jitter). ``reset()`` after a good session."""
 
@@ -292,6 +365,26 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], grace_s: float = 3
 
 C = TypeVar("C", bound=aiomqtt.Client)
 
+#: CONNACK reason codes that mean "these credentials are not accepted" (MQTT 3.1.1: 4 bad
+#: username or password, 5 not authorised; MQTT 5: 134, 135, 138 banned, 140 bad auth method)
+AUTH_REFUSALS = frozenset({4, 5, 134, 135, 138, 140})
+#: refusals of the credentials in a row after which a daemon gives up (exit code 2)
+MAX_AUTH_REFUSALS = 3
+
+
+class BrokerRefusedError(RuntimeError):
+    """The broker refused this client's credentials again and again: retrying cannot help, the
+    configuration must change (daemons exit with code 2; systemd shows the failure)."""
+
+
+def refusal_code(exc: BaseException) -> int | None:
+    """The CONNACK reason code of a refused connection, or None for any other failure."""
+    if not isinstance(exc, MqttConnectError):
+        return None
+    rc = exc.rc
+    value = getattr(rc, "value", rc)
+    return value if isinstance(value, int) else None
+
 
 async def run_session(
     new_client: Callable[[], C],
@@ -299,16 +392,25 @@ async def run_session(
     on_message: Callable[[aiomqtt.Message], None],
     on_lost: Callable[[], None],
     name: str,
+    *,
+    max_auth_refusals: int | None = MAX_AUTH_REFUSALS,
 ) -> None:
     """The one reconnect loop (STYLE.md 2): connect, ``on_connect`` (subscribe, publish status),
     hand every message to ``on_message``; when the broker goes away call ``on_lost`` and retry
     after a jittered, capped backoff. Runs until cancelled. A message handler that raises is
-    logged, never allowed to end the session."""
+    logged, never allowed to end the session.
+
+    A connection the broker *refuses* is reported as such (not as "lost"); after
+    ``max_auth_refusals`` refusals of the credentials in a row it raises
+    :class:`BrokerRefusedError` instead of retrying forever with credentials that cannot work.
+    """
     backoff = Backoff()
+    refusals = 0
     while True:
         client = new_client()
         try:
             async with client:
+                refusals = 0
                 await on_connect(client)
                 backoff.reset()
                 async for message in client.messages:
@@ -319,7 +421,22 @@ async def run_session(
         except aiomqtt.MqttError as exc:
             on_lost()
             delay = backoff.next_delay_s()
-            _log.warning("%s: broker connection lost (%s); retrying in %.1fs", name, exc, delay)
+            code = refusal_code(exc)
+            if code is None:
+                _log.warning("%s: broker connection lost (%s); retrying in %.1fs", name, exc,
+                             delay)
+            elif code in AUTH_REFUSALS:
+                refusals += 1
+                if max_auth_refusals is not None and refusals >= max_auth_refusals:
+                    raise BrokerRefusedError(
+                        f"the broker refused the credentials {refusals} times ({exc}): check "
+                        "the user name and password in the broker URL and the broker's "
+                        "password file and ACL") from None
+                _log.error("%s: the broker refused the connection (%s); retrying in %.1fs",
+                           name, exc, delay)
+            else:
+                _log.warning("%s: the broker refused the connection (%s); retrying in %.1fs",
+                             name, exc, delay)
             await asyncio.sleep(delay)
         finally:
             on_lost()

@@ -285,6 +285,8 @@ class PlanMsg(_Strict, tag="plan", frozen=True):
     loss_source: str = "prior"
     #: what every set's latency includes for messaging (seconds per token; see liveplan)
     step_overhead_s: float = 0.0
+    #: what the operator must know about the fleet (e.g. gate experts no agent matches)
+    warnings: list[str] = []
     v: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:

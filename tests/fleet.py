@@ -13,7 +13,7 @@ import aiomqtt
 
 from moe2.coordinator.phone import Answer, PhoneClient
 from moe2.shared import wire
-from moe2.shared.mqtt import make_client, parse_broker_url, payload_bytes
+from moe2.shared.mqtt import MessageReader, make_client, parse_broker_url, payload_bytes
 from moe2.shared.topics import Topics
 
 AGENT_ARGS = ("--n-ctx", "512", "--max-sessions", "64", "--threads", "1",
@@ -41,12 +41,12 @@ async def wait_plan(broker_url: str, experts: Sequence[str], timeout_s: float = 
     while time.monotonic() < deadline:
         try:
             async with make_client(parse_broker_url(broker_url),
-                                   identifier=f"t-{uuid.uuid4().hex[:6]}") as c:
+                                   identifier=f"t-{uuid.uuid4().hex[:6]}") as c, \
+                    MessageReader(c) as reader:
                 await c.subscribe(topics.plan.topic, qos=1)
                 while time.monotonic() < deadline:
-                    try:
-                        m = await asyncio.wait_for(anext(aiter(c.messages)), 1.0)
-                    except asyncio.TimeoutError:
+                    m = await reader.next(timeout_s=1.0)
+                    if m is None:
                         continue
                     last = topics.plan.decode(payload_bytes(m))
                     ap = last.apps.get(app, last.joint)

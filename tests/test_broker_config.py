@@ -9,15 +9,18 @@ delivered from the forbidden publish has arrived before it.
 from __future__ import annotations
 
 import asyncio
+import grp
 import json
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -193,6 +196,113 @@ def test_rerun_keeps_passwords_and_ca_unless_rotated(tmp_path: Path) -> None:
     rotated = bc.write_broker_config(tmp_path, bc.Fleet(phones=("a",)), spec, rotate=True)
     assert rotated.accounts[0].password != pw["a"]
     assert rotated.tls.ca_cert.read_bytes() != ca
+
+
+def _has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"mosquitto exited with {proc.returncode}: "
+                                 f"{log.read_text(errors='replace')[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"mosquitto never listened on {port}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not _has_user("mosquitto"),
+                    reason="starts mosquitto as root so that it drops to the mosquitto user, "
+                           "as on a real host; CI runs as root with the Debian package")
+def test_the_printed_start_command_starts_the_broker_as_root() -> None:
+    """Run as root, as the README says: mosquitto drops to its own user before it opens the
+    password file, so the folder and the files it reads must be that user's to read -- and
+    nothing else may be readable by anyone but root."""
+    base = Path(tempfile.mkdtemp(prefix="moe2-etc-"))
+    base.chmod(0o755)  # like /etc/mosquitto: the broker user may enter
+    out = base / "moe2"
+    port, tls_port = free_port(), free_port()
+    broker: subprocess.Popen[bytes] | None = None
+    try:
+        proc = run_cli("--out", str(out), "--phones", "p1", "--agents", "e0",
+                       "--coordinators", "c0", "--port", str(port), "--tls-port", str(tls_port))
+        assert proc.returncode == 0, proc.stderr
+        assert "cannot enter" not in proc.stderr
+        start = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("start:")]
+        assert len(start) == 1, proc.stdout
+        command = start[0].split("start:", 1)[1].split("   (")[0].strip()
+        log = base / "broker.log"
+        with log.open("wb") as logf:
+            broker = subprocess.Popen(shlex.split(command), stdout=logf, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL)
+        _wait_listening(broker, port, log)
+        creds = json.loads((out / "credentials.json").read_text())["accounts"]
+
+        async def login() -> None:
+            plain = make_client(parse_broker_url(creds["p1"]["local_url"]))
+            # credentials.json names this host; the certificate also holds localhost
+            url = parse_broker_url(creds["p1"]["url"])
+            url = parse_broker_url(f"mqtts://p1:{url.password}@localhost:{tls_port}")
+            secured = make_client(url, tls=TlsOptions(ca_file=str(out / "ca.crt")))
+            async with plain, secured:
+                pass
+
+        _wait_listening(broker, tls_port, log)
+        asyncio.run(login())
+        assert broker.poll() is None
+        gid = grp.getgrnam("mosquitto").gr_gid
+
+        def mode(name: str) -> tuple[int, int, int]:
+            st = (out / name).stat() if name else out.stat()
+            return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+
+        assert mode("") == (0o750, 0, gid)
+        for name in ("passwd", "acl", "server.key"):
+            assert mode(name) == (0o640, 0, gid), name
+        for name in ("ca.key", "credentials.json"):  # private: root alone
+            assert mode(name)[:2] == (0o600, 0), name
+        for name in ("ca.crt", "server.crt", "mosquitto.conf"):
+            assert mode(name)[0] == 0o644, name
+    finally:
+        if broker is not None:
+            broker.terminate()
+            broker.wait(timeout=10)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(not _has_user("mosquitto") or me() == "mosquitto",
+                    reason="needs a mosquitto user other than the one running the tests")
+def test_a_folder_the_broker_user_cannot_enter_is_reported(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700)
+    locked.chmod(0o700)
+    proc = run_cli("--out", str(locked / "moe2"), "--phones", "p1",
+                   "--port", str(free_port()), "--tls-port", str(free_port()), "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["unreachable"] is not None
+    assert Path(summary["unreachable"]) in (locked, *locked.parents)
+    proc = run_cli("--out", str(locked / "moe3"), "--phones", "p1",
+                   "--port", str(free_port()), "--tls-port", str(free_port()))
+    assert "cannot enter" in proc.stderr
+
+
+def test_can_enter_follows_owner_group_other_bits() -> None:
+    d = 0o040000
+    assert bc.can_enter(d | 0o750, 0, 5, 7, {5})  # group may enter
+    assert not bc.can_enter(d | 0o700, 0, 5, 7, {5})
+    assert bc.can_enter(d | 0o711, 0, 0, 7, {5})  # others may
+    assert not bc.can_enter(d | 0o077, 7, 5, 7, {5})  # the owner bits decide for the owner
+    assert bc.can_enter(d | 0o000, 9, 9, 0, set())  # root enters anywhere
 
 
 # --------------------------------------------------------------------------- generated files

@@ -1,0 +1,52 @@
+"""What an operator must be told about the fleet as the coordinator sees it: pure checks.
+
+Each check turns the coordinator's view (the gate's expert names, the online agents) into
+plain-sentence warnings. The coordinator logs a warning when it first appears, the planner puts
+the current ones into the retained plan message, and ``moe2 monitor`` shows them -- so a fleet
+that cannot serve says why at once instead of answering every request ``no_experts``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from moe2.coordinator.registry import Registry
+
+
+def _names(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(sorted(names)[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def gate_coverage(gate_experts: Sequence[str], online: Sequence[str],
+                  unknown_expert_weight: float = 0.0) -> list[str]:
+    """Warnings when the gate's experts and the online agents do not (fully) overlap.
+
+    A gate knows experts by name (``moe2 train-gate`` writes them into the ONNX file); an
+    online agent whose id the gate does not know gets ``unknown_expert_weight`` -- 0 by
+    default, so it never serves. A uniform gate (no names) weighs every agent alike: no
+    warning. Nothing online yet: no warning either (agents join over time)."""
+    if not gate_experts or not online:
+        return []
+    known = set(gate_experts)
+    unknown = [a for a in online if a not in known]
+    if not unknown:
+        return []
+    serving = "they are never used" if unknown_expert_weight <= 0 else (
+        f"they get the fallback weight {unknown_expert_weight:g}")
+    if len(unknown) == len(online):
+        what = ("every request is answered no_experts" if unknown_expert_weight <= 0
+                else "every answer uses the fallback weight")
+        return [f"the gate knows experts {_names(gate_experts)} but none of the online agents "
+                f"({_names(online)}) is among them: {what}; start the agents with the ids the "
+                "gate was trained with, or train a gate for these agents (moe2 calibrate, "
+                "moe2 train-gate)"]
+    return [f"the gate does not know the online agents {_names(unknown)}: {serving} "
+            "(train a gate that includes them)"]
+
+
+def fleet_warnings(gate_experts: Sequence[str], unknown_expert_weight: float,
+                   registry: Registry) -> list[str]:
+    """Every current warning for this coordinator's fleet (the plan message carries them)."""
+    online = [a.agent_id for a in registry.online()]
+    return gate_coverage(gate_experts, online, unknown_expert_weight)
