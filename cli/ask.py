@@ -34,10 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe2.coordinator.phone import AskError, PhoneClient
     from moe2.shared import wire
     from moe2.shared.mqtt import BrokerUrlError, TlsOptions, make_client, parse_broker_url
     from moe2.shared.topics import Topics
+    from moe2.tools.clients.phone import AskError, PhoneClient
 
     try:
         url = parse_broker_url(args.broker)

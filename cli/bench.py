@@ -18,13 +18,13 @@ HELP = "measure agent, fusion, planner and reliability figures (see BENCHMARKS.m
 
 # bench name -> (module, function, help)
 BENCHES: dict[str, tuple[str, str, str]] = {
-    "agent": ("moe2.agent.bench", "run_agent_bench",
+    "agent": ("moe2.tools.bench.agent", "run_agent_bench",
               "tokens/s stepping through MQTT vs a direct llama-cpp-python loop"),
-    "fusion": ("moe2.coordinator.bench_fusion", "run_fusion_bench",
+    "fusion": ("moe2.tools.bench.fusion", "run_fusion_bench",
                "fused step overhead vs bare MQTT round trip; fused tokens/s at 1/8/64 requests"),
-    "planner": ("moe2.coordinator.planner_bench", "run_planner_bench_cli",
+    "planner": ("moe2.tools.bench.planner", "run_planner_bench_cli",
                 "planner time and evaluations vs 2^N"),
-    "reliability": ("moe2.coordinator.bench_reliability", "run_reliability_bench",
+    "reliability": ("moe2.tools.bench.reliability", "run_reliability_bench",
                     "load, faults, broker restart, coordinator kill, fuzzing"),
 }
 

@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe2.coordinator.brokerconf import (
+    from moe2.tools.ops.brokerconf import (
         BrokerConfigError,
         BrokerSpec,
         Fleet,

@@ -26,10 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from moe2.coordinator.calibrate import build_calibration_via_agents
-        from moe2.coordinator.corpus import read_jsonl
-        from moe2.coordinator.experts import load_manifest
-        from moe2.coordinator.gate_data import build_calibration_from_gguf, save_calibration
+        from moe2.tools.offline.calibrate import build_calibration_via_agents
+        from moe2.tools.offline.corpus import read_jsonl
+        from moe2.tools.offline.experts import load_manifest
+        from moe2.tools.offline.gate_data import build_calibration_from_gguf, save_calibration
     except ImportError as exc:
         fail(f"calibrate needs the train extra: pip install 'moe2[train]' ({exc})")
     path = Path(args.experts)

@@ -40,13 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from moe2.coordinator import pipeline as pl
-        from moe2.coordinator.corpus import read_jsonl
-        from moe2.coordinator.localfleet import FleetError, LocalFleet
-        from moe2.coordinator.phone import PhoneClient
         from moe2.shared import wire
-        from moe2.shared.localbroker import BrokerError, find_mosquitto
         from moe2.shared.mqtt import make_client, parse_broker_url
+        from moe2.tools.clients.phone import PhoneClient
+        from moe2.tools.fleet.localbroker import BrokerError, find_mosquitto
+        from moe2.tools.fleet.localfleet import FleetError, LocalFleet
+        from moe2.tools.offline import pipeline as pl
+        from moe2.tools.offline.corpus import read_jsonl
     except ImportError as exc:
         fail(f"the demo needs moe2[agent,coordinator,train] installed ({exc})")
     try:
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     settings = pl.PipelineSettings(experts=args.experts, seed=args.seed,
                                    calib_limit=40 if args.tiny else 160,
                                    gate_epochs=40 if args.tiny else 300)
-    from moe2.coordinator.experts import ExpertsConfig, load_manifest, make_experts
+    from moe2.tools.offline.experts import ExpertsConfig, load_manifest, make_experts
 
     manifest_path = work / "experts" / "manifest.json"
     manifest = None

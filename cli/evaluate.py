@@ -26,13 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from moe2.coordinator import pipeline as pl
-        from moe2.coordinator.corpus import read_jsonl
-        from moe2.coordinator.evaluate import EvalSettings, run_evaluation, write_outputs
-        from moe2.coordinator.experts import load_manifest
-        from moe2.coordinator.gate_data import load_calibration
         from moe2.coordinator.gating import GateLoadError, OnnxGate
-        from moe2.coordinator.localfleet import LocalFleet
+        from moe2.tools.fleet.localfleet import LocalFleet
+        from moe2.tools.offline import pipeline as pl
+        from moe2.tools.offline.corpus import read_jsonl
+        from moe2.tools.offline.evaluate import EvalSettings, run_evaluation, write_outputs
+        from moe2.tools.offline.experts import load_manifest
+        from moe2.tools.offline.gate_data import load_calibration
     except ImportError as exc:
         fail(f"eval needs the agent, coordinator and train extras ({exc})")
     try:

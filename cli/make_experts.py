@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         fail(f"--out {out} exists and is not a directory")
     try:
-        from moe2.coordinator.experts import ExpertsConfig, make_experts
+        from moe2.tools.offline.experts import ExpertsConfig, make_experts
     except ImportError as exc:
         fail(f"make-experts needs the training extras: pip install 'moe2[train]' ({exc})")
 
@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
         "timings_s": manifest.timings_s,
     }
     if args.calibrate:
-        from moe2.coordinator.corpus import read_jsonl
-        from moe2.coordinator.gate_data import build_calibration_from_gguf, save_calibration
+        from moe2.tools.offline.corpus import read_jsonl
+        from moe2.tools.offline.gate_data import build_calibration_from_gguf, save_calibration
 
         splits = {name: read_jsonl(manifest.split_path(name))
                   for name in ("calib", "validation", "test")}
@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
         save_calibration(out / "calibration.json", cal)
         result["calibration"] = str(out / "calibration.json")
     if args.eval:
-        from moe2.coordinator.corpus import read_jsonl
-        from moe2.coordinator.experts_eval import evaluate_experts
+        from moe2.tools.offline.corpus import read_jsonl
+        from moe2.tools.offline.experts_eval import evaluate_experts
 
         samples = read_jsonl(manifest.split_path("validation"))
         result["eval"] = evaluate_experts(manifest.expert_paths(), samples,

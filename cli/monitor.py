@@ -45,9 +45,9 @@ class _Session:
     """The monitor's MQTT side: feeds decoded events into the state and signals changes."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from moe2.coordinator.monitor import MonitorState
         from moe2.shared.mqtt import TlsOptions, parse_broker_url
         from moe2.shared.topics import Topics
+        from moe2.tools.ops.monitor import MonitorState
 
         self.args = args
         self.url = parse_broker_url(args.broker)
@@ -63,14 +63,14 @@ class _Session:
         return make_client(self.url, tls=self.tls, keepalive_s=10)
 
     async def subscribe(self, client: Any) -> None:
-        from moe2.coordinator.monitor import subscriptions
+        from moe2.tools.ops.monitor import subscriptions
 
         for topic in subscriptions(self.topics):
             await client.subscribe(topic, qos=1)
 
     def feed(self, message: Any) -> None:
-        from moe2.coordinator.monitor import apply, event_for
         from moe2.shared.mqtt import payload_bytes
+        from moe2.tools.ops.monitor import apply, event_for
 
         event = event_for(self.topics, str(message.topic), payload_bytes(message), time.time())
         if event is not None:
@@ -79,7 +79,7 @@ class _Session:
 
     async def once(self) -> None:
         """Collect until :func:`once_complete` (after the retained messages) or the timeout."""
-        from moe2.coordinator.monitor import once_complete
+        from moe2.tools.ops.monitor import once_complete
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, self.args.timeout)
@@ -139,7 +139,7 @@ def _install_signals(stop: asyncio.Event) -> None:
 async def _run_once(args: argparse.Namespace) -> int:
     import aiomqtt
 
-    from moe2.coordinator.monitor import render, snapshot
+    from moe2.tools.ops.monitor import render, snapshot
 
     session = _Session(args)
     _install_signals(session.stop)
@@ -156,7 +156,7 @@ async def _run_once(args: argparse.Namespace) -> int:
 
 
 async def _run_live(args: argparse.Namespace) -> int:
-    from moe2.coordinator.monitor import render, snapshot
+    from moe2.tools.ops.monitor import render, snapshot
 
     session = _Session(args)
     _install_signals(session.stop)

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     if args.experts < 2:
         fail("--experts must be at least 2")
     try:
-        from moe2.coordinator.pipeline import PipelineSettings, reproduce
+        from moe2.tools.offline.pipeline import PipelineSettings, reproduce
     except ImportError as exc:
         fail(f"reproduce needs the agent, coordinator and train extras ({exc})")
     s = PipelineSettings(experts=args.experts, seed=args.seed, tiny=args.tiny,

@@ -68,7 +68,7 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _check(args)
     try:
-        from moe2.coordinator.gate_train import (
+        from moe2.tools.offline.gate_train import (
             GateTrainConfig,
             export_gate_onnx,
             load_calibration,
@@ -110,8 +110,8 @@ def _verify(model: Any, path: str, cal: Any, split: str) -> float:
     import numpy as np
     import torch
 
-    from moe2.coordinator.embed import encode_batch, load_tokenizer
     from moe2.coordinator.gating import OnnxGate
+    from moe2.tools.offline.embed import encode_batch, load_tokenizer
 
     texts = [r.prompt for r in cal.splits[split][:8]] or ["hello"]
     gate = OnnxGate.load(path)

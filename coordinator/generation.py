@@ -125,6 +125,41 @@ async def _quiet_emit(emit: Emit, msg: wire.ErrorReplyPhone) -> None:
         log.warning("could not deliver error to phone: %s", msg.message)
 
 
+@dataclass(frozen=True)
+class Selection:
+    """The experts one request is served by: their vocabulary family and Top-k weights."""
+
+    family: str
+    weights: dict[str, float]
+
+
+def select_experts(reg: Registry, allowed: Sequence[str] | None, gates_raw: Mapping[str, float],
+                   *, uniform: bool, unknown_expert_weight: float, k: int | None,
+                   app: str = "default") -> Selection:
+    """Paper Algorithm 3's choice, pure: the online experts the plan allows (``allowed``;
+    None = everyone), weighed by the gate (``uniform``: all alike; an expert the gate does not
+    know gets ``unknown_expert_weight``), one vocabulary family, the Top-``k`` renormalised.
+    Raises :class:`RequestFailed` (``no_experts``) when nothing is left, saying why."""
+    if allowed is not None and not allowed:
+        raise RequestFailed(wire.ErrorCode.NO_EXPERTS,
+                            f"the current plan allows no expert for app {app!r} "
+                            "(budgets infeasible?)")
+    candidates_all = [a.agent_id for a in reg.online()]
+    if uniform:
+        gates = dict.fromkeys(candidates_all, 1.0)
+    else:
+        gates = {c: gates_raw.get(c, unknown_expert_weight) for c in candidates_all}
+    fam = choose_family(reg, allowed, gates)
+    if fam is None:
+        raise RequestFailed(wire.ErrorCode.NO_EXPERTS, "no expert is online for this request")
+    family, members = fam
+    weights = top_k_weights(gates, members, k)
+    if not weights:
+        raise RequestFailed(wire.ErrorCode.NO_EXPERTS,
+                            "the gate gives no weight to any available expert")
+    return Selection(family, weights)
+
+
 async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: GenerationSettings,
                     emit: Emit, request_id: str, t0: float,
                     experts: list[ExpertState]) -> wire.FinalReply:
@@ -132,27 +167,15 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
     overrides = ctx.allow_overrides
     if overrides and req.experts is not None:
         allowed = list(req.experts)
-    if allowed is not None and not allowed:
-        raise RequestFailed(wire.ErrorCode.NO_EXPERTS,
-                            f"the current plan allows no expert for app {req.app!r} "
-                            "(budgets infeasible?)")
     reg = ctx.registry()
     gates_raw = await ctx.gate_values(gate_text(req))
-    candidates_all = [a.agent_id for a in reg.online()]
-    if ctx.gate_is_uniform or (overrides and req.gating == "uniform"):
-        gates = dict.fromkeys(candidates_all, 1.0)
-    else:
-        gates = {c: gates_raw.get(c, settings.unknown_expert_weight) for c in candidates_all}
-    fam = choose_family(reg, allowed, gates)
-    if fam is None:
-        raise RequestFailed(wire.ErrorCode.NO_EXPERTS, "no expert is online for this request")
-    family, members = fam
     k = (req.top_k if overrides and req.top_k else None) or ctx.top_k_for(req.app) \
         or settings.top_k
-    weights = top_k_weights(gates, members, k)
-    if not weights:
-        raise RequestFailed(wire.ErrorCode.NO_EXPERTS,
-                            "the gate gives no weight to any available expert")
+    selection = select_experts(
+        reg, allowed, gates_raw, uniform=ctx.gate_is_uniform or (
+            overrides and req.gating == "uniform"),
+        unknown_expert_weight=settings.unknown_expert_weight, k=k, app=req.app)
+    family, weights = selection.family, selection.weights
     pieces = reg.pieces(family) or ()
     n_vocab = len(pieces)
     eos_ids = {reg.agents[m].status.eos_id for m in weights if m in reg.agents}

@@ -9,6 +9,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moe2.shared import wire
+from moe2.shared.config import CoordinatorConfig
+
+#: the smallest non-zero sampling temperature accepted (0 = greedy)
+MIN_TEMPERATURE = 1e-6
+
+
+def request_problem(req: wire.PhoneRequest, cfg: CoordinatorConfig) -> str | None:
+    """Why this coordinator refuses a well-formed request (a ``bad_request`` reply), or None:
+    prompt length, ``max_tokens``, a temperature too small to sample with, an unknown app."""
+    n_chars = len(req.prompt or "") + sum(len(m.content) for m in req.messages or [])
+    if n_chars > cfg.max_prompt_chars:
+        return (f"prompt has {n_chars} characters; this coordinator accepts at most "
+                f"{cfg.max_prompt_chars}")
+    if req.max_tokens > cfg.max_tokens_limit:
+        return f"max_tokens {req.max_tokens} exceeds the limit of {cfg.max_tokens_limit}"
+    if 0.0 < req.temperature < MIN_TEMPERATURE:  # p^(1/T) overflows to NaN below this
+        return (f"temperature {req.temperature:g} is too small: use 0 for greedy decoding "
+                f"or at least {MIN_TEMPERATURE:g}")
+    if cfg.apps and req.app not in cfg.apps:
+        return f"unknown app {req.app!r}; known: {', '.join(sorted(cfg.apps))}"
+    return None
 
 
 @dataclass

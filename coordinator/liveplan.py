@@ -32,10 +32,10 @@ import math
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -47,6 +47,27 @@ from moe2.shared.config import CoordinatorConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_APP = "default"
+
+
+class Planner(Protocol):
+    """What the coordinator needs of a planner (:class:`LivePlanner` is the real one)."""
+
+    def allowed(self, app: str) -> Sequence[str] | None:
+        """The expert set ``app`` may use; None before the first plan (everyone)."""
+        ...
+
+    def on_registry(self, before: Registry, after: Registry) -> None:
+        """The fleet view changed (joins, leaves, telemetry)."""
+        ...
+
+    def record_step_overhead(self, overhead_s: float) -> None:
+        """One served step's messaging overhead (seconds)."""
+        ...
+
+    async def run(self, registry: Callable[[], Registry],
+                  publish: Callable[[wire.PlanMsg], Awaitable[None]]) -> None:
+        """Plan until cancelled, publishing each new plan."""
+        ...
 
 
 class StepOverhead:
@@ -322,16 +343,19 @@ class LivePlanner:
         return plan
 
     # ------------------------------------------------------------------ loop
-    async def run(self, coordinator: Any) -> None:
+    async def run(self, registry: Callable[[], Registry],
+                  publish: Callable[[wire.PlanMsg], Awaitable[None]]) -> None:
+        """Replan every ``interval_s`` and on each trigger, from the coordinator's registry
+        view; ``publish`` is the plan sink (the retained plan topic)."""
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._trigger.wait(), timeout=self.interval_s)
             self._trigger.clear()
-            self._registry = coordinator.registry
+            self._registry = registry()
             try:
                 plan = await self.replan_off_loop()
             except Exception:  # a bad input must not end planning (or the process)
                 log.exception("replanning failed; the previous plan stays in force")
                 continue
             if plan is not None:
-                await coordinator.publish_plan(plan)
+                await publish(plan)

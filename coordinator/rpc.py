@@ -4,7 +4,7 @@ Steps due for one agent in the same event-loop tick travel as ONE :class:`wire.S
 :meth:`AgentRpc.step` queues the item and schedules a flush with ``call_soon``; the flush hands
 one message per agent to ``direct`` (the coordinator writes it to the socket in the same
 iteration), or, without one or when it declines, to the :attr:`outgoing` queue that its owner
-drains (the calibration driver, :mod:`moe2.coordinator.agent_client`). Replies arrive on this
+drains (the calibration driver, :mod:`moe2.tools.clients.agent_driver`). Replies arrive on this
 coordinator's inbox and resolve futures keyed by (agent, session, seq).
 """
 
@@ -40,7 +40,8 @@ class Outgoing:
 
 
 class AgentRpc:
-    def __init__(self, topics: Topics, coordinator_id: str, max_queue: int = 100_000) -> None:
+    def __init__(self, topics: Topics, coordinator_id: str, max_queue: int = 100_000, *,
+                 send: Callable[[Outgoing], bool] | None = None) -> None:
         self.topics = topics
         self.inbox = topics.coordinator_inbox(coordinator_id).topic
         self.outgoing: asyncio.Queue[Outgoing] = asyncio.Queue(maxsize=max_queue)
@@ -49,7 +50,7 @@ class AgentRpc:
         self._pending: dict[str, list[wire.StepItem]] = defaultdict(list)
         self._flush_scheduled = False
         #: sends one message now and returns True, or returns False to use the sender queue
-        self.direct: Callable[[Outgoing], bool] | None = None
+        self.direct = send
         self.messages_sent = 0
         self.stray_replies = 0
 

@@ -101,6 +101,10 @@ class Topics:
     def all_agent_telemetry(self) -> str:
         return f"{self.root}/agents/+/telemetry"
 
+    @property
+    def all_agent_vocab(self) -> str:
+        return f"{self.root}/agents/+/vocab"
+
     def agent_id_of(self, topic: str) -> str | None:
         """``root/agents/{id}/...`` -> id, else None."""
         prefix = f"{self.root}/agents/"
@@ -128,10 +132,24 @@ class Topics:
             f"{self.root}/coordinators/{coordinator_id}/status", wire.CoordinatorStatus, retain=True
         )
 
-    def coordinator_inflight(self, coordinator_id: str, request_id: str) -> str:
+    def coordinator_inflight(self, coordinator_id: str,
+                             request_id: str) -> TypedTopic[wire.InflightMarker]:
         """Retained marker of one request a coordinator is serving (so a surviving peer can
-        tell the phone when this coordinator dies); ``"+"`` for either level in filters."""
-        return f"{self.root}/coordinators/{coordinator_id}/inflight/{request_id}"
+        tell the phone when this coordinator dies); an empty payload clears it."""
+        return TypedTopic(f"{self.root}/coordinators/{coordinator_id}/inflight/{request_id}",
+                          wire.InflightMarker, retain=True)
+
+    def inflight_filter(self, coordinator_id: str = "+") -> str:
+        """Every in-flight marker of one coordinator (or of all, ``"+"``)."""
+        return f"{self.root}/coordinators/{coordinator_id}/inflight/+"
+
+    def coordinator_of(self, topic: str) -> str | None:
+        """``{root}/coordinators/{id}/...`` -> id (a valid name), else None."""
+        prefix = f"{self.root}/coordinators/"
+        if not topic.startswith(prefix):
+            return None
+        cid = topic[len(prefix):].split("/", 1)[0]
+        return cid if valid_name(cid) else None
 
     @property
     def all_coordinator_status(self) -> str:

@@ -305,9 +305,26 @@ class CoordinatorStatus(_Strict, tag="coordinator", frozen=True):
         _check_version(self.v)
 
 
+class InflightMarker(_Strict, tag="inflight", frozen=True):
+    """Retained on ``coordinators/{id}/inflight/{request_id}`` while a coordinator serves one
+    request: how to reach the phone if that coordinator dies (a surviving one tells it).
+    Coordinator-to-coordinator only (phones never see it)."""
+
+    coordinator_id: str
+    incarnation: str
+    client_id: str
+    response_topic: str
+    correlation: bytes | None = None
+    content_type: str | None = None
+    v: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+
+
 AgentInbound = OpenSession | Step | CloseSession
 AnyAgentMsg = (OpenSession | Step | CloseSession | Reply | AgentStatus | Telemetry | PlanMsg
-               | CoordinatorStatus | Vocab)
+               | CoordinatorStatus | Vocab | InflightMarker)
 
 _encoder = msgspec.msgpack.Encoder()
 _agent_inbound = msgspec.msgpack.Decoder(AgentInbound)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from moe2.shared.localbroker import LocalBroker
+from moe2.tools.fleet.localbroker import LocalBroker
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import aiomqtt
 
-from moe2.coordinator.phone import Answer, PhoneClient
 from moe2.shared import wire
 from moe2.shared.mqtt import MessageReader, make_client, parse_broker_url, payload_bytes
 from moe2.shared.topics import Topics
+from moe2.tools.clients.phone import Answer, PhoneClient
 
 AGENT_ARGS = ("--n-ctx", "512", "--max-sessions", "64", "--threads", "1",
               "--telemetry-interval", "0.5", "--meter", "estimated")

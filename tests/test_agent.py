@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 
 from moe2.shared import __version__, wire
-from moe2.shared import gguf_models as gm
-from moe2.shared.localbroker import LocalBroker
 from moe2.shared.mqtt import MessageReader, make_client, parse_broker_url, response_properties
 from moe2.shared.topics import Topics
+from moe2.tools import models as gm
+from moe2.tools.fleet.localbroker import LocalBroker
 from tests.agent_helpers import (
     AgentRpcClient,
     assert_dist_matches,

@@ -16,11 +16,11 @@ import pytest
 from moe2.agent.daemon import Work
 from moe2.agent.engine import DecodeJob, LlamaEngine
 from moe2.agent.meters import ManualClock, ManualMeter
-from moe2.shared import gguf_models as gm
 from moe2.shared import wire
-from moe2.shared.localbroker import LocalBroker
 from moe2.shared.mqtt import make_client, parse_broker_url, payload_bytes
 from moe2.shared.topics import Topics
+from moe2.tools import models as gm
+from moe2.tools.fleet.localbroker import LocalBroker
 from tests.agent_helpers import (
     AgentRpcClient,
     FakeEngine,

@@ -31,11 +31,11 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from moe2.coordinator import brokerconf as bc
 from moe2.shared import wire
-from moe2.shared.localbroker import LocalBroker, free_port
 from moe2.shared.mqtt import TlsOptions, make_client, parse_broker_url, payload_bytes
 from moe2.shared.topics import Topics
+from moe2.tools.fleet.localbroker import LocalBroker, free_port
+from moe2.tools.ops import brokerconf as bc
 
 TOPICS = Topics()
 TIMEOUT_S = 15.0
@@ -475,7 +475,7 @@ def test_tls_needs_the_generated_ca(secure: SecureBroker, tmp_path: Path) -> Non
 def test_ask_end_to_end_over_mqtts_with_acls(secure: SecureBroker, procs: Any,
                                              tmp_path: Path) -> None:
     """A phone, an agent and a coordinator, each with its own account, all over TLS."""
-    from moe2.shared.gguf_models import make_test_experts
+    from moe2.tools.models import make_test_experts
 
     (expert,) = make_test_experts(tmp_path / "m", count=1)
     ca = str(secure.out / "ca.crt")

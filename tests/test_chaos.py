@@ -1,6 +1,6 @@
 """Issue 7, the bounded CI form: reliability under load, faults and hostile input.
 
-The live tests run the phases of :mod:`moe2.coordinator.bench_reliability` (``moe2 bench
+The live tests run the phases of :mod:`moe2.tools.bench.reliability` (``moe2 bench
 reliability`` is the full form) with small figures against a private mosquitto, three agents and
 two coordinators in one shared-subscription group (plus one agent and one coordinator with small
 limits under their own topic root). The in-process tests feed hypothesis-generated messages
@@ -27,7 +27,15 @@ from hypothesis import strategies as st
 from moe2.agent.daemon import AgentDaemon, Work
 from moe2.agent.meters import ManualMeter
 from moe2.coordinator import registry as reg
-from moe2.coordinator.bench_reliability import (
+from moe2.coordinator.gating import UniformGate
+from moe2.coordinator.inflight import MAX_PEERS, takeover_handler
+from moe2.coordinator.outbox import PhoneMessage
+from moe2.coordinator.service import Coordinator
+from moe2.shared import wire
+from moe2.shared.config import CoordinatorConfig
+from moe2.shared.mqtt import make_client, parse_broker_url, response_properties
+from moe2.shared.topics import Topics, publishable_topic
+from moe2.tools.bench.reliability import (
     Fleet,
     LoadSpec,
     mutate,
@@ -39,21 +47,8 @@ from moe2.coordinator.bench_reliability import (
     phase_load,
     tally,
 )
-from moe2.coordinator.gating import UniformGate
-from moe2.coordinator.phone import AskError, PhoneClient
-from moe2.coordinator.service import (
-    MAX_PEERS,
-    Coordinator,
-    InflightMarker,
-    decode_marker,
-    inflight_topic,
-    takeover_handler,
-)
-from moe2.shared import wire
-from moe2.shared.config import CoordinatorConfig
-from moe2.shared.gguf_models import make_test_experts
-from moe2.shared.mqtt import make_client, parse_broker_url, response_properties
-from moe2.shared.topics import Topics, publishable_topic
+from moe2.tools.clients.phone import AskError, PhoneClient
+from moe2.tools.models import make_test_experts
 from tests.agent_helpers import FakeEngine, agent_config
 
 pytestmark = pytest.mark.chaos
@@ -244,10 +239,10 @@ COORDINATOR_SAMPLES: list[tuple[str, bytes]] = [
         coordinator_id="peer", state="offline"))),
     (TP.coordinator_status("c0").topic, wire.encode(wire.CoordinatorStatus(
         coordinator_id="c0", state="offline"))),
-    (inflight_topic(TP, "c0", "r1"), msgspec.msgpack.encode(InflightMarker(
+    (TP.coordinator_inflight("c0", "r1").topic, wire.encode(wire.InflightMarker(
         coordinator_id="c0", incarnation="old", client_id=PHONE,
         response_topic=TP.response_prefix(PHONE) + "r", correlation=b"m"))),
-    (inflight_topic(TP, "peer", "r1"), msgspec.msgpack.encode(InflightMarker(
+    (TP.coordinator_inflight("peer", "r1").topic, wire.encode(wire.InflightMarker(
         coordinator_id="peer", incarnation="old", client_id=PHONE,
         response_topic=TP.response_prefix(PHONE) + "r"))),
 ]
@@ -304,15 +299,15 @@ def test_coordinator_handles_any_message(msgs: Sequence[tuple[str, bytes, str | 
         while coord._requests:
             await asyncio.gather(*list(coord._requests))
         got: Counter[bytes | None] = Counter()
-        for topic, payload, props, _qos, _lost in coord._outbox:
-            reply = wire.decode_phone_reply(payload, getattr(props, "ContentType", None))
-            assert topic.startswith(TP.response_prefix(PHONE))
+        for m in coord.outbox.pending():
+            reply = wire.decode_phone_reply(m.payload, getattr(m.properties, "ContentType", None))
+            assert m.topic.startswith(TP.response_prefix(PHONE))
             if isinstance(reply, (wire.FinalReply, wire.ErrorReplyPhone)):
-                got[getattr(props, "CorrelationData", None)] += 1
+                got[getattr(m.properties, "CorrelationData", None)] += 1
         assert got == expected
-        assert coord._markers == {}
+        assert coord.inflight.open_markers == 0
         assert coord.rpc.waiting == 0
-        assert len(coord._peers) <= MAX_PEERS
+        assert len(coord.inflight.peers.online) <= MAX_PEERS
         assert len(coord.registry.vocabs) <= reg.MAX_VOCABS
 
     asyncio.run(main())
@@ -459,7 +454,7 @@ def test_subnormal_temperature_is_a_bad_request() -> None:
     """Found by the fuzzer: temperature 1e-310 made p^(1/T) NaN and the request an internal
     error; it is now refused up front with a clear message."""
 
-    async def main() -> list[tuple[str, bytes, object, int, int]]:
+    async def main() -> list[PhoneMessage]:
         coord = Coordinator(CoordinatorConfig(id="c0"), UniformGate(), _no_client)
         for i, t in enumerate((1e-310, 0.0, 0.5)):
             body = wire.encode_phone(wire.PhoneRequest(prompt="hi", temperature=t), None)
@@ -467,10 +462,10 @@ def test_subnormal_temperature_is_a_bad_request() -> None:
                                        b"%d" % i, None, False))
         while coord._requests:
             await asyncio.gather(*list(coord._requests))
-        return list(coord._outbox)
+        return coord.outbox.pending()
 
-    out = {getattr(props, "CorrelationData", None): wire.decode_phone_reply(payload, None)
-           for _t, payload, props, _q, _n in asyncio.run(main())}
+    out = {getattr(m.properties, "CorrelationData", None): wire.decode_phone_reply(m.payload, None)
+           for m in asyncio.run(main())}
     tiny = out[b"0"]
     assert isinstance(tiny, wire.ErrorReplyPhone)
     assert tiny.code == wire.ErrorCode.BAD_REQUEST and "temperature" in tiny.message
@@ -502,20 +497,21 @@ def test_response_allowed_only_below_the_phones_prefix_and_publishable(
 
 
 def test_marker_decoding_and_takeover_choice() -> None:
-    m = InflightMarker(coordinator_id="c1", incarnation="i", client_id="p",
-                       response_topic="moe2/responses/p/r", correlation=b"x")
-    assert decode_marker(msgspec.msgpack.encode(m)) == m
+    m = wire.InflightMarker(coordinator_id="c1", incarnation="i", client_id="p",
+                            response_topic="moe2/responses/p/r", correlation=b"x")
+    t = TP.coordinator_inflight("c1", "r")
+    assert t.decode(t.encode(m)) == m
     for bad in (b"", b"\xc1", b"\x93\x01\x02\x03", msgspec.msgpack.encode({"type": "inflight"}),
                 msgspec.msgpack.encode(msgspec.structs.replace(m, v=99))):
         with pytest.raises(wire.DecodeError):
-            decode_marker(bad)
+            t.decode(bad)
     assert takeover_handler("c0", ["c1", "c2"])
     assert not takeover_handler("c1", ["c0", "c2"])
     assert takeover_handler("c1", [])
 
 
 def test_tally_counts_lost_as_sent_without_reply() -> None:
-    from moe2.coordinator.bench_reliability import Outcome
+    from moe2.tools.bench.reliability import Outcome
 
     outs = [Outcome("p", "c", "final", 0.0, 1.0), Outcome("p", "c", "error", 0.0, 0.1,
                                                            code="timeout"),

@@ -11,7 +11,6 @@ import pytest
 
 from moe2.cli import agent as agent_cli
 from moe2.cli.main import build_parser, main
-from moe2.shared import gguf_models as gm
 from moe2.shared.config import (
     AgentConfig,
     ConfigError,
@@ -20,6 +19,7 @@ from moe2.shared.config import (
     load,
     override,
 )
+from moe2.tools import models as gm
 
 AGENT_TOML = """
 id = "edge-1"

@@ -18,13 +18,13 @@ import pytest
 
 from moe2.coordinator.fusion import Fused
 from moe2.coordinator.gating import FixedGate
-from moe2.coordinator.phone import PhoneClient
 from moe2.coordinator.service import Coordinator
 from moe2.shared import wire
 from moe2.shared.config import CoordinatorConfig
-from moe2.shared.gguf_models import ExpertFile, make_test_experts
-from moe2.shared.localbroker import LocalBroker
 from moe2.shared.mqtt import make_client, parse_broker_url
+from moe2.tools.clients.phone import PhoneClient
+from moe2.tools.fleet.localbroker import LocalBroker
+from moe2.tools.models import ExpertFile, make_test_experts
 from tests.fleet import ask, start_agent, start_coordinator, wait_for, wait_plan
 
 PROMPT = "What is 12 plus 7?"
@@ -314,8 +314,8 @@ def test_no_reply_topic_outside_own_prefix(fleet: tuple[LocalBroker, str]) -> No
 def test_experts_with_another_vocabulary_are_never_fused(procs: Any, broker: LocalBroker,
                                                          experts: list[ExpertFile],
                                                          tmp_path: Path) -> None:
-    from moe2.shared.gguf_models import make_mismatch_expert
     from moe2.shared.topics import Topics
+    from moe2.tools.models import make_mismatch_expert
 
     other = make_mismatch_expert(tmp_path)
     assert other.fingerprint != experts[0].fingerprint

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from moe2.coordinator.phone import PhoneClient
 from moe2.shared import wire
-from moe2.shared.gguf_models import ExpertFile, make_test_experts
-from moe2.shared.localbroker import LocalBroker
 from moe2.shared.mqtt import make_client, parse_broker_url
+from moe2.tools.clients.phone import PhoneClient
+from moe2.tools.fleet.localbroker import LocalBroker
+from moe2.tools.models import ExpertFile, make_test_experts
 from tests.conftest import log_of
 from tests.fleet import ask, start_agent, start_coordinator, wait_plan
 

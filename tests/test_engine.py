@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from moe2.agent.engine import DecodeJob, EngineError, LlamaEngine, softmax_topk, vocab_fingerprint
-from moe2.shared import gguf_models as gm
+from moe2.tools import models as gm
 from tests.agent_helpers import assert_not_degenerate, llama_greedy, llama_tokenize, softmax64
 
 PROMPT = "Q: What is 12 plus 7? A:"

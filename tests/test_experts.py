@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from moe2.coordinator import corpus as qa
-from moe2.coordinator.experts import (
+from moe2.tools.models import LlamaSpec, random_weights, read_gguf, reference_logits
+from moe2.tools.offline import corpus as qa
+from moe2.tools.offline.experts import (
     ExpertsConfig,
     Manifest,
     encode_example,
     file_sha256,
     load_manifest,
 )
-from moe2.coordinator.experts_eval import ExpertRunner, greedy_mixture
-from moe2.coordinator.torch_llama import TorchLlama
-from moe2.shared.gguf_models import LlamaSpec, random_weights, read_gguf, reference_logits
+from moe2.tools.offline.experts_eval import ExpertRunner, greedy_mixture
+from moe2.tools.offline.torch_llama import TorchLlama
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -147,7 +147,7 @@ ST_REFERENCE = {
 
 
 def test_embedder_matches_sentence_transformers_and_behaves() -> None:
-    from moe2.coordinator.embed import EMBEDDING_DIM, Embedder
+    from moe2.tools.offline.embed import EMBEDDING_DIM, Embedder
 
     emb = Embedder()
     texts = [*ST_REFERENCE, "Which city is the capital of Peru?", "Add 3 and 9.",
@@ -228,7 +228,7 @@ def test_clusters_follow_domains(fleet: TinyFleet) -> None:
 
 
 def test_llama_cpp_tokenizes_like_training(fleet: TinyFleet) -> None:
-    from moe2.shared.gguf_models import SpmVocab
+    from moe2.tools.models import SpmVocab
 
     vocab = SpmVocab.load(fleet.root / "vocab.model")
     samples = qa.read_jsonl(fleet.manifest.split_path("validation"))

@@ -14,21 +14,6 @@ import onnx
 import pytest
 import torch
 
-from moe2.coordinator.corpus import read_jsonl
-from moe2.coordinator.gate_data import (
-    Calibration,
-    CalibrationRecord,
-    compute_calibration_from_gguf,
-    load_calibration,
-    save_calibration,
-)
-from moe2.coordinator.gate_train import (
-    GateMLP,
-    GateTrainConfig,
-    export_gate_onnx,
-    mixture_nll,
-    train_gate,
-)
 from moe2.coordinator.gating import (
     FixedGate,
     Gate,
@@ -37,6 +22,21 @@ from moe2.coordinator.gating import (
     UniformGate,
     load_gate,
     values_for,
+)
+from moe2.tools.offline.corpus import read_jsonl
+from moe2.tools.offline.gate_data import (
+    Calibration,
+    CalibrationRecord,
+    compute_calibration_from_gguf,
+    load_calibration,
+    save_calibration,
+)
+from moe2.tools.offline.gate_train import (
+    GateMLP,
+    GateTrainConfig,
+    export_gate_onnx,
+    mixture_nll,
+    train_gate,
 )
 from tests.test_experts import TinyFleet, last_json, run_cli, tiny_fleet
 
@@ -174,8 +174,8 @@ def test_load_calibration_rejects_other_files(tmp_path: Path) -> None:
 
 
 def test_calibration_from_gguf_matches_torch(fleet: TinyFleet) -> None:
-    from moe2.coordinator.torch_llama import TorchLlama
-    from moe2.shared.gguf_models import read_gguf
+    from moe2.tools.models import read_gguf
+    from moe2.tools.offline.torch_llama import TorchLlama
 
     samples = read_jsonl(fleet.manifest.split_path("validation"))[:4]
     paths = fleet.manifest.expert_paths()
@@ -189,7 +189,7 @@ def test_calibration_from_gguf_matches_torch(fleet: TinyFleet) -> None:
         assert f.answer_tokens[-1] == 2  # EOS
         assert len(f.probs) == len(paths)
         with torch.no_grad():
-            from moe2.shared.gguf_models import SpmVocab
+            from moe2.tools.models import SpmVocab
 
             vocab = SpmVocab.load(fleet.root / "vocab.model")
             prompt = vocab.encode(f.sample.prompt)
@@ -227,7 +227,7 @@ def test_gate_pipeline_onnx_matches_torch(fleet: TinyFleet, tmp_path: Path) -> N
     assert gate.kind == "onnx" and gate.experts == cal.experts
     assert gate.max_length == 256
     assert json.loads(gate.metadata["moe2.training"])["experts"] == list(cal.experts)
-    from moe2.coordinator.embed import encode_batch, load_tokenizer
+    from moe2.tools.offline.embed import encode_batch, load_tokenizer
 
     texts = [r.prompt for r in cal.splits["test"][:5]] + ["", "naïve café 日本語 🙂 " * 80]
     got = gate.values_batch(texts)

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from moe2.shared import gguf_models as gm
+from moe2.tools import models as gm
 
 TEXTS = [
     "Q: What is 12 plus 7? A: 19.",
@@ -149,7 +149,7 @@ def test_rope_is_relative_and_adjacent_pair() -> None:
     q, k = rng.standard_normal((1, 1, 8)), rng.standard_normal((1, 1, 8))
 
     def rot(x: npt.NDArray[np.float64], pos: float) -> npt.NDArray[np.float64]:
-        return gm._rope_norm(x, np.array([pos]), 10000.0)
+        return gm.llama._rope_norm(x, np.array([pos]), 10000.0)
 
     # Dot products depend only on the position difference.
     near = float(np.sum(rot(q, 5) * rot(k, 2)))

@@ -13,10 +13,10 @@ import pytest
 from moe2.coordinator.liveplan import LivePlanner
 from moe2.coordinator.registry import Registry, StatusEvent, TelemetryEvent, apply
 from moe2.shared import wire
-from moe2.shared.gguf_models import make_test_experts
-from moe2.shared.localbroker import LocalBroker
 from moe2.shared.mqtt import make_client, parse_broker_url
 from moe2.shared.topics import Topics
+from moe2.tools.fleet.localbroker import LocalBroker
+from moe2.tools.models import make_test_experts
 from tests.fleet import ask, start_agent, start_coordinator, wait_plan
 
 

@@ -18,7 +18,7 @@ from moe2.agent.metrics import AGENT_METRICS, agent_registry, serve_agent_metric
 from moe2.coordinator.metrics import COORDINATOR_METRICS, OTHER, CoordinatorMetrics
 from moe2.shared import wire
 from moe2.shared.config import AgentConfig
-from moe2.shared.localbroker import LocalBroker, free_port
+from moe2.tools.fleet.localbroker import LocalBroker, free_port
 from tests.agent_helpers import AgentRpcClient, FakeEngine, wait_until
 from tests.conftest import REPO, Procs, log_of
 
@@ -154,7 +154,7 @@ def test_serve_agent_metrics_uses_a_dedicated_registry() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moe2.shared.gguf_models import make_test_experts
+    from moe2.tools.models import make_test_experts
 
     (expert,) = make_test_experts(tmp_path_factory.mktemp("models"), count=1)
     return expert.path

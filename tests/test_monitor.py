@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from moe2.coordinator import monitor as mon
 from moe2.shared import wire
-from moe2.shared.localbroker import LocalBroker, free_port
 from moe2.shared.mqtt import make_client, parse_broker_url
 from moe2.shared.topics import Topics
+from moe2.tools.fleet.localbroker import LocalBroker, free_port
+from moe2.tools.ops import monitor as mon
 from tests.agent_helpers import AgentRpcClient, top_id
 from tests.conftest import Procs, log_of
 
@@ -191,7 +191,7 @@ async def test_monitor_once_without_agents_ends_at_the_timeout(
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moe2.shared.gguf_models import make_test_experts
+    from moe2.tools.models import make_test_experts
 
     (expert,) = make_test_experts(tmp_path_factory.mktemp("models"), count=1)
     return expert.path

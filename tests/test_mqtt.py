@@ -12,7 +12,6 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from moe2.shared.localbroker import LocalBroker
 from moe2.shared.mqtt import (
     Client,
     MessageReader,
@@ -21,6 +20,7 @@ from moe2.shared.mqtt import (
     payload_bytes,
     publish_qos0,
 )
+from moe2.tools.fleet.localbroker import LocalBroker
 
 
 async def _receive(sub: aiomqtt.Client, n: int) -> list[bytes]:

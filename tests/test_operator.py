@@ -20,13 +20,13 @@ from typing import Any
 
 import pytest
 
-from moe2.coordinator import brokerconf as bc
 from moe2.coordinator.fleetcheck import gate_coverage
 from moe2.shared import wire
-from moe2.shared.gguf_models import ExpertFile, make_test_experts
-from moe2.shared.localbroker import LocalBroker, free_port
 from moe2.shared.mqtt import MessageReader, make_client, parse_broker_url, payload_bytes
 from moe2.shared.topics import Topics
+from moe2.tools.fleet.localbroker import LocalBroker, free_port
+from moe2.tools.models import ExpertFile, make_test_experts
+from moe2.tools.ops import brokerconf as bc
 from tests.conftest import log_of
 from tests.fleet import start_agent, start_coordinator
 

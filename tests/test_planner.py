@@ -30,7 +30,7 @@ from moe2.coordinator.planner import (
     smo,
     solve,
 )
-from moe2.coordinator.planner_bench import random_problem, run_planner_bench
+from moe2.tools.bench.planner import random_problem, run_planner_bench
 
 TOL = 1e-9
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from moe2.agent.meters.rapl import RAPL_UDEV_RULE
-from moe2.shared.localbroker import LocalBroker
+from moe2.tools.fleet.localbroker import LocalBroker
 from tests.conftest import REPO, Procs, log_of
 
 SYSTEMD = REPO / "systemd"
@@ -265,7 +265,7 @@ def notify_socket() -> Iterator[NotifySocket]:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moe2.shared.gguf_models import make_test_experts
+    from moe2.tools.models import make_test_experts
 
     (expert,) = make_test_experts(tmp_path_factory.mktemp("models"), count=1)
     return expert.path

@@ -22,9 +22,9 @@ from types import TracebackType
 import aiomqtt
 
 from moe2.shared import wire
-from moe2.shared.localbroker import LocalBroker
 from moe2.shared.mqtt import MessageReader, make_client, parse_broker_url, payload_bytes
 from moe2.shared.topics import Topics
+from moe2.tools.fleet.localbroker import LocalBroker
 
 log = logging.getLogger(__name__)
 

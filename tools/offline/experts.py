@@ -2,11 +2,11 @@
 
 Pipeline (:func:`make_experts`):
 
-1. generate the mixed-domain QA corpus (:mod:`moe2.coordinator.corpus`) and write its splits;
-2. embed the training prompts with MiniLM (:mod:`moe2.coordinator.embed`) and cluster them with
+1. generate the mixed-domain QA corpus (:mod:`moe2.tools.offline.corpus`) and write its splits;
+2. embed the training prompts with MiniLM (:mod:`moe2.tools.offline.embed`) and cluster them with
    k-means (K = number of experts); the other splits are assigned to the nearest centroid;
 3. train a SentencePiece BPE vocabulary on the corpus text (shared by every expert);
-4. train a small llama base model in PyTorch (:mod:`moe2.coordinator.torch_llama`) briefly on the
+4. train a small llama base model in PyTorch (:mod:`moe2.tools.offline.torch_llama`) briefly on the
    whole training split, so it knows the format but is weak everywhere;
 5. fine-tune one copy per cluster on that cluster's training prompts (long enough to be good on
    them; the others are forgotten, which is what makes the experts complementary);
@@ -49,8 +49,8 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from moe2.coordinator.corpus import SPLITS, Corpus, Sample, generate_corpus
-from moe2.shared.gguf_models import LlamaSpec, SpmVocab, train_spm_tokenizer, write_gguf
+from moe2.tools.models import LlamaSpec, SpmVocab, train_spm_tokenizer, write_gguf
+from moe2.tools.offline.corpus import SPLITS, Corpus, Sample, generate_corpus
 
 __all__ = [
     "MANIFEST_NAME",
@@ -270,7 +270,7 @@ def quantize_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], quan
     :func:`choose_quant` for a type that fits the model."""
     import llama_cpp
 
-    from moe2.shared.gguf_models import read_gguf
+    from moe2.tools.models import read_gguf
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, _FTYPES[quant])
@@ -301,7 +301,7 @@ def quantize_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], quan
 def make_experts(out_dir: str | os.PathLike[str], config: ExpertsConfig | None = None, *,
                  progress: bool = True) -> Manifest:
     """Run the whole pipeline into ``out_dir`` and return the manifest it wrote."""
-    from moe2.coordinator.torch_llama import torch_threads
+    from moe2.tools.offline.torch_llama import torch_threads
 
     cfg = config or ExpertsConfig()
     if cfg.n_experts < 1:
@@ -315,8 +315,8 @@ def make_experts(out_dir: str | os.PathLike[str], config: ExpertsConfig | None =
 def _make_experts(out: Path, cfg: ExpertsConfig, *, progress: bool) -> Manifest:
     from tqdm import tqdm
 
-    from moe2.coordinator.embed import Embedder
-    from moe2.coordinator.torch_llama import LmExample, TorchLlama, TrainConfig, train_lm
+    from moe2.tools.offline.embed import Embedder
+    from moe2.tools.offline.torch_llama import LmExample, TorchLlama, TrainConfig, train_lm
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

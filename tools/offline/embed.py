@@ -9,7 +9,7 @@ mean pooling over the attention mask and L2 normalisation. Inputs are truncated 
 :data:`MAX_LENGTH` word pieces (sentence-transformers' ``max_seq_length`` for this model).
 
 :class:`SentenceEncoder` is a ``torch.nn.Module`` from ``(input_ids, attention_mask)`` (int64)
-to unit vectors; :mod:`moe2.coordinator.gate_train` puts the gate MLP on top and exports both as
+to unit vectors; :mod:`moe2.tools.offline.gate_train` puts the gate MLP on top and exports both as
 one ONNX graph. Needs ``torch``, ``safetensors`` and ``tokenizers`` (the ``train`` extra).
 """
 

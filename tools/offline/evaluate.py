@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 
 from moe2.coordinator import planner as pl
-from moe2.coordinator.corpus import Sample
-from moe2.coordinator.phone import PhoneClient
 from moe2.shared import wire
 from moe2.shared.mqtt import MessageReader, make_client, parse_broker_url, payload_bytes
 from moe2.shared.topics import Topics
+from moe2.tools.clients.phone import PhoneClient
+from moe2.tools.offline.corpus import Sample
 
 log = logging.getLogger(__name__)
 

@@ -37,10 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from moe2.coordinator.phone import PhoneClient
 from moe2.shared import wire
-from moe2.shared.gguf_models import make_test_experts
-from moe2.shared.localbroker import LocalBroker
 from moe2.shared.mqtt import (
     MessageReader,
     cancel_and_wait,
@@ -50,6 +47,9 @@ from moe2.shared.mqtt import (
     publish_qos0,
 )
 from moe2.shared.topics import Topics
+from moe2.tools.clients.phone import PhoneClient
+from moe2.tools.fleet.localbroker import LocalBroker
+from moe2.tools.models import make_test_experts
 
 PROMPT = "What is the capital of France?"
 

@@ -47,7 +47,7 @@ def _say(msg: str) -> None:
 
 
 def build_experts(out: Path, s: PipelineSettings, say: Callable[[str], None] = _say) -> Any:
-    from moe2.coordinator.experts import ExpertsConfig, load_manifest, make_experts
+    from moe2.tools.offline.experts import ExpertsConfig, load_manifest, make_experts
 
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
@@ -79,9 +79,9 @@ def start_agents(fleet: Any, manifest: Any, s: PipelineSettings) -> list[str]:
 
 def calibrate(fleet: Any, manifest: Any, out: Path, s: PipelineSettings,
               say: Callable[[str], None] = _say) -> Any:
-    from moe2.coordinator.calibrate import build_calibration_via_agents
-    from moe2.coordinator.corpus import read_jsonl
-    from moe2.coordinator.gate_data import load_calibration, save_calibration
+    from moe2.tools.offline.calibrate import build_calibration_via_agents
+    from moe2.tools.offline.corpus import read_jsonl
+    from moe2.tools.offline.gate_data import load_calibration, save_calibration
 
     path = out / "calibration-agents.json"
     if path.is_file():
@@ -102,8 +102,8 @@ def calibrate(fleet: Any, manifest: Any, out: Path, s: PipelineSettings,
 
 def train_gate(cal: Any, out: Path, s: PipelineSettings,
                say: Callable[[str], None] = _say) -> Path:
-    from moe2.coordinator.gate_train import GateTrainConfig, export_gate_onnx
-    from moe2.coordinator.gate_train import train_gate as train
+    from moe2.tools.offline.gate_train import GateTrainConfig, export_gate_onnx
+    from moe2.tools.offline.gate_train import train_gate as train
 
     path = out / "gate.onnx"
     if path.is_file() and (out / "gate.json").is_file():
@@ -129,10 +129,10 @@ def start_coordinator(fleet: Any, gate: Path, names: Sequence[str], *, overrides
 
 def reproduce(out_dir: str | Path, s: PipelineSettings,
               say: Callable[[str], None] = _say) -> dict[str, Any]:
-    from moe2.coordinator.corpus import read_jsonl
-    from moe2.coordinator.evaluate import EvalSettings, run_evaluation, write_outputs
     from moe2.coordinator.gating import OnnxGate
-    from moe2.coordinator.localfleet import LocalFleet
+    from moe2.tools.fleet.localfleet import LocalFleet
+    from moe2.tools.offline.corpus import read_jsonl
+    from moe2.tools.offline.evaluate import EvalSettings, run_evaluation, write_outputs
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

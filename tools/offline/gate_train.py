@@ -9,7 +9,7 @@ The output layer starts at zero, so training starts from equal weights.
 
 Loss (eq. 13-15, teacher forcing): with ``w_n = g_n / sum_m g_m`` over *all* experts,
 ``L = mean over samples of -sum_t log sum_n w_n f_{n,y_t}``, where ``f_{n,y_t}`` are the
-per-token probabilities stored in the calibration file (:mod:`moe2.coordinator.gate_data`).
+per-token probabilities stored in the calibration file (:mod:`moe2.tools.offline.gate_data`).
 By Theorem 1 the same gate serves every subset after renormalising.
 
 Optimiser (Table VI defaults, all overridable): AdamW, lr 1e-5, batch 8 with 8 accumulation
@@ -43,13 +43,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from moe2.coordinator.gate_data import (
-    Calibration,
-    build_calibration_from_gguf,
-    compute_calibration_from_gguf,
-    load_calibration,
-    save_calibration,
-)
 from moe2.coordinator.gating import (
     EMBEDDING_MODEL,
     GATE_FORMAT,
@@ -62,6 +55,13 @@ from moe2.coordinator.gating import (
     META_TOKENIZER,
     META_TRAINING,
     META_VERSION,
+)
+from moe2.tools.offline.gate_data import (
+    Calibration,
+    build_calibration_from_gguf,
+    compute_calibration_from_gguf,
+    load_calibration,
+    save_calibration,
 )
 
 __all__ = [
@@ -221,7 +221,7 @@ def _routing_accuracy(mlp: GateMLP, data: tuple[torch.Tensor, torch.Tensor, torc
 def train_gate(cal: Calibration, config: GateTrainConfig | None = None, *,
                progress: bool = True) -> GateTrainResult:
     """Train :class:`GateMLP` on ``config.train_split``, early-stopping on ``config.val_split``."""
-    from moe2.coordinator.torch_llama import torch_threads
+    from moe2.tools.offline.torch_llama import torch_threads
 
     cfg = config or GateTrainConfig()
     with torch_threads(cfg.threads):
@@ -303,7 +303,7 @@ def export_gate_onnx(
     runtime needs; returns the exported torch module (eval mode) for comparisons."""
     import onnx
 
-    from moe2.coordinator.embed import encode_batch, load_encoder, load_tokenizer, tokenizer_json
+    from moe2.tools.offline.embed import encode_batch, load_encoder, load_tokenizer, tokenizer_json
 
     if len(experts) != mlp.n_experts:
         raise ValueError(f"{len(experts)} names for a gate with {mlp.n_experts} outputs")

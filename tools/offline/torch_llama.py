@@ -1,4 +1,4 @@
-"""A trainable PyTorch twin of :func:`moe2.shared.gguf_models.reference_logits`.
+"""A trainable PyTorch twin of :func:`moe2.tools.models.reference_logits`.
 
 :class:`TorchLlama` keeps every weight in llama.cpp naming and numpy layout (matrices are
 ``(out, in)``, exactly like ``nn.Linear.weight``), uses rope NORM (adjacent pairs rotate),
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from moe2.shared.gguf_models import FloatArray, LlamaSpec, random_weights
+from moe2.tools.models.llama import FloatArray, LlamaSpec, random_weights
 
 __all__ = ["LmExample", "TorchLlama", "TrainConfig", "torch_threads", "train_lm"]
 

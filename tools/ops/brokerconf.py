@@ -202,7 +202,7 @@ def role_acl(role: Role, name: str, topics: Topics) -> list[tuple[Access, str]]:
             ("read", topics.agent_vocab("+").topic),
             ("read", topics.all_coordinator_status),
             # in-flight markers: its own, and a dead peer's that it reports and clears
-            ("readwrite", topics.coordinator_inflight("+", "+")),
+            ("readwrite", topics.inflight_filter("+")),
             ("readwrite", topics.plan.topic),
             ("read", topics.coordinator_inbox(name).topic),
             ("write", topics.coordinator_status(name).topic),

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from moe2.coordinator.corpus import Sample
+from moe2.tools.offline.corpus import Sample
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",

@@ -1,7 +1,7 @@
 """``moe2 calibrate``: the gate's training data, from running agents (the production path) or
 straight from the GGUF files.
 
-Either way the result is the calibration file of :mod:`moe2.coordinator.gate_data`: per sample,
+Either way the result is the calibration file of :mod:`moe2.tools.offline.gate_data`: per sample,
 the prompt's MiniLM embedding and, per expert, the teacher-forced probability of every answer
 token (ending with EOS). Through agents, each expert's probabilities come from the very
 distributions the coordinator fuses (k = 0, the full vocabulary), so a gate trained on them is
@@ -17,11 +17,11 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from moe2.coordinator.agent_client import calibrate_via_agents
-from moe2.coordinator.corpus import Sample
-from moe2.coordinator.gate_data import Calibration, CalibrationRecord
 from moe2.coordinator.gating import EMBEDDING_DIM, EMBEDDING_MODEL, MAX_LENGTH
 from moe2.shared.topics import Topics
+from moe2.tools.clients.agent_driver import calibrate_via_agents
+from moe2.tools.offline.corpus import Sample
+from moe2.tools.offline.gate_data import Calibration, CalibrationRecord
 
 Embed = Callable[[Sequence[str]], npt.NDArray[np.float32]]
 
@@ -44,7 +44,7 @@ class Tokenizer:
 
 
 def default_embed(progress: bool = False) -> Embed:
-    from moe2.coordinator.embed import Embedder
+    from moe2.tools.offline.embed import Embedder
 
     embedder = Embedder()
 

@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from moe2.coordinator.corpus import Sample
 from moe2.coordinator.gating import EMBEDDING_DIM, EMBEDDING_MODEL, MAX_LENGTH
+from moe2.tools.offline.corpus import Sample
 
 __all__ = [
     "CALIBRATION_FORMAT",
@@ -224,7 +224,7 @@ def compute_calibration_from_gguf(
     """
     from tqdm import tqdm
 
-    from moe2.coordinator.experts_eval import ExpertRunner
+    from moe2.tools.offline.experts_eval import ExpertRunner
 
     if not experts:
         raise ValueError("no experts")
@@ -259,10 +259,10 @@ def build_calibration_from_gguf(
     progress: bool = False,
 ) -> Calibration:
     """The whole calibration file: teacher forcing per split plus MiniLM embeddings of the
-    prompts (``embed`` defaults to :class:`moe2.coordinator.embed.Embedder`, which needs
+    prompts (``embed`` defaults to :class:`moe2.tools.offline.embed.Embedder`, which needs
     torch)."""
     if embed is None:
-        from moe2.coordinator.embed import Embedder
+        from moe2.tools.offline.embed import Embedder
 
         embedder = Embedder()
 

@@ -17,7 +17,7 @@ per-token time into the agent's decode window (``Distribution.latency_s``) and t
 echo round trip through the same broker for reference: back to back, and with an idle gap as
 long as one direct step before every ping (the floor the message path has at that step rate).
 
-This is an offline tool: it builds its GGUFs with :mod:`moe2.shared.gguf_models` (the
+This is an offline tool: it builds its GGUFs with :mod:`moe2.tools.models` (the
 ``dev``/``train`` extras), imported lazily so importing this module needs neither.
 """
 
@@ -46,7 +46,6 @@ import numpy as np
 from moe2.agent.engine import softmax_topk
 from moe2.shared import wire
 from moe2.shared.config import CoordinatorConfig
-from moe2.shared.localbroker import LocalBroker
 from moe2.shared.mqtt import (
     MessageReader,
     get_prop,
@@ -57,6 +56,7 @@ from moe2.shared.mqtt import (
     response_properties,
 )
 from moe2.shared.topics import Topics
+from moe2.tools.fleet.localbroker import LocalBroker
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class SideRuns:
 
 def _make_models(work: Path, seed: int) -> list[BenchModel]:
     """A tiny test expert and one of at least 50M parameters, written into ``work``."""
-    gm = importlib.import_module("moe2.shared.gguf_models")
+    gm = importlib.import_module("moe2.tools.models")
     tiny = gm.make_test_experts(work / "tiny", count=1, seeds=[1000 + seed])[0]
     large = gm.make_large_expert(work / "large", seed=3000 + seed)
     return [BenchModel(tiny.name, tiny.path, tiny.n_params, "tiny"),
