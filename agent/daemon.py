@@ -29,6 +29,7 @@ from moe2.agent.stats import AgentStats
 from moe2.shared import __version__, wire
 from moe2.shared.config import AgentConfig
 from moe2.shared.mqtt import (
+    MqttClient,
     cancel_and_wait,
     get_prop,
     payload_bytes,
@@ -41,7 +42,7 @@ from moe2.shared.topics import Topics, publishable_topic
 
 log = logging.getLogger(__name__)
 
-ClientFactory = Callable[[aiomqtt.Will], aiomqtt.Client]
+ClientFactory = Callable[[aiomqtt.Will], MqttClient]
 
 #: a reply that cannot be written within this is dropped (coordinators' step deadlines are longer)
 REPLY_PUBLISH_TIMEOUT_S = 2.0
@@ -99,7 +100,7 @@ class AgentDaemon:
         )
         self.stats = AgentStats()
         self._queue: asyncio.Queue[Work] = asyncio.Queue()
-        self._client: aiomqtt.Client | None = None
+        self._client: MqttClient | None = None
         self._stopping = asyncio.Event()
         self._connected = asyncio.Event()
         self._ready_sent = False
@@ -199,7 +200,7 @@ class AgentDaemon:
         self._client = None
         self._connected.clear()
 
-    async def _on_connect(self, client: aiomqtt.Client) -> None:
+    async def _on_connect(self, client: MqttClient) -> None:
         self._client = client
         await client.subscribe(self.topics.agent_rpc(self.cfg.id), qos=0)
         info = self.engine.info
@@ -276,7 +277,7 @@ class AgentDaemon:
                                            timeout=REPLY_PUBLISH_TIMEOUT_S)
             await asyncio.sleep(1.0)
 
-    async def _publish_online(self, client: aiomqtt.Client) -> None:
+    async def _publish_online(self, client: MqttClient) -> None:
         st = self.topics.agent_status(self.cfg.id)
         await client.publish(st.topic, st.encode(self.status("online")), qos=1, retain=True)
 

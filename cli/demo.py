@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         from moe2.shared.mqtt import make_client, parse_broker_url
         from moe2.tools.clients.phone import PhoneClient
         from moe2.tools.fleet.localbroker import BrokerError, find_mosquitto
-        from moe2.tools.fleet.localfleet import FleetError, LocalFleet
+        from moe2.tools.fleet.harness import Fleet, FleetError
         from moe2.tools.offline import pipeline as pl
         from moe2.tools.offline.corpus import read_jsonl
     except ImportError as exc:
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         say(f"reusing the demo experts in {work / 'experts'}")
     answers: list[dict[str, Any]] = []
     try:
-        with LocalFleet(work / "fleet") as fleet:
+        with Fleet(work / "fleet") as fleet:
             say(f"private broker on {fleet.url}")
             names = pl.start_agents(fleet, manifest, settings)
             say(f"{len(names)} agents online: {', '.join(names)}")

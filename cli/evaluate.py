@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         from moe2.coordinator.gating import GateLoadError, OnnxGate
-        from moe2.tools.fleet.localfleet import LocalFleet
+        from moe2.tools.fleet.harness import Fleet
         from moe2.tools.offline import pipeline as pl
         from moe2.tools.offline.corpus import read_jsonl
         from moe2.tools.offline.evaluate import EvalSettings, run_evaluation, write_outputs
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         fail(f"the gate knows {list(gate.experts)} but the experts are {names}")
     settings = pl.PipelineSettings(experts=len(names), quantized=args.quantized)
     samples = read_jsonl(manifest.split_path(args.split))[: args.limit]
-    with LocalFleet(Path(args.out) / "fleet") as fleet:
+    with Fleet(Path(args.out) / "fleet") as fleet:
         pl.start_agents(fleet, manifest, settings)
         pl.start_coordinator(fleet, Path(args.gate), names, overrides=True)
         result = run_evaluation(fleet.url, fleet.topics, names, samples,

@@ -17,19 +17,19 @@ from typing import Any, TypeVar
 import aiomqtt
 from paho.mqtt.properties import Properties
 
-from moe2.shared.mqtt import Client
+from moe2.shared.mqtt import MqttClient
 
 T = TypeVar("T")
 
 
 class BrokerLink:
     def __init__(self) -> None:
-        self.client: Client | None = None
+        self.client: MqttClient | None = None
         self.connected = asyncio.Event()
         self._lost = asyncio.Event()  # set when the current connection ends
 
     # ------------------------------------------------------------------ the session's side
-    def attach(self, client: Client) -> None:
+    def attach(self, client: MqttClient) -> None:
         """A new connection attempt (``connected`` is set once it is subscribed)."""
         self._lost = asyncio.Event()
         self.client = client
@@ -49,7 +49,7 @@ class BrokerLink:
         one), so a caller can tell "lost while I was sending" from "refused"."""
         return self._lost
 
-    def _client(self) -> Client:
+    def _client(self) -> MqttClient:
         client = self.client
         if client is None or not self.connected.is_set():
             raise aiomqtt.MqttError("not connected to the broker")

@@ -44,7 +44,7 @@ from moe2.coordinator.rpc import AgentRpc, Outgoing
 from moe2.shared import __version__, wire
 from moe2.shared.config import CoordinatorConfig
 from moe2.shared.mqtt import (
-    Client,
+    MqttClient,
     cancel_and_wait,
     get_prop,
     payload_bytes,
@@ -56,7 +56,7 @@ from moe2.shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
-ClientFactory = Callable[[aiomqtt.Will], Client]
+ClientFactory = Callable[[aiomqtt.Will], MqttClient]
 
 #: a vocabulary with more pieces is refused (the largest real ones have ~256k): each piece
 #: costs far more in memory than its two bytes on the wire
@@ -257,7 +257,7 @@ class Coordinator:
         return aiomqtt.Will(t.topic, t.encode(self.status("offline")), qos=1, retain=True)
 
     async def _session_loop(self) -> None:
-        def new_client() -> Client:
+        def new_client() -> MqttClient:
             client = self.client_factory(self.will())
             self.link.attach(client)
             return client
@@ -269,7 +269,7 @@ class Coordinator:
         self.link.detach()
         self.inflight.on_lost()
 
-    async def _on_connect(self, client: Client) -> None:
+    async def _on_connect(self, client: MqttClient) -> None:
         tp = self.topics
         await client.subscribe(tp.coordinator_inbox(self.cfg.id).topic, qos=0)
         await client.subscribe(tp.all_agent_status, qos=1)

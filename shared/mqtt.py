@@ -15,9 +15,10 @@ import socket
 import ssl
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -209,14 +210,40 @@ class Client(aiomqtt.Client):
             raise aiomqtt.MqttCodeError(rc, "Could not publish message")
 
 
-async def publish_qos0(client: aiomqtt.Client, topic: str, payload: bytes, *,
+class MqttClient(Protocol):
+    """What the daemons use of an MQTT 5 client: :class:`Client` on a real broker, the
+    in-memory transport (:mod:`moe2.tools.fleet.memory`) in tests. One context per
+    connection; ``messages`` raises :class:`aiomqtt.MqttError` when the connection ends."""
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> Any: ...
+
+    @property
+    def messages(self) -> AsyncIterator[aiomqtt.Message]: ...
+
+    async def subscribe(self, topic: str, qos: int = 0, *args: Any, **kwargs: Any) -> Any: ...
+
+    async def unsubscribe(self, topic: str, *args: Any, **kwargs: Any) -> Any: ...
+
+    async def publish(self, topic: str, payload: bytes | None = None, qos: int = 0,
+                      retain: bool = False, properties: Properties | None = None,
+                      *args: Any, **kwargs: Any) -> Any: ...
+
+    def publish_now(self, topic: str, payload: bytes, *,
+                    properties: Properties | None = None) -> None: ...
+
+
+async def publish_qos0(client: MqttClient | aiomqtt.Client, topic: str, payload: bytes, *,
                        properties: Properties | None = None,
                        timeout_s: float | None = None) -> None:
-    """QoS 0 publish on the token path: written at once by a :class:`Client` (which never
-    waits, so ``timeout_s`` does not apply), through aiomqtt's ordinary publish (waiting up to
-    ``timeout_s`` for the write) for any other client, such as tests' fakes."""
-    if isinstance(client, Client):
-        client.publish_now(topic, payload, properties=properties)
+    """QoS 0 publish on the token path: written at once by a client with ``publish_now``
+    (which never waits, so ``timeout_s`` does not apply), through aiomqtt's ordinary publish
+    (waiting up to ``timeout_s`` for the write) for a plain aiomqtt client."""
+    now = getattr(client, "publish_now", None)
+    if now is not None:
+        now(topic, payload, properties=properties)
         return
     await client.publish(topic, payload, qos=0, properties=properties, timeout=timeout_s)
 
@@ -363,7 +390,7 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], grace_s: float = 3
         await asyncio.wait(still, timeout=grace_s)
 
 
-C = TypeVar("C", bound=aiomqtt.Client)
+C = TypeVar("C", bound=MqttClient)
 
 #: CONNACK reason codes that mean "these credentials are not accepted" (MQTT 3.1.1: 4 bad
 #: username or password, 5 not authorised; MQTT 5: 134, 135, 138 banned, 140 bad auth method)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from moe2.tools.fleet.harness import spawn_moe2
 from moe2.tools.fleet.localbroker import LocalBroker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,17 +37,8 @@ class Procs:
 
     def moe2(self, *args: str, env: dict[str, str] | None = None,
              log_name: str | None = None) -> subprocess.Popen[bytes]:
-        full_env = dict(os.environ)
-        full_env.setdefault("PYTHONUNBUFFERED", "1")
-        if env:
-            full_env.update(env)
         name = log_name or f"proc{len(self.procs)}"
-        log = (self.tmp / f"{name}.log").open("wb")
-        p = subprocess.Popen(
-            [sys.executable, "-m", "moe2.cli.main", *args],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
-        )
-        log.close()
+        p = spawn_moe2(args, self.tmp / f"{name}.log", env)  # the fleet harness's one way in
         p.log_path = self.tmp / f"{name}.log"  # type: ignore[attr-defined]
         self.procs.append(p)
         return p

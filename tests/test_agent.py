@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from moe2.shared import __version__, wire
 from moe2.shared.mqtt import MessageReader, make_client, parse_broker_url, response_properties
 from moe2.shared.topics import Topics
 from moe2.tools import models as gm
+from moe2.tools.fleet.harness import moe2_argv
 from moe2.tools.fleet.localbroker import LocalBroker
 from tests.agent_helpers import (
     AgentRpcClient,
@@ -514,7 +514,7 @@ def test_bench_agent_quick_prints_one_json_object() -> None:
     """``moe2 bench agent --quick --json``: the contract (one JSON object, last line) and the
     fields BENCHMARKS.md quotes. No timing is asserted; both paths must agree on the tokens."""
     proc = subprocess.run(
-        [sys.executable, "-m", "moe2.cli.main", "--log-level", "WARNING", "bench", "agent",
+        [*moe2_argv(), "--log-level", "WARNING", "bench", "agent",
          "--quick", "--json"],  # models go to a temporary directory the bench removes
         capture_output=True, text=True, timeout=280, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]

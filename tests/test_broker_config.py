@@ -19,7 +19,6 @@ import socket
 import ssl
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -34,6 +33,7 @@ import pytest
 from moe2.shared import wire
 from moe2.shared.mqtt import TlsOptions, make_client, parse_broker_url, payload_bytes
 from moe2.shared.topics import Topics
+from moe2.tools.fleet.harness import moe2_argv
 from moe2.tools.fleet.localbroker import LocalBroker, free_port
 from moe2.tools.ops import brokerconf as bc
 
@@ -42,7 +42,7 @@ TIMEOUT_S = 15.0
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "moe2.cli.main", "broker-config", *args],
+    return subprocess.run([*moe2_argv(), "broker-config", *args],
                           capture_output=True, text=True, check=False, timeout=120)
 
 
@@ -487,7 +487,7 @@ def test_ask_end_to_end_over_mqtts_with_acls(secure: SecureBroker, procs: Any,
     last = None
     for _ in range(60):
         last = subprocess.run(
-            [sys.executable, "-m", "moe2.cli.main", "ask", "--broker", secure.url("a", tls=True),
+            [*moe2_argv(), "ask", "--broker", secure.url("a", tls=True),
              "--ca-file", ca, "--client-id", "a", "--max-tokens", "5", "--timeout", "5",
              "--json", "What is 1 plus 1?"], capture_output=True, text=True, timeout=60,
             check=False)

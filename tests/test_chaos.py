@@ -36,8 +36,8 @@ from moe2.shared.config import CoordinatorConfig
 from moe2.shared.mqtt import make_client, parse_broker_url, response_properties
 from moe2.shared.topics import Topics, publishable_topic
 from moe2.tools.bench.reliability import (
-    Fleet,
     LoadSpec,
+    ReliabilityFleet,
     mutate,
     phase_agent_faults,
     phase_bounds,
@@ -59,9 +59,9 @@ ERROR_CODES = {c.value for c in wire.ErrorCode}
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReliabilityFleet]:
     experts = make_test_experts(tmp_path_factory.mktemp("experts"), count=3)
-    with Fleet(tmp_path_factory.mktemp("fleet"), [e.path for e in experts]) as f:
+    with ReliabilityFleet(tmp_path_factory.mktemp("fleet"), [e.path for e in experts]) as f:
         asyncio.run(f.wait_ready(timeout_s=120))
         yield f
 
@@ -73,7 +73,7 @@ def _typed(errors: dict[str, int]) -> bool:
 # --------------------------------------------------------------------------- live phases
 
 
-def test_load_every_request_gets_exactly_one_final(fleet: Fleet) -> None:
+def test_load_every_request_gets_exactly_one_final(fleet: ReliabilityFleet) -> None:
     r = asyncio.run(phase_load(fleet, LOAD))
     assert r["sent"] == LOAD.total, r["not_sent"]
     assert r["finals"] == LOAD.total, r["errors_by_code"]
@@ -83,7 +83,7 @@ def test_load_every_request_gets_exactly_one_final(fleet: Fleet) -> None:
     assert r["latency_p50_s"] <= r["latency_p99_s"]
 
 
-def test_agent_sigkill_and_sigstop_under_load(fleet: Fleet) -> None:
+def test_agent_sigkill_and_sigstop_under_load(fleet: ReliabilityFleet) -> None:
     """The killed agent leaves its requests, the hung one is dropped at the step deadline,
     requests still finish; both rejoin the plan (the phase waits until every coordinator fuses
     all three agents again, and fails otherwise)."""
@@ -100,7 +100,7 @@ def test_agent_sigkill_and_sigstop_under_load(fleet: Fleet) -> None:
     assert r["rejoined_within_s"] is not None
 
 
-def test_broker_restart_under_load(fleet: Fleet) -> None:
+def test_broker_restart_under_load(fleet: ReliabilityFleet) -> None:
     r = asyncio.run(phase_broker_restart(fleet, FAULTS, down_s=1.0))
     assert r["lost"] == 0
     assert _typed(r["errors_by_code"])
@@ -111,7 +111,7 @@ def test_broker_restart_under_load(fleet: Fleet) -> None:
     assert after["finals"] == after["sent"]
 
 
-def test_coordinator_sigkill_phones_are_told(fleet: Fleet) -> None:
+def test_coordinator_sigkill_phones_are_told(fleet: ReliabilityFleet) -> None:
     """Two coordinators, one SIGKILLed under load: the survivor carries on and tells the phones
     of the dead one's requests (from its retained in-flight markers). A request still on its
     way into the dying coordinator (MQTT drops what a clean session had not processed) is told
@@ -128,7 +128,7 @@ def test_coordinator_sigkill_phones_are_told(fleet: Fleet) -> None:
     assert r["lost"] == 0
 
 
-def test_fuzz_every_subscribed_topic(fleet: Fleet) -> None:
+def test_fuzz_every_subscribed_topic(fleet: ReliabilityFleet) -> None:
     r = asyncio.run(phase_fuzz(fleet, 200, rounds=2, seed=7, timeout_s=60.0))
     assert r["crashed"] == {}
     assert r["replies_complete"]
@@ -147,7 +147,7 @@ def test_fuzz_every_subscribed_topic(fleet: Fleet) -> None:
     assert healthy["finals"] == healthy["sent"] > 0
 
 
-def test_bounds_rate_concurrency_prompt_and_max_tokens(fleet: Fleet) -> None:
+def test_bounds_rate_concurrency_prompt_and_max_tokens(fleet: ReliabilityFleet) -> None:
     r = asyncio.run(phase_bounds(fleet))
     c = r["checks"]
     assert c["prompt_too_long"]["code"] == "bad_request"
@@ -191,7 +191,7 @@ def request_body(draw: st.DrawFn) -> bytes:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=request_body(),
        ct=st.sampled_from([None, wire.CONTENT_TYPE_JSON, wire.CONTENT_TYPE_MSGPACK, "x/y"]))
-def test_hypothesis_requests_get_exactly_one_terminal_reply(fleet: Fleet, body: bytes,
+def test_hypothesis_requests_get_exactly_one_terminal_reply(fleet: ReliabilityFleet, body: bytes,
                                                             ct: str | None) -> None:
     async def main() -> list[wire.PhoneReply | AskError]:
         cid = f"hyp-{uuid.uuid4().hex[:8]}"
@@ -502,7 +502,8 @@ def test_marker_decoding_and_takeover_choice() -> None:
     t = TP.coordinator_inflight("c1", "r")
     assert t.decode(t.encode(m)) == m
     for bad in (b"", b"\xc1", b"\x93\x01\x02\x03", msgspec.msgpack.encode({"type": "inflight"}),
-                msgspec.msgpack.encode(msgspec.structs.replace(m, v=99))):
+                msgspec.msgpack.encode({**msgspec.to_builtins(m, builtin_types=(bytes,)),
+                                        "v": 99})):
         with pytest.raises(wire.DecodeError):
             t.decode(bad)
     assert takeover_handler("c0", ["c1", "c2"])

@@ -4,7 +4,6 @@ one-line errors with exit code 2."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from moe2.shared.config import (
     override,
 )
 from moe2.tools import models as gm
+from moe2.tools.fleet.harness import moe2_argv
 
 AGENT_TOML = """
 id = "edge-1"
@@ -203,7 +203,7 @@ def test_cli_not_a_gguf_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_console_bad_config_exits_2_with_one_stderr_line(tmp_path: Path) -> None:
     """The real process: nothing but one error line, no traceback."""
     f = write(tmp_path, 'id = "a"\n[meter]\nkind = "estimated"\nunknown = true\n')
-    proc = subprocess.run([sys.executable, "-m", "moe2.cli.main", "agent", "--config", str(f)],
+    proc = subprocess.run([*moe2_argv(), "agent", "--config", str(f)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)

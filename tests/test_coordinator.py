@@ -6,7 +6,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from moe2.shared import wire
 from moe2.shared.config import CoordinatorConfig
 from moe2.shared.mqtt import make_client, parse_broker_url
 from moe2.tools.clients.phone import PhoneClient
+from moe2.tools.fleet.harness import moe2_argv
 from moe2.tools.fleet.localbroker import LocalBroker
 from moe2.tools.models import ExpertFile, make_test_experts
 from tests.fleet import ask, start_agent, start_coordinator, wait_for, wait_plan
@@ -70,7 +70,7 @@ def test_one_expert_greedy_equals_llama_cpp(procs: Any, broker: LocalBroker,
     async def until_ready() -> None:
         for _ in range(100):
             out = await asyncio.to_thread(subprocess.run, [
-                sys.executable, "-m", "moe2.cli.main", "ask", "--broker", broker.url,
+                *moe2_argv(), "ask", "--broker", broker.url,
                 "--root", "one", "--max-tokens", "1", "--json", "--timeout", "5", "x"],
                 capture_output=True, text=True)
             if out.returncode == 0 and '"final"' in out.stdout:
@@ -80,7 +80,7 @@ def test_one_expert_greedy_equals_llama_cpp(procs: Any, broker: LocalBroker,
 
     asyncio.run(until_ready())
     out = subprocess.run(
-        [sys.executable, "-m", "moe2.cli.main", "ask", "--broker", broker.url, "--root", "one",
+        [*moe2_argv(), "ask", "--broker", broker.url, "--root", "one",
          "--max-tokens", "24", "--temperature", "0", "--raw", "--json", PROMPT],
         capture_output=True, text=True, timeout=120, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])

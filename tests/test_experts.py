@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from moe2.tools.fleet.harness import moe2_argv
 from moe2.tools.models import LlamaSpec, random_weights, read_gguf, reference_logits
 from moe2.tools.offline import corpus as qa
 from moe2.tools.offline.experts import (
@@ -44,7 +44,7 @@ class TinyFleet:
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """``moe2 ARGS`` in a subprocess, offline."""
     env = {**os.environ, **OFFLINE_ENV}
-    return subprocess.run([sys.executable, "-m", "moe2.cli.main", *args], capture_output=True,
+    return subprocess.run([*moe2_argv(), *args], capture_output=True,
                           text=True, timeout=timeout, env=env, check=False)
 
 

@@ -96,14 +96,13 @@ def test_a_failing_replan_keeps_the_planner_running() -> None:
     lp = _FailingOnce()
     published: list[wire.PlanMsg] = []
 
-    class Coord:
-        registry = _fleet(None, ["a"])
+    registry = _fleet(None, ["a"])
 
-        async def publish_plan(self, plan: wire.PlanMsg) -> None:
-            published.append(plan)
+    async def publish(plan: wire.PlanMsg) -> None:
+        published.append(plan)
 
     async def main() -> None:
-        task = asyncio.create_task(lp.run(Coord()))
+        task = asyncio.create_task(lp.run(lambda: registry, publish))
         for _ in range(200):
             await asyncio.sleep(0.01)
             if published:

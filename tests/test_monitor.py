@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from rich.console import Console
 from moe2.shared import wire
 from moe2.shared.mqtt import make_client, parse_broker_url
 from moe2.shared.topics import Topics
+from moe2.tools.fleet.harness import moe2_argv
 from moe2.tools.fleet.localbroker import LocalBroker, free_port
 from moe2.tools.ops import monitor as mon
 from tests.agent_helpers import AgentRpcClient, top_id
@@ -155,7 +155,7 @@ def test_snapshot_and_render() -> None:
 
 async def run_monitor(*args: str, timeout_s: float = 120.0) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "moe2.cli.main", "monitor", *args,
+        *moe2_argv(), "monitor", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout_s)

@@ -12,7 +12,6 @@ import os
 import pwd
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from moe2.coordinator.fleetcheck import gate_coverage
 from moe2.shared import wire
 from moe2.shared.mqtt import MessageReader, make_client, parse_broker_url, payload_bytes
 from moe2.shared.topics import Topics
+from moe2.tools.fleet.harness import moe2_argv
 from moe2.tools.fleet.localbroker import LocalBroker, free_port
 from moe2.tools.models import ExpertFile, make_test_experts
 from moe2.tools.ops import brokerconf as bc
@@ -63,7 +63,7 @@ def experts(tmp_path_factory: pytest.TempPathFactory) -> list[ExpertFile]:
 
 
 def moe2(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "moe2.cli.main", *args], capture_output=True,
+    return subprocess.run([*moe2_argv(), *args], capture_output=True,
                           text=True, timeout=COMMAND_TIMEOUT_S, check=False)
 
 
@@ -175,7 +175,7 @@ def test_readme_names_files_that_exist_and_prompts_the_demo_answers() -> None:
     readme = (repo / "README.md").read_text()
     assert "What is 2 plus 3?" not in readme  # the toy experts answered "4"
     assert '"prompt": "Q: Which city is the capital of Peru? A:", "raw": True' in readme
-    assert "Peru" in (repo / "coordinator" / "corpus.py").read_text()
+    assert "Peru" in (repo / "tools" / "offline" / "corpus.py").read_text()
     named = set(re.findall(r"`((?:agent|coordinator|shared|cli|tools|gateway|scripts|systemd|"
                            r"dashboards|tests)/[\w./@-]+)`", readme))
     assert named, "the README names no repository files?"

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from moe2.tools.fleet.harness import moe2_argv
 
 pytestmark = pytest.mark.slow
 
 
 def moe2(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "moe2.cli.main", *args], capture_output=True,
+    return subprocess.run([*moe2_argv(), *args], capture_output=True,
                           text=True, timeout=timeout, check=False)
 
 

@@ -29,10 +29,8 @@ import importlib
 import logging
 import os
 import platform
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -56,7 +54,7 @@ from moe2.shared.mqtt import (
     response_properties,
 )
 from moe2.shared.topics import Topics
-from moe2.tools.fleet.localbroker import LocalBroker
+from moe2.tools.fleet.harness import Fleet
 
 log = logging.getLogger(__name__)
 
@@ -280,35 +278,14 @@ async def _echo_rtt_ms(broker_url: str, n: int, gap_s: float = 0.0) -> float:
 # --------------------------------------------------------------------------- one model
 
 
-def _start_agent(model: BenchModel, broker_url: str, agent_id: str, *, n_ctx: int,
-                 n_threads: int, log_path: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "moe2.cli.main", "--log-level", "WARNING", "agent",
-           "--broker", broker_url, "--id", agent_id, "--model", str(model.path),
-           "--n-ctx", str(n_ctx), "--threads", str(n_threads), "--kv-type", "f16",
-           "--meter", "estimated", "--telemetry-interval", "5"]
-    with log_path.open("wb") as logf:
-        return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> int | None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
-async def _bench_model(model: BenchModel, broker_url: str, work: Path, *, runs: int,
-                       n_tokens: int, k: int, n_threads: int, n_ctx: int,
-                       rtt_ms: float) -> dict[str, Any]:
+async def _bench_model(model: BenchModel, fleet: Fleet, *, runs: int, n_tokens: int, k: int,
+                       n_threads: int, n_ctx: int, rtt_ms: float) -> dict[str, Any]:
     agent_id = f"bench-{model.role}"
-    log_path = work / f"agent-{model.role}.log"
-    proc = _start_agent(model, broker_url, agent_id, n_ctx=n_ctx, n_threads=n_threads,
-                        log_path=log_path)
+    broker_url = fleet.url
+    proc = fleet.start_agent(agent_id, model.path, "--n-ctx", str(n_ctx), "--kv-type", "f16",
+                             "--meter", "estimated", "--telemetry-interval", "5",
+                             threads=n_threads, log_level="WARNING", name=agent_id)
+    log_path = fleet.procs[agent_id].log_path
     direct = _Direct(model.path, n_ctx=n_ctx, n_threads=n_threads)
     d_runs, m_runs = SideRuns(), SideRuns()
     try:
@@ -327,7 +304,7 @@ async def _bench_model(model: BenchModel, broker_url: str, work: Path, *, runs: 
                 await stepper.run(f"run{r}", prompt, n_tokens, m_runs)
     finally:
         direct.close()
-        rc = _stop(proc)
+        rc = fleet.stop(agent_id)
     d, m = d_runs.summary(), m_runs.summary()
     ratio = m["tokens_per_s"] / d["tokens_per_s"]
     gap_rtt_ms = await _echo_rtt_ms(broker_url, 50 if runs < 5 else 150,
@@ -397,16 +374,16 @@ def run_agent_bench(*, quick: bool = False, out_dir: str | None = None,
     try:
         models = _make_models(work, seed)
 
-        async def main(broker_url: str) -> tuple[list[dict[str, Any]], float]:
-            rtt = await _echo_rtt_ms(broker_url, 50 if quick else 200)
-            results = [await _bench_model(m, broker_url, work, runs=runs, n_tokens=n_tokens,
-                                          k=k, n_threads=n_threads, n_ctx=n_ctx,
-                                          rtt_ms=rtt)
-                       for m in models]
-            return results, rtt
+        with Fleet(work / "fleet") as fleet:
 
-        with LocalBroker() as broker:
-            results, rtt_ms = asyncio.run(main(broker.url))
+            async def main() -> tuple[list[dict[str, Any]], float]:
+                rtt = await _echo_rtt_ms(fleet.url, 50 if quick else 200)
+                results = [await _bench_model(m, fleet, runs=runs, n_tokens=n_tokens, k=k,
+                                              n_threads=n_threads, n_ctx=n_ctx, rtt_ms=rtt)
+                           for m in models]
+                return results, rtt
+
+            results, rtt_ms = asyncio.run(main())
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -27,8 +27,6 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -46,9 +44,8 @@ from moe2.shared.mqtt import (
     payload_bytes,
     publish_qos0,
 )
-from moe2.shared.topics import Topics
 from moe2.tools.clients.phone import PhoneClient
-from moe2.tools.fleet.localbroker import LocalBroker
+from moe2.tools.fleet.harness import Fleet
 from moe2.tools.models import make_test_experts
 
 PROMPT = "What is the capital of France?"
@@ -100,26 +97,6 @@ async def _bare_rtt_s(url: str, payload_size: int, n: int) -> float:
         finally:
             await cancel_and_wait([task])
         return statistics.median(times)
-
-
-async def _wait_ready(url: str, n_experts: int) -> None:
-    for _ in range(200):
-        try:
-            ident = f"w-{uuid.uuid4().hex[:6]}"
-            async with make_client(parse_broker_url(url), identifier=ident) as c, \
-                    MessageReader(c) as reader:
-                t = Topics().plan
-                await c.subscribe(t.topic, qos=1)
-                m = await reader.next(timeout_s=2.0)
-                if m is None:
-                    raise RuntimeError("no plan yet")
-                plan = t.decode(payload_bytes(m))
-                if len(plan.joint.experts or []) == n_experts:
-                    return
-        except Exception:  # noqa: BLE001 - not ready yet
-            pass
-        await asyncio.sleep(0.3)
-    raise RuntimeError("the coordinator never planned with every expert")
 
 
 def _cpu_s(pid: int | None) -> float | None:
@@ -202,44 +179,28 @@ def run_fusion_bench(*, quick: bool = False, out_dir: str | None = None,
     slowest = max(direct.values())
     reply_size = len(wire.encode(wire.Reply(agent_id="e0", dists=[wire.Distribution(
         session_id="x" * 24, seq=1, probs=bytes(4 * 64), ids=bytes(4 * 64))])))
-    procs: list[subprocess.Popen[bytes]] = []
-    with LocalBroker() as b:
-        try:
-            for e in experts:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "moe2.cli.main", "agent", "--broker", b.url,
-                     "--id", e.name, "--model", str(e.path), "--threads", "1",
-                     "--max-sessions", "64", "--n-ctx", "256", "--meter", "estimated"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            cfg = work / "coordinator.toml"
-            cfg.write_text("dist_k = 64\nmax_concurrent_per_client = 64\n"
-                           "rate_per_client_per_s = 1000.0\nallow_overrides = true\n")
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "moe2.cli.main", "coordinator", "--broker", b.url,
-                 "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    with Fleet(work / "fleet") as fleet:
+        for e in experts:
+            fleet.start_agent(e.name, e.path, "--max-sessions", "64", "--n-ctx", "256",
+                              "--meter", "estimated", log_level="WARNING", name=e.name)
+        fleet.start_coordinator(
+            log_level="WARNING", name="coordinator",
+            config_text=("dist_k = 64\nmax_concurrent_per_client = 64\n"
+                         "rate_per_client_per_s = 1000.0\nallow_overrides = true\n"))
 
-            async def main() -> tuple[float, dict[str, Any], float]:
-                await _wait_ready(b.url, len(experts))
-                rtt_before = await _bare_rtt_s(b.url, reply_size, 100 if quick else 300)
-                pids: dict[str, int | None] = {e.name: p.pid
-                                               for e, p in zip(experts, procs, strict=False)}
-                pids["coordinator"] = procs[-1].pid
-                pids["broker"] = b.pid
-                pids["phone"] = os.getpid()
-                fused = await _fused(b.url, n_tokens, repeats, (1, 8) if quick else (1, 8, 64),
-                                     pids, max(direct, key=lambda n: direct[n]))
-                rtt_after = await _bare_rtt_s(b.url, reply_size, 100 if quick else 300)
-                return rtt_before, fused, rtt_after
+        async def main() -> tuple[float, dict[str, Any], float]:
+            await fleet.wait_plan([e.name for e in experts])
+            rtt_before = await _bare_rtt_s(fleet.url, reply_size, 100 if quick else 300)
+            pids: dict[str, int | None] = {e.name: fleet.pid(e.name) for e in experts}
+            pids["coordinator"] = fleet.pid("coordinator")
+            pids["broker"] = fleet.broker.pid
+            pids["phone"] = os.getpid()
+            fused = await _fused(fleet.url, n_tokens, repeats, (1, 8) if quick else (1, 8, 64),
+                                 pids, max(direct, key=lambda n: direct[n]))
+            rtt_after = await _bare_rtt_s(fleet.url, reply_size, 100 if quick else 300)
+            return rtt_before, fused, rtt_after
 
-            rtt_before, fused, rtt_after = asyncio.run(main())
-        finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        rtt_before, fused, rtt_after = asyncio.run(main())
     rtt = statistics.median([rtt_before, rtt_after])
     overhead = (fused["per_token_s"] - slowest) / rtt
     return {

@@ -130,7 +130,7 @@ def start_coordinator(fleet: Any, gate: Path, names: Sequence[str], *, overrides
 def reproduce(out_dir: str | Path, s: PipelineSettings,
               say: Callable[[str], None] = _say) -> dict[str, Any]:
     from moe2.coordinator.gating import OnnxGate
-    from moe2.tools.fleet.localfleet import LocalFleet
+    from moe2.tools.fleet.harness import Fleet
     from moe2.tools.offline.corpus import read_jsonl
     from moe2.tools.offline.evaluate import EvalSettings, run_evaluation, write_outputs
 
@@ -138,7 +138,7 @@ def reproduce(out_dir: str | Path, s: PipelineSettings,
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     manifest = build_experts(out / "experts", s, say)
-    with LocalFleet(out / "fleet") as fleet:
+    with Fleet(out / "fleet") as fleet:
         say(f"broker on {fleet.url}; starting {len(manifest.experts)} agents")
         names = start_agents(fleet, manifest, s)
         cal = calibrate(fleet, manifest, out, s, say)

@@ -39,7 +39,13 @@ from moe2.tools.bench.reliability.faults import (
     phase_coordinator_kill,
 )
 from moe2.tools.bench.reliability.fleet import (
-    Fleet,
+    AGENT_ARGS,
+    BOUNDS_COORDINATOR_TOML,
+    BOUNDS_ROOT,
+    BROKER_CONF,
+    MAIN_COORDINATOR_TOML,
+    FleetError,
+    ReliabilityFleet,
     broker_config,
 )
 from moe2.tools.bench.reliability.fuzz import (
@@ -60,16 +66,10 @@ from moe2.tools.bench.reliability.load import (
     phase_load,
 )
 from moe2.tools.bench.reliability.outcomes import (
-    AGENT_ARGS,
-    BOUNDS_COORDINATOR_TOML,
-    BOUNDS_ROOT,
-    BROKER_CONF,
-    MAIN_COORDINATOR_TOML,
     NOT_SENT_KINDS,
     PHONE_ERRORS,
     PROMPTS,
     SENT_KINDS,
-    FleetError,
     Outcome,
     percentile,
     tally,
@@ -95,7 +95,6 @@ __all__ = [
     "QUICK",
     "SENT_KINDS",
     "BenchSpec",
-    "Fleet",
     "FleetError",
     "FuzzMessage",
     "FuzzTargets",
@@ -103,6 +102,7 @@ __all__ = [
     "LoadSpec",
     "Outcome",
     "Progress",
+    "ReliabilityFleet",
     "ReplyCounter",
     "ask_once",
     "broker_config",

@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any
 
 from moe2.shared import wire
-from moe2.tools.bench.reliability.fleet import Fleet
+from moe2.tools.bench.reliability.fleet import ReliabilityFleet
 from moe2.tools.bench.reliability.load import LoadSpec, Progress, drive_load
 from moe2.tools.bench.reliability.outcomes import _r, tally
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- agent faults
 
 
-async def phase_agent_faults(fleet: Fleet, spec: LoadSpec, *, hang_s: float = 3.0,
+async def phase_agent_faults(fleet: ReliabilityFleet, spec: LoadSpec, *, hang_s: float = 3.0,
                              seed: int = 0) -> dict[str, Any]:
     """SIGKILL ``a1`` and SIGSTOP ``a2`` under load; restart/resume them; both rejoin."""
     await fleet.wait_ready()
@@ -75,7 +75,7 @@ async def phase_agent_faults(fleet: Fleet, spec: LoadSpec, *, hang_s: float = 3.
 # --------------------------------------------------------------------------- broker restart
 
 
-async def phase_broker_restart(fleet: Fleet, spec: LoadSpec, *, down_s: float = 1.0,
+async def phase_broker_restart(fleet: ReliabilityFleet, spec: LoadSpec, *, down_s: float = 1.0,
                                seed: int = 0) -> dict[str, Any]:
     """Stop the broker under load, start it again on the same port; everyone reconnects."""
     await fleet.wait_ready()
@@ -119,7 +119,7 @@ async def phase_broker_restart(fleet: Fleet, spec: LoadSpec, *, down_s: float = 
 # --------------------------------------------------------------------------- coordinator kill
 
 
-async def phase_coordinator_kill(fleet: Fleet, spec: LoadSpec, *, restart: bool = True,
+async def phase_coordinator_kill(fleet: ReliabilityFleet, spec: LoadSpec, *, restart: bool = True,
                                  seed: int = 0, freeze_agents_s: float = 0.0) -> dict[str, Any]:
     """SIGKILL one of two coordinators under load: the other carries on and tells the phones
     of the dead one's requests (from its in-flight markers). ``freeze_agents_s`` > 0 stops the

@@ -27,7 +27,7 @@ from moe2.shared.mqtt import (
     response_properties,
 )
 from moe2.shared.topics import Topics, publishable_topic
-from moe2.tools.bench.reliability.fleet import Fleet
+from moe2.tools.bench.reliability.fleet import ReliabilityFleet
 from moe2.tools.bench.reliability.load import LoadSpec, drive_load
 from moe2.tools.bench.reliability.outcomes import _r, tally
 
@@ -372,7 +372,7 @@ def _answered(counter: ReplyCounter, batch: Sequence[FuzzMessage]) -> bool:
                for m in batch if m.expect and m.key is not None)
 
 
-async def phase_fuzz(fleet: Fleet, n_per_family: int, *, rounds: int = 2, seed: int = 0,
+async def phase_fuzz(fleet: ReliabilityFleet, n_per_family: int, *, rounds: int = 2, seed: int = 0,
                      warmup_fraction: float = 0.1, pace: int = 2000,
                      timeout_s: float = 120.0) -> dict[str, Any]:
     """Hostile input on every subscribed topic: no crash, replies where a reply topic exists,

@@ -15,7 +15,7 @@ from typing import Any
 import aiomqtt
 
 from moe2.shared import wire
-from moe2.tools.bench.reliability.fleet import Fleet
+from moe2.tools.bench.reliability.fleet import ReliabilityFleet
 from moe2.tools.bench.reliability.outcomes import PHONE_ERRORS, PROMPTS, Outcome, tally
 from moe2.tools.clients.phone import AskError, PhoneClient
 
@@ -95,7 +95,7 @@ class LoadRun:
     injected: Any = None
 
 
-async def drive_load(fleet: Fleet, phase: str, spec: LoadSpec,
+async def drive_load(fleet: ReliabilityFleet, phase: str, spec: LoadSpec,
                      injector: Callable[[Progress], Coroutine[Any, Any, Any]] | None = None,
                      seed: int = 0) -> LoadRun:
     """``spec.clients`` phones, each with ``spec.concurrency`` requests in flight, until each
@@ -142,7 +142,7 @@ async def drive_load(fleet: Fleet, phase: str, spec: LoadSpec,
     return LoadRun(outcomes, wall, unmatched, injected)
 
 
-async def phase_load(fleet: Fleet, spec: LoadSpec, seed: int = 0) -> dict[str, Any]:
+async def phase_load(fleet: ReliabilityFleet, spec: LoadSpec, seed: int = 0) -> dict[str, Any]:
     """Many phones at once: every request ends in exactly one final or error."""
     await fleet.wait_ready()
     run = await drive_load(fleet, "load", spec, seed=seed)

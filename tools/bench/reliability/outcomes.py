@@ -12,45 +12,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: a site broker: Debian's mosquitto persists sessions and retained messages across restarts
-BROKER_CONF = (
-    "listener {port} 127.0.0.1\n"
-    "allow_anonymous true\n"
-    "persistence true\n"
-    "persistence_location {dir}/\n"
-    "autosave_interval 60\n"
-    "max_queued_messages 100000\n"
-    "max_inflight_messages 0\n"
-    "message_size_limit 0\n"
-    "set_tcp_nodelay true\n"
-)
-
-AGENT_ARGS = ("--n-ctx", "512", "--max-sessions", "96", "--threads", "1",
-              "--telemetry-interval", "0.5", "--meter", "estimated")
-
-MAIN_COORDINATOR_TOML = (
-    "max_concurrent = 512\n"
-    "max_concurrent_per_client = 16\n"
-    "rate_per_client_per_s = 1000.0\n"
-)
-BOUNDS_ROOT = "bounds"
-BOUNDS_COORDINATOR_TOML = (
-    "max_concurrent_per_client = 2\n"
-    "rate_per_client_per_s = 5.0\n"
-    "max_prompt_chars = 256\n"
-    "max_tokens_limit = 32\n"
-)
-
-PROMPTS = (
-    "What is 12 plus 7?", "Name a colour of the sky.", "Count to five:", "The capital of France",
-    "Write one word about rain.", "2 + 2 =", "A short greeting:", "List three fruits:",
-)
-
-
-class FleetError(RuntimeError):
-    pass
-
-
 # --------------------------------------------------------------------------- outcomes
 
 
@@ -76,6 +37,12 @@ class Outcome:
     @property
     def sent(self) -> bool:
         return self.kind in SENT_KINDS
+
+
+PROMPTS = (
+    "What is 12 plus 7?", "Name a colour of the sky.", "Count to five:", "The capital of France",
+    "Write one word about rain.", "2 + 2 =", "A short greeting:", "List three fruits:",
+)
 
 
 SENT_KINDS = ("final", "error", "phone_error", "lost")

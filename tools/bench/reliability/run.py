@@ -18,17 +18,18 @@ from moe2.tools.bench.reliability.faults import (
     phase_broker_restart,
     phase_coordinator_kill,
 )
-from moe2.tools.bench.reliability.fleet import Fleet
+from moe2.tools.bench.reliability.fleet import BOUNDS_ROOT, ReliabilityFleet
 from moe2.tools.bench.reliability.fuzz import phase_fuzz
 from moe2.tools.bench.reliability.load import LoadSpec, ask_once, phase_load
-from moe2.tools.bench.reliability.outcomes import BOUNDS_ROOT, PROMPTS, Outcome, _r, tally
+from moe2.tools.bench.reliability.outcomes import PROMPTS, Outcome, _r, tally
 
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- bounds
 
 
-async def phase_bounds(fleet: Fleet, *, burst: int = 6, sequential: int = 12) -> dict[str, Any]:
+async def phase_bounds(fleet: ReliabilityFleet, *, burst: int = 6,
+                       sequential: int = 12) -> dict[str, Any]:
     """Limits of the ``bounds`` coordinator: 2 concurrent and 5 requests/s per client,
     256 prompt characters, 32 max tokens. Each refusal is a typed error with a clear message."""
     await fleet.wait_ready(agents=["b0"], coordinators=["cb"], root=BOUNDS_ROOT)
@@ -98,7 +99,7 @@ def _strip(d: dict[str, Any]) -> tuple[dict[str, Any], list[Outcome]]:
     return d, outs
 
 
-async def _run_all(fleet: Fleet, spec: BenchSpec, seed: int) -> dict[str, Any]:
+async def _run_all(fleet: ReliabilityFleet, spec: BenchSpec, seed: int) -> dict[str, Any]:
     phases: dict[str, Any] = {}
     every: list[Outcome] = []
     ready_s = await fleet.wait_ready(timeout_s=180)
@@ -171,7 +172,7 @@ def run_reliability_bench(*, quick: bool = False, out_dir: str | None = None,
     work.mkdir(parents=True, exist_ok=True)
     experts = make_test_experts(work / "experts", count=3)
     t0 = time.monotonic()
-    with Fleet(work / "fleet", [e.path for e in experts]) as fleet:
+    with ReliabilityFleet(work / "fleet", [e.path for e in experts]) as fleet:
         result = asyncio.run(_run_all(fleet, spec, seed))
     result["form"] = "quick" if quick else "full"
     result["seed"] = seed
