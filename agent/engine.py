@@ -26,7 +26,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -196,7 +196,6 @@ class LlamaEngine:
             n_params=int(L.llama_model_n_params(model)),
             pieces=pieces,
         )
-        self._eog = frozenset(t for t in range(n_vocab) if L.llama_vocab_is_eog(self._vocab, t))
 
     # ------------------------------------------------------------------ metadata
     def _meta(self, key: str) -> str:
@@ -217,9 +216,6 @@ class LlamaEngine:
             n = self._L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
-    @property
-    def eog_ids(self) -> frozenset[int]:
-        return self._eog
 
     # ------------------------------------------------------------------ text
     def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
@@ -307,7 +303,3 @@ class LlamaEngine:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
-
-
-def load_engine(model_path: str, **kwargs: Any) -> LlamaEngine:
-    return LlamaEngine(model_path, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
@@ -9,11 +10,36 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
+
+import msgspec
+
+C = TypeVar("C", bound="msgspec.Struct")
 
 
 class UsageError(Exception):
     """Bad input or configuration: reported as one line on stderr, exit code 2."""
+
+
+def add_daemon_arguments(p: argparse.ArgumentParser, role: str) -> None:
+    """The flags every daemon (agent, coordinator, gateway) takes the same way."""
+    p.add_argument("--config", help=f"{role} TOML file (the command line wins over it)")
+    p.add_argument("--broker", help="mqtt://[user:pass@]host:port or mqtts://...")
+    p.add_argument("--root", help="topic root (default moe2)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--ca-file", help="CA certificate for mqtts://")
+
+
+def with_daemon_arguments(cfg: C, args: argparse.Namespace, **more: Any) -> C:
+    """``cfg`` with the common daemon flags (and ``more``) applied: the command line wins."""
+    from moe2.shared.config import override
+
+    cfg = override(cfg, broker=args.broker, root=args.root, metrics_port=args.metrics_port,
+                   **more)
+    if args.ca_file:
+        tls: msgspec.Struct = cfg.tls  # type: ignore[attr-defined]
+        cfg = override(cfg, tls=override(tls, ca_file=args.ca_file))
+    return cfg
 
 
 def log_to_file(args: Any, path: str | os.PathLike[str]) -> None:

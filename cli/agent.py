@@ -7,7 +7,7 @@ import logging
 import os
 from typing import Any
 
-from moe2.cli._common import fail, run_daemon
+from moe2.cli._common import add_daemon_arguments, fail, run_daemon, with_daemon_arguments
 from moe2.shared.config import AgentConfig, ConfigError, MeterSection, load, override
 from moe2.shared.topics import check_name
 
@@ -16,11 +16,9 @@ log = logging.getLogger("moe2.agent")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="agent TOML file (the command line wins over it)")
-    p.add_argument("--broker", help="mqtt://[user:pass@]host:port or mqtts://...")
+    add_daemon_arguments(p, "agent")
     p.add_argument("--id", help="this expert's name (a topic level)")
     p.add_argument("--model", help="the GGUF file to serve")
-    p.add_argument("--root", help="topic root (default moe2)")
     p.add_argument("--n-ctx", type=int, help="context tokens per session")
     p.add_argument("--n-gpu-layers", type=int, help="layers to offload to the GPU (-1 = all)")
     p.add_argument("--threads", type=int, dest="n_threads", help="CPU threads for llama.cpp")
@@ -31,23 +29,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--estimated-watts", type=float, help="watts while busy, for the estimate")
     p.add_argument("--telemetry-interval", type=float, dest="telemetry_interval_s",
                    help="seconds between telemetry messages")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    p.add_argument("--ca-file", help="CA certificate for mqtts://")
 
 
 def build_config(args: argparse.Namespace) -> AgentConfig:
     cfg = load(args.config, AgentConfig)
-    cfg = override(
-        cfg, broker=args.broker, id=args.id, model=args.model, root=args.root, n_ctx=args.n_ctx,
+    cfg = with_daemon_arguments(
+        cfg, args, id=args.id, model=args.model, n_ctx=args.n_ctx,
         n_gpu_layers=args.n_gpu_layers, n_threads=args.n_threads, max_sessions=args.max_sessions,
         kv_type=args.kv_type, telemetry_interval_s=args.telemetry_interval_s,
-        metrics_port=args.metrics_port,
     )
     if args.meter or args.estimated_watts is not None:
         cfg = override(cfg, meter=override(cfg.meter, kind=args.meter,
                                            estimated_watts=args.estimated_watts))
-    if args.ca_file:
-        cfg = override(cfg, tls=override(cfg.tls, ca_file=args.ca_file))
     try:
         check_name("agent id", cfg.id or "?")
     except ValueError as exc:

@@ -6,8 +6,8 @@ import argparse
 import logging
 from typing import Any
 
-from moe2.cli._common import fail, run_daemon
-from moe2.shared.config import ConfigError, CoordinatorConfig, load, override
+from moe2.cli._common import add_daemon_arguments, fail, run_daemon, with_daemon_arguments
+from moe2.shared.config import ConfigError, CoordinatorConfig, load
 from moe2.shared.topics import check_name
 
 HELP = "serve phones: gate, pick experts, fuse their next-token distributions"
@@ -15,17 +15,13 @@ log = logging.getLogger("moe2.coordinator")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="coordinator TOML file (the command line wins over it)")
-    p.add_argument("--broker", help="mqtt://[user:pass@]host:port or mqtts://...")
+    add_daemon_arguments(p, "coordinator")
     p.add_argument("--id", help="this coordinator's name (default 'coordinator')")
-    p.add_argument("--root", help="topic root (default moe2)")
     p.add_argument("--gate", help="gate exported to ONNX by `moe2 train-gate`")
     p.add_argument("--dist-k", type=int,
                    help="top tokens each expert returns per step (0 = the full vocabulary)")
     p.add_argument("--top-k", type=int, help="experts fused per request (default: all in plan)")
     p.add_argument("--group", help="shared-subscription group (default 'coordinators')")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    p.add_argument("--ca-file", help="CA certificate for mqtts://")
     p.add_argument("--fixed-gate", action="append", default=[], metavar="EXPERT=VALUE",
                    help="fixed gating value for an expert instead of a gate (repeatable)")
 
@@ -43,11 +39,8 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
                 raise ConfigError(f"--fixed-gate {item!r}: expected EXPERT=NUMBER") from None
             if not sep or not name or not fixed[name] > 0:
                 raise ConfigError(f"--fixed-gate {item!r}: expected EXPERT=POSITIVE_NUMBER")
-    cfg = override(cfg, broker=args.broker, id=args.id, root=args.root, gate=args.gate,
-                   dist_k=args.dist_k, top_k=args.top_k, group=args.group,
-                   metrics_port=args.metrics_port, fixed_gates=fixed)
-    if args.ca_file:
-        cfg = override(cfg, tls=override(cfg.tls, ca_file=args.ca_file))
+    cfg = with_daemon_arguments(cfg, args, id=args.id, gate=args.gate, dist_k=args.dist_k,
+                                top_k=args.top_k, group=args.group, fixed_gates=fixed)
     try:
         check_name("coordinator id", cfg.id)
         check_name("group", cfg.group)

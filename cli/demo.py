@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
         from moe2.shared import wire
         from moe2.shared.mqtt import make_client, parse_broker_url
         from moe2.tools.clients.phone import PhoneClient
-        from moe2.tools.fleet.localbroker import BrokerError, find_mosquitto
         from moe2.tools.fleet.harness import Fleet, FleetError
+        from moe2.tools.fleet.localbroker import BrokerError, find_mosquitto
         from moe2.tools.offline import pipeline as pl
         from moe2.tools.offline.corpus import read_jsonl
     except ImportError as exc:

@@ -66,10 +66,6 @@ class Fused:
         best = self.probs.max()
         return int(self.ids[self.probs >= best].min())
 
-    def prob_of(self, token: int) -> float:
-        hit = np.nonzero(self.ids == token)[0]
-        return float(self.probs[hit[0]]) if hit.size else 0.0
-
 
 def mix(dists: Sequence[tuple[float, ExpertDist]], n_vocab: int) -> Fused:
     """F = sum_n w_n f_n over the union of returned ids (see the module docstring)."""

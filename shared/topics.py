@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 
 import msgspec
 
-from . import wire
+from moe2.shared import wire
 
 T = TypeVar("T", bound=msgspec.Struct)
 

@@ -1,18 +1,59 @@
-"""Shared fixtures: a private mosquitto per test module, processes that are always reaped."""
+"""Shared fixtures: the test GGUFs (written once per session), a private mosquitto per test
+module, processes that are always reaped; and the unit / integration / e2e markers, given by
+folder:
+
+* ``tests/unit``: pure functions and in-process objects, the in-memory MQTT transport -- no
+  broker, no subprocess, no llama.cpp model;
+* ``tests/integration``: one component against the real thing (mosquitto, llama.cpp, a CLI
+  subprocess, torch);
+* ``tests/e2e``: whole fleets of agent and coordinator processes.
+"""
 
 from __future__ import annotations
 
 import signal
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from moe2.tools.fleet.harness import spawn_moe2
 from moe2.tools.fleet.localbroker import LocalBroker
+from moe2.tools.models import ExpertFile, make_mismatch_expert, make_test_experts
 
 REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        rel = Path(str(item.fspath)).resolve().relative_to(TESTS)
+        if rel.parts[0] in ("unit", "integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, rel.parts[0]))
+
+
+@dataclass(frozen=True)
+class Ggufs:
+    """The tiny experts every test shares: ``shared`` tiny-0..2 with one vocabulary (tiny-2
+    carries a chat template), ``mismatch`` with another vocabulary of the same size."""
+
+    shared: tuple[ExpertFile, ...]
+    mismatch: ExpertFile
+
+
+@pytest.fixture(scope="session")
+def ggufs(tmp_path_factory: pytest.TempPathFactory) -> Ggufs:
+    out = tmp_path_factory.mktemp("ggufs")
+    return Ggufs(tuple(make_test_experts(out, count=3, chat_template_index=2)),
+                     make_mismatch_expert(out))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(ggufs: Ggufs) -> Path:
+    """One tiny expert's GGUF (tiny-0)."""
+    return ggufs.shared[0].path
 
 
 @pytest.fixture(scope="module")

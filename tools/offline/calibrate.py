@@ -100,14 +100,3 @@ def build_calibration_via_agents(
                        vocab_fingerprint=vocab_fingerprint)
 
 
-def plan_calibration(cal: Calibration, split: str) -> dict[str, object]:
-    """The planner's loss table input (``planner.calibration``): one row per answer token,
-    the gate's values are left to the coordinator -- here every expert weighs 1 (majority
-    voting), which keeps the planner independent of the gate (Theorem 1 renormalises anyway)."""
-    gates: list[list[float]] = []
-    target: list[list[float]] = []
-    for rec in cal.splits[split]:
-        for t in range(len(rec.answer_tokens)):
-            gates.append([1.0] * len(cal.experts))
-            target.append([float(rec.probs[n][t]) for n in range(len(cal.experts))])
-    return {"experts": list(cal.experts), "gates": gates, "target_probs": target}

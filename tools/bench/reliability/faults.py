@@ -10,16 +10,43 @@ from collections import Counter
 from typing import Any
 
 from moe2.shared import wire
-from moe2.tools.bench.reliability.fleet import ReliabilityFleet
+from moe2.shared.mqtt import MessageReader, make_client, parse_broker_url, payload_bytes
+from moe2.tools.bench.reliability.fleet import (
+    STEP_DEADLINE_MAX_S,
+    ReliabilityFleet,
+)
 from moe2.tools.bench.reliability.load import LoadSpec, Progress, drive_load
 from moe2.tools.bench.reliability.outcomes import _r, tally
 
 log = logging.getLogger(__name__)
 
+#: how long the agents stay frozen around a kill (well below the smallest step deadline)
+FREEZE_S = 0.3
+#: how long a coordinator kill waits for the victim's in-flight markers to be retained, with
+#: the agents frozen (below the fleet's smallest step deadline, STEP_DEADLINE_MIN_S)
+MARKER_WAIT_S = 3.0
+
+
+async def wait_for_marker(fleet: ReliabilityFleet, coordinator_id: str,
+                          timeout_s: float = MARKER_WAIT_S) -> bool:
+    """Until ``coordinator_id`` has a retained in-flight marker (a request it serves that a
+    survivor could report); False when none came within ``timeout_s``."""
+    topic = fleet.topics.inflight_filter(coordinator_id)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with make_client(parse_broker_url(fleet.url)) as c, MessageReader(c) as reader:
+        await c.subscribe(topic, qos=1)
+        while loop.time() < deadline:
+            m = await reader.next(timeout_s=deadline - loop.time())
+            if m is not None and payload_bytes(m):
+                return True
+    return False
+
 # --------------------------------------------------------------------------- agent faults
 
 
-async def phase_agent_faults(fleet: ReliabilityFleet, spec: LoadSpec, *, hang_s: float = 3.0,
+async def phase_agent_faults(fleet: ReliabilityFleet, spec: LoadSpec, *,
+                             hang_s: float = STEP_DEADLINE_MAX_S + 1.0,
                              seed: int = 0) -> dict[str, Any]:
     """SIGKILL ``a1`` and SIGSTOP ``a2`` under load; restart/resume them; both rejoin."""
     await fleet.wait_ready()
@@ -28,8 +55,16 @@ async def phase_agent_faults(fleet: ReliabilityFleet, spec: LoadSpec, *, hang_s:
 
     async def inject(progress: Progress) -> None:
         await progress.reached(max(1, spec.total * 15 // 100))
+        # Every agent frozen around the kill: the requests in flight stay in flight (each has
+        # a session on the victim), however fast or slow this machine is right now.
+        for a in fleet.agents:
+            fleet.signal(a, signal.SIGSTOP)
         times["kill"] = time.monotonic()
         fleet.signal(killed, signal.SIGKILL)
+        await asyncio.sleep(FREEZE_S)
+        for a in fleet.agents:
+            if a != killed:
+                fleet.signal(a, signal.SIGCONT)
         await progress.reached(max(1, spec.total * 35 // 100))
         fleet.restart(killed)
         times["restart"] = time.monotonic()
@@ -135,6 +170,9 @@ async def phase_coordinator_kill(fleet: ReliabilityFleet, spec: LoadSpec, *, res
         if freeze_agents_s > 0:
             for a in fleet.agents:
                 fleet.signal(a, signal.SIGSTOP)
+            # the victim's requests are stuck now: wait until it has published a marker for
+            # one of them (on a loaded box its marker loop can lag its request tasks)
+            times["marker_seen"] = float(await wait_for_marker(fleet, victim, MARKER_WAIT_S))
         times["kill"] = time.monotonic()
         fleet.signal(victim, signal.SIGKILL)
         if freeze_agents_s > 0:

@@ -12,7 +12,8 @@ from pathlib import Path
 from moe2.tools.fleet.harness import Fleet, FleetError
 
 __all__ = ["AGENT_ARGS", "BOUNDS_COORDINATOR_TOML", "BOUNDS_ROOT", "BROKER_CONF",
-           "MAIN_COORDINATOR_TOML", "FleetError", "ReliabilityFleet", "broker_config"]
+           "MAIN_COORDINATOR_TOML", "STEP_DEADLINE_MAX_S", "STEP_DEADLINE_MIN_S", "FleetError",
+           "ReliabilityFleet", "broker_config"]
 
 #: a site broker: Debian's mosquitto persists sessions and retained messages across restarts
 BROKER_CONF = (
@@ -30,10 +31,16 @@ BROKER_CONF = (
 AGENT_ARGS = ("--n-ctx", "512", "--max-sessions", "96", "--threads", "1",
               "--telemetry-interval", "0.5", "--meter", "estimated")
 
+#: the step deadline of the main coordinators, bounded on both sides: a healthy expert on a
+#: loaded box is never dropped for lateness, a hung one (SIGSTOP for longer) always is
+STEP_DEADLINE_MIN_S = 4.0
+STEP_DEADLINE_MAX_S = 5.0
 MAIN_COORDINATOR_TOML = (
     "max_concurrent = 512\n"
     "max_concurrent_per_client = 16\n"
     "rate_per_client_per_s = 1000.0\n"
+    f"step_deadline_min_s = {STEP_DEADLINE_MIN_S}\n"
+    f"step_deadline_max_s = {STEP_DEADLINE_MAX_S}\n"
 )
 BOUNDS_ROOT = "bounds"
 BOUNDS_COORDINATOR_TOML = (

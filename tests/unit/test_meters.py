@@ -46,7 +46,7 @@ from moe2.agent.meters import (
 def _fixture_dir() -> Path:
     """Real tegrastats output: a copy inside the repo if there is one, else the shared one."""
     candidates = [
-        Path(__file__).parent / "fixtures" / "tegrastats",
+        Path(__file__).resolve().parent.parent / "fixtures" / "tegrastats",
         Path("/work/shared/fixtures/tegrastats"),
     ]
     return next((c for c in candidates if c.is_dir()), candidates[0])

@@ -4,7 +4,6 @@ sequence reuse, tokenisation, chat templates, metadata; and the pure softmax/top
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,25 +13,18 @@ import pytest
 from moe2.agent.engine import DecodeJob, EngineError, LlamaEngine, softmax_topk, vocab_fingerprint
 from moe2.tools import models as gm
 from tests.agent_helpers import assert_not_degenerate, llama_greedy, llama_tokenize, softmax64
+from tests.conftest import Ggufs
 
 PROMPT = "Q: What is 12 plus 7? A:"
 
 
-@dataclass(frozen=True)
-class Fleet:
-    shared: list[gm.ExpertFile]
-    mismatch: gm.ExpertFile
-
-
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
-    out = tmp_path_factory.mktemp("experts")
-    return Fleet(shared=gm.make_test_experts(out, count=3, chat_template_index=2),
-                 mismatch=gm.make_mismatch_expert(out))
+def fleet(ggufs: Ggufs) -> Ggufs:
+    return ggufs
 
 
 @pytest.fixture
-def engine(fleet: Fleet) -> Iterator[LlamaEngine]:
+def engine(fleet: Ggufs) -> Iterator[LlamaEngine]:
     eng = LlamaEngine(str(fleet.shared[1].path), n_ctx=128, max_sessions=4, n_threads=2)
     try:
         yield eng
@@ -54,7 +46,7 @@ def greedy(eng: LlamaEngine, seq_id: int, tokens: list[int], n_steps: int,
 
 
 @pytest.mark.parametrize(("kv_type", "n_batch"), [("f16", 512), ("f32", 512), ("f16", 4)])
-def test_distributions_equal_plain_llama(fleet: Fleet, kv_type: str, n_batch: int) -> None:
+def test_distributions_equal_plain_llama(fleet: Ggufs, kv_type: str, n_batch: int) -> None:
     """Same KV type, flash attention off on both sides: the engine computes what a plain
     ``llama_cpp.Llama`` does (also when the prompt is split into several n_batch chunks)."""
     for ex in fleet.shared[:2]:
@@ -87,7 +79,7 @@ def test_evaluated_tokens_counts_only_new_tokens(engine: LlamaEngine) -> None:
     assert engine.evaluated_tokens - before == 5
 
 
-def test_batched_decode_equals_separate_decodes(fleet: Fleet) -> None:
+def test_batched_decode_equals_separate_decodes(fleet: Ggufs) -> None:
     """Several sequences in one llama_decode call get what each gets alone (f32 KV: with f16
     a multi-token round rounds differently, ~1e-3 in the logits)."""
     eng = LlamaEngine(str(fleet.shared[0].path), n_ctx=64, max_sessions=4, n_threads=2,
@@ -116,7 +108,7 @@ def test_batched_decode_equals_separate_decodes(fleet: Fleet) -> None:
 
 
 @pytest.mark.parametrize(("n_ctx", "max_sessions"), [(100, 3), (257, 2)])
-def test_every_session_holds_its_full_context_at_once(fleet: Fleet, n_ctx: int,
+def test_every_session_holds_its_full_context_at_once(fleet: Ggufs, n_ctx: int,
                                                       max_sessions: int) -> None:
     """Each session has its own KV stream of at least ``n_ctx`` cells, all full at the same
     time (sizes llama.cpp does not divide evenly included), and a full one does not disturb
@@ -141,7 +133,7 @@ def test_every_session_holds_its_full_context_at_once(fleet: Fleet, n_ctx: int,
         eng.close()
 
 
-def test_jobs_out_of_seq_order_get_their_own_logits(fleet: Fleet) -> None:
+def test_jobs_out_of_seq_order_get_their_own_logits(fleet: Ggufs) -> None:
     """decode orders a batch by seq_id (consecutive ids share a ubatch); the logits still come
     back in the order of the jobs given."""
     eng = LlamaEngine(str(fleet.shared[0].path), n_ctx=64, max_sessions=4, n_threads=1,
@@ -179,7 +171,7 @@ def test_decode_on_an_unknown_sequence_is_an_engine_error(engine: LlamaEngine) -
         engine.decode([DecodeJob(99, [1, 5], 0)])
 
 
-def test_model_info(fleet: Fleet) -> None:
+def test_model_info(fleet: Ggufs) -> None:
     infos = []
     for ex in [*fleet.shared, fleet.mismatch]:
         eng = LlamaEngine(str(ex.path), n_ctx=32, max_sessions=1, n_threads=1)
@@ -209,7 +201,8 @@ def test_vocab_fingerprint_covers_text_and_attributes() -> None:
     assert base != vocab_fingerprint([b"a", b"bc", b""], [1, 2, 0])
 
 
-def test_tokenize_matches_llama_cpp_and_sentencepiece(engine: LlamaEngine, fleet: Fleet) -> None:
+def test_tokenize_matches_llama_cpp_and_sentencepiece(engine: LlamaEngine,
+                                                      fleet: Ggufs) -> None:
     path = fleet.shared[1].path
     vocab = gm.default_vocab()
     for text in (PROMPT, "  two  spaces", "naïve café 🙂", "line\nbreak\ttab", "x"):
@@ -224,7 +217,7 @@ def test_tokenize_matches_llama_cpp_and_sentencepiece(engine: LlamaEngine, fleet
     assert len(engine.tokenize(long_text, add_bos=True, parse_special=False)) > 400
 
 
-def test_render_chat_matches_llama_cpp_formatter(fleet: Fleet) -> None:
+def test_render_chat_matches_llama_cpp_formatter(fleet: Ggufs) -> None:
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     ex = fleet.shared[2]
@@ -249,7 +242,7 @@ def test_render_chat_without_template_is_an_error(engine: LlamaEngine) -> None:
         engine.render_chat([("user", "hi")])
 
 
-def test_bad_inputs_are_engine_errors(tmp_path: Path, fleet: Fleet) -> None:
+def test_bad_inputs_are_engine_errors(tmp_path: Path, fleet: Ggufs) -> None:
     with pytest.raises(EngineError, match="does not exist"):
         LlamaEngine(str(tmp_path / "missing.gguf"), n_ctx=32, max_sessions=1)
     junk = tmp_path / "junk.gguf"

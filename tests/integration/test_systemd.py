@@ -263,14 +263,6 @@ def notify_socket() -> Iterator[NotifySocket]:
         s.close()
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moe2.tools.models import make_test_experts
-
-    (expert,) = make_test_experts(tmp_path_factory.mktemp("models"), count=1)
-    return expert.path
-
-
 def _ready_then_watchdogs(notify_socket: NotifySocket, p: subprocess.Popen[bytes],
                           what: str) -> list[str]:
     """Every notification until READY=1 and then two WATCHDOG=1, all from the main pid

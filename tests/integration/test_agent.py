@@ -34,7 +34,7 @@ from tests.agent_helpers import (
     llama_tokenize,
     read_retained,
 )
-from tests.conftest import Procs, log_of
+from tests.conftest import Ggufs, Procs, log_of
 
 E = wire.ErrorCode
 TOPICS = Topics()
@@ -50,9 +50,8 @@ class Experts:
 
 
 @pytest.fixture(scope="module")
-def experts(tmp_path_factory: pytest.TempPathFactory) -> Experts:
-    files = gm.make_test_experts(tmp_path_factory.mktemp("experts"), count=3,
-                                 chat_template_index=2)
+def experts(ggufs: Ggufs) -> Experts:
+    files = ggufs.shared
     return Experts(plain=files[0], other=files[1], templated=files[2])
 
 

@@ -38,7 +38,7 @@ from moe2.tools.offline.gate_train import (
     mixture_nll,
     train_gate,
 )
-from tests.test_experts import TinyFleet, last_json, run_cli, tiny_fleet
+from tests.integration.test_experts import TinyFleet, last_json, run_cli, tiny_fleet
 
 
 @pytest.fixture(scope="module")

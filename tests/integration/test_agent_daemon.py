@@ -34,6 +34,7 @@ from tests.agent_helpers import (
     top_id,
     wait_until,
 )
+from tests.conftest import Ggufs
 
 E = wire.ErrorCode
 
@@ -50,8 +51,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def expert(tmp_path_factory: pytest.TempPathFactory) -> gm.ExpertFile:
-    return gm.make_test_experts(tmp_path_factory.mktemp("experts"), count=2)[1]
+def expert(ggufs: Ggufs) -> gm.ExpertFile:
+    return ggufs.shared[1]
 
 
 @pytest.fixture

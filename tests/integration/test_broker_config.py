@@ -36,6 +36,7 @@ from moe2.shared.topics import Topics
 from moe2.tools.fleet.harness import moe2_argv
 from moe2.tools.fleet.localbroker import LocalBroker, free_port
 from moe2.tools.ops import brokerconf as bc
+from tests.conftest import Ggufs
 
 TOPICS = Topics()
 TIMEOUT_S = 15.0
@@ -473,11 +474,9 @@ def test_tls_needs_the_generated_ca(secure: SecureBroker, tmp_path: Path) -> Non
 
 
 def test_ask_end_to_end_over_mqtts_with_acls(secure: SecureBroker, procs: Any,
-                                             tmp_path: Path) -> None:
+                                             ggufs: Ggufs) -> None:
     """A phone, an agent and a coordinator, each with its own account, all over TLS."""
-    from moe2.tools.models import make_test_experts
-
-    (expert,) = make_test_experts(tmp_path / "m", count=1)
+    expert = ggufs.shared[0]
     ca = str(secure.out / "ca.crt")
     procs.moe2("agent", "--broker", secure.url("e0", tls=True), "--ca-file", ca, "--id", "e0",
                "--model", str(expert.path), "--threads", "1", "--meter", "estimated",

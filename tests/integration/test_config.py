@@ -18,7 +18,6 @@ from moe2.shared.config import (
     load,
     override,
 )
-from moe2.tools import models as gm
 from moe2.tools.fleet.harness import moe2_argv
 
 AGENT_TOML = """
@@ -44,8 +43,8 @@ ca_file = "/etc/moe2/ca.pem"
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return gm.make_test_experts(tmp_path_factory.mktemp("experts"), count=1)[0].path
+def model(tiny_model: Path) -> Path:
+    return tiny_model
 
 
 def write(tmp_path: Path, text: str, name: str = "agent.toml") -> Path:

@@ -175,7 +175,7 @@ def test_vocabularies_must_name_their_own_agent_and_be_bounded() -> None:
     from moe2.coordinator.service import MAX_VOCAB_PIECES, Coordinator
     from moe2.shared.config import CoordinatorConfig
     from moe2.shared.topics import Topics
-    from tests.test_chaos import _message, _no_client
+    from tests.unit.test_hostile_messages import _message, _no_client
 
     tp = Topics()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,9 +17,8 @@ from moe2.agent.metrics import AGENT_METRICS, agent_registry, serve_agent_metric
 from moe2.coordinator.metrics import COORDINATOR_METRICS, OTHER, CoordinatorMetrics
 from moe2.shared import wire
 from moe2.shared.config import AgentConfig
-from moe2.tools.fleet.localbroker import LocalBroker, free_port
-from tests.agent_helpers import AgentRpcClient, FakeEngine, wait_until
-from tests.conftest import REPO, Procs, log_of
+from tests.agent_helpers import FakeEngine
+from tests.conftest import REPO
 
 DASHBOARD = REPO / "dashboards" / "grafana-moe2.json"
 
@@ -150,46 +148,6 @@ def test_serve_agent_metrics_uses_a_dedicated_registry() -> None:
     assert value(text, "moe2_agent_energy_joules_total", agent="x0") == 7.0
     assert "python_gc_objects_collected_total" not in text, "not the global registry"
     assert REGISTRY.get_sample_value("moe2_agent_energy_joules_total", {"agent": "x0"}) is None
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moe2.tools.models import make_test_experts
-
-    (expert,) = make_test_experts(tmp_path_factory.mktemp("models"), count=1)
-    return expert.path
-
-
-async def test_running_agent_serves_metrics_with_its_id(
-    broker: LocalBroker, procs: Procs, tiny_model: Path,
-) -> None:
-    aid, port = "met0", free_port()
-    agent = procs.moe2("agent", "--broker", broker.url, "--id", aid, "--model", str(tiny_model),
-                       "--meter", "estimated", "--metrics-port", str(port), log_name="agent")
-    async with AgentRpcClient(broker.url) as rpc:
-        try:
-            await rpc.wait_status(aid, timeout_s=90)
-        except AssertionError:
-            raise AssertionError(log_of(agent)) from None
-        text = scrape(port)
-        assert value(text, "moe2_agent_energy_joules_total", agent=aid,
-                     meter="estimated") >= 0.0
-        assert value(text, "moe2_agent_tokens_total", agent=aid) == 0
-        # the daemon counts the session right after publishing "online"
-        await wait_until(
-            lambda: value(scrape(port), "moe2_agent_mqtt_connections_total", agent=aid) == 1,
-            30.0, "the broker session to be counted")
-        energy_before = value(text, "moe2_agent_energy_joules_total", agent=aid)
-        await rpc.greedy(aid, "s1", k=4, n_steps=3, prompt="hi there")
-        text = scrape(port)
-        assert value(text, "moe2_agent_tokens_total", agent=aid) == 3
-        assert value(text, "moe2_agent_open_sessions", agent=aid) == 1
-        assert value(text, "moe2_agent_energy_joules_total", agent=aid) > energy_before
-        assert value(text, "moe2_agent_evaluated_tokens_total", agent=aid) > 3
-        assert value(text, "moe2_agent_step_latency_seconds", agent=aid) > 0
-        await rpc.close_sessions(aid, ["s1"])
-        await wait_until(lambda: value(scrape(port), "moe2_agent_open_sessions", agent=aid) == 0,
-                         30.0, "the session to close")
 
 
 # --------------------------------------------------------------------------- coordinator

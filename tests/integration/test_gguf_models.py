@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -16,6 +15,7 @@ import numpy.typing as npt
 import pytest
 
 from moe2.tools import models as gm
+from tests.conftest import Ggufs
 
 TEXTS = [
     "Q: What is 12 plus 7? A: 19.",
@@ -37,17 +37,9 @@ ALPHABET = (
 )
 
 
-@dataclass(frozen=True)
-class Fleet:
-    shared: list[gm.ExpertFile]
-    mismatch: gm.ExpertFile
-
-
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
-    out = tmp_path_factory.mktemp("experts")
-    shared = gm.make_test_experts(out, count=3, chat_template_index=2)
-    return Fleet(shared=shared, mismatch=gm.make_mismatch_expert(out))
+def fleet(ggufs: Ggufs) -> Ggufs:
+    return ggufs
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +66,7 @@ def _softmax(logits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return out
 
 
-def _all(fleet: Fleet) -> Iterator[gm.ExpertFile]:
+def _all(fleet: Ggufs) -> Iterator[gm.ExpertFile]:
     yield from fleet.shared
     yield fleet.mismatch
 
@@ -170,7 +162,7 @@ def test_reference_is_causal() -> None:
     assert not np.allclose(full[2], full[3])
 
 
-def test_fleet_shares_vocab_and_is_heterogeneous(fleet: Fleet) -> None:
+def test_fleet_shares_vocab_and_is_heterogeneous(fleet: Ggufs) -> None:
     prints = {e.fingerprint for e in fleet.shared}
     assert prints == {gm.default_vocab().fingerprint()}
     assert fleet.mismatch.fingerprint != fleet.shared[0].fingerprint
@@ -181,7 +173,7 @@ def test_fleet_shares_vocab_and_is_heterogeneous(fleet: Fleet) -> None:
     assert [e.chat_template is not None for e in fleet.shared] == [False, False, True]
 
 
-def test_read_gguf_round_trip(fleet: Fleet) -> None:
+def test_read_gguf_round_trip(fleet: Ggufs) -> None:
     for e in _all(fleet):
         model = gm.read_gguf(e.path)
         assert model.name == e.name
@@ -194,7 +186,7 @@ def test_read_gguf_round_trip(fleet: Fleet) -> None:
             np.testing.assert_array_equal(model.weights[key], value, err_msg=key)
 
 
-def test_gqa_metadata(fleet: Fleet) -> None:
+def test_gqa_metadata(fleet: Ggufs) -> None:
     gqa = [e for e in fleet.shared if e.spec.n_kv_heads < e.spec.n_heads]
     assert gqa
     for e in gqa:
@@ -209,7 +201,7 @@ def test_gqa_metadata(fleet: Fleet) -> None:
         assert arch.contents() == "llama"
 
 
-def test_reference_distributions_non_degenerate(fleet: Fleet) -> None:
+def test_reference_distributions_non_degenerate(fleet: Ggufs) -> None:
     vocab = gm.default_vocab()
     toks = vocab.encode(" ".join(TEXTS[:4]))
     per_expert = []
@@ -227,7 +219,7 @@ def test_reference_distributions_non_degenerate(fleet: Fleet) -> None:
 # ---------------------------------------------------------------- llama.cpp
 
 
-def test_llama_cpp_loads_and_reads_metadata(llama_cpp: ModuleType, fleet: Fleet) -> None:
+def test_llama_cpp_loads_and_reads_metadata(llama_cpp: ModuleType, fleet: Ggufs) -> None:
     for e in _all(fleet):
         llm = _open(llama_cpp, e.path)
         assert llm.n_vocab() == e.spec.n_vocab
@@ -239,7 +231,7 @@ def test_llama_cpp_loads_and_reads_metadata(llama_cpp: ModuleType, fleet: Fleet)
         assert llm.token_eos() == 2
 
 
-def test_llama_cpp_tokenizer_matches_sentencepiece(llama_cpp: ModuleType, fleet: Fleet) -> None:
+def test_llama_cpp_tokenizer_matches_sentencepiece(llama_cpp: ModuleType, fleet: Ggufs) -> None:
     for e, vocab in ((fleet.shared[0], gm.default_vocab()), (fleet.mismatch, gm.other_vocab())):
         llm = _open(llama_cpp, e.path)
         rng = random.Random(0)
@@ -251,7 +243,7 @@ def test_llama_cpp_tokenizer_matches_sentencepiece(llama_cpp: ModuleType, fleet:
             assert llm.detokenize(ours).decode("utf-8") == vocab.decode(ours), text
 
 
-def test_llama_cpp_vocab_fingerprint(llama_cpp: ModuleType, fleet: Fleet) -> None:
+def test_llama_cpp_vocab_fingerprint(llama_cpp: ModuleType, fleet: Ggufs) -> None:
     """An agent can rebuild the fingerprint from llama.cpp alone (text + attribute per token)."""
     attr_to_type = {
         llama_cpp.LLAMA_TOKEN_ATTR_NORMAL: gguf.TokenType.NORMAL,
@@ -276,7 +268,7 @@ def test_llama_cpp_vocab_fingerprint(llama_cpp: ModuleType, fleet: Fleet) -> Non
 # agreement holds for an f32 GGUF with an f32 KV cache (measured: ~4e-6).
 @pytest.mark.parametrize(("kv_type", "atol"), [("f32", 1e-3), ("f16", 2e-2)])
 def test_llama_cpp_logits_match_reference(
-    llama_cpp: ModuleType, fleet: Fleet, kv_type: str, atol: float
+    llama_cpp: ModuleType, fleet: Ggufs, kv_type: str, atol: float
 ) -> None:
     ggml_type = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_type]
     text = "Q: What is 12 plus 7? A: 19. The capital of France is"
@@ -301,7 +293,7 @@ def test_llama_cpp_logits_match_reference(
                                        rtol=0, err_msg=f"{e.name} position {pos}")
 
 
-def test_llama_cpp_distributions_non_degenerate(llama_cpp: ModuleType, fleet: Fleet) -> None:
+def test_llama_cpp_distributions_non_degenerate(llama_cpp: ModuleType, fleet: Ggufs) -> None:
     toks = gm.default_vocab().encode("Reverse the word apple:")
     lasts = []
     for e in fleet.shared:
@@ -325,7 +317,7 @@ def test_llama_cpp_f16_file(llama_cpp: ModuleType, tmp_path: Path) -> None:
     np.testing.assert_allclose(_last_logits(llama_cpp, llm), ref[-1], atol=2e-2, rtol=0)
 
 
-def test_llama_cpp_chat_template(llama_cpp: ModuleType, fleet: Fleet) -> None:
+def test_llama_cpp_chat_template(llama_cpp: ModuleType, fleet: Ggufs) -> None:
     e = fleet.shared[2]
     llm = _open(llama_cpp, e.path)
     assert llm.metadata["tokenizer.chat_template"] == gm.SIMPLE_CHAT_TEMPLATE
@@ -334,7 +326,7 @@ def test_llama_cpp_chat_template(llama_cpp: ModuleType, fleet: Fleet) -> None:
     assert out["choices"][0]["message"]["role"] == "assistant"
 
 
-def test_llama_cpp_generates(llama_cpp: ModuleType, fleet: Fleet) -> None:
+def test_llama_cpp_generates(llama_cpp: ModuleType, fleet: Ggufs) -> None:
     llm = _open(llama_cpp, fleet.shared[1].path)
     out = llm("The capital of France is", max_tokens=8, temperature=0.0)
     assert isinstance(out["choices"][0]["text"], str)

@@ -14,16 +14,16 @@ from moe2.shared import wire
 from moe2.shared.mqtt import make_client, parse_broker_url
 from moe2.tools.clients.phone import PhoneClient
 from moe2.tools.fleet.localbroker import LocalBroker
-from moe2.tools.models import ExpertFile, make_test_experts
-from tests.conftest import log_of
+from moe2.tools.models import ExpertFile
+from tests.conftest import Ggufs, log_of
 from tests.fleet import ask, start_agent, start_coordinator, wait_plan
 
 PROMPT = "What is 3 plus 4?"
 
 
 @pytest.fixture(scope="module")
-def experts(tmp_path_factory: pytest.TempPathFactory) -> list[ExpertFile]:
-    return make_test_experts(tmp_path_factory.mktemp("experts"), count=2)
+def experts(ggufs: Ggufs) -> list[ExpertFile]:
+    return list(ggufs.shared[:2])
 
 
 async def _stream_until_sigterm(url: str, proc: Any, max_tokens: int,

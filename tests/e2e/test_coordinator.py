@@ -24,15 +24,16 @@ from moe2.shared.mqtt import make_client, parse_broker_url
 from moe2.tools.clients.phone import PhoneClient
 from moe2.tools.fleet.harness import moe2_argv
 from moe2.tools.fleet.localbroker import LocalBroker
-from moe2.tools.models import ExpertFile, make_test_experts
+from moe2.tools.models import ExpertFile
+from tests.conftest import Ggufs
 from tests.fleet import ask, start_agent, start_coordinator, wait_for, wait_plan
 
 PROMPT = "What is 12 plus 7?"
 
 
 @pytest.fixture(scope="module")
-def experts(tmp_path_factory: pytest.TempPathFactory) -> list[ExpertFile]:
-    return make_test_experts(tmp_path_factory.mktemp("experts"), count=3)
+def experts(ggufs: Ggufs) -> list[ExpertFile]:
+    return list(ggufs.shared)
 
 
 def direct_logits(llm: llama_cpp.Llama) -> np.ndarray:
@@ -313,11 +314,9 @@ def test_no_reply_topic_outside_own_prefix(fleet: tuple[LocalBroker, str]) -> No
 
 def test_experts_with_another_vocabulary_are_never_fused(procs: Any, broker: LocalBroker,
                                                          experts: list[ExpertFile],
-                                                         tmp_path: Path) -> None:
+                                                         ggufs: Ggufs) -> None:
     from moe2.shared.topics import Topics
-    from moe2.tools.models import make_mismatch_expert
-
-    other = make_mismatch_expert(tmp_path)
+    other = ggufs.mismatch
     assert other.fingerprint != experts[0].fingerprint
     start_agent(procs, broker.url, "same0", experts[0].path, "--root", "mix")
     start_agent(procs, broker.url, "same1", experts[1].path, "--root", "mix")
