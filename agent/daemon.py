@@ -208,7 +208,7 @@ class AgentDaemon:
         await client.publish(
             vt.topic,
             vt.encode(wire.Vocab(agent_id=self.cfg.id, vocab_fp=info.vocab_fp,
-                                 pieces=list(info.pieces))),
+                                 pieces=list(info.pieces), eog_ids=list(info.eog_ids))),
             qos=1, retain=True,
         )
         await self._publish_online(client)

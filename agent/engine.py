@@ -24,6 +24,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -47,6 +48,10 @@ class EngineError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """What the agent serves. ``n_vocab``, ``pieces`` and ``vocab_fp`` describe the vocabulary
+    *family*: the model's tokens without the trailing padding (see :func:`family_size`);
+    ``n_vocab_model`` counts the padding too."""
+
     name: str
     quant: str
     n_vocab: int
@@ -57,6 +62,9 @@ class ModelInfo:
     chat_template: str | None
     n_params: int
     pieces: tuple[bytes, ...]
+    #: every end-of-generation token (EOS, EOT, <|im_end|>, ...: llama_vocab_is_eog)
+    eog_ids: tuple[int, ...] = ()
+    n_vocab_model: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,8 +93,27 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+#: llama_token_attr bits (llama.h)
+ATTR_UNUSED = 1 << 1
+#: the padding llama.cpp's converter appends to fill a model's embedding rows: ``[PAD151936]``
+#: (USER_DEFINED in older conversions, UNUSED in newer ones)
+PAD_RE = re.compile(rb"^\[PAD\d+\]$")
+
+
+def family_size(texts: Sequence[bytes], attrs: Sequence[int]) -> int:
+    """How many leading ids are the vocabulary proper: trailing padding tokens (UNUSED, or
+    named ``[PADn]``) are cut. Qwen2.5-7B's GGUF (152,064 ids) and -3B's (151,936) keep the
+    same tokens this way and only their padding differs: one family, fused over these ids, and
+    a padding id is never sampled (the engine does not even return its logit)."""
+    n = len(texts)
+    while n > 0 and (attrs[n - 1] & ATTR_UNUSED or PAD_RE.match(texts[n - 1])):
+        n -= 1
+    return n
+
+
 def vocab_fingerprint(pieces: Sequence[bytes], attrs: Sequence[int]) -> str:
-    """Two experts may be fused only when this matches: same ids mean the same strings."""
+    """Two experts may be fused only when this matches: same ids mean the same strings (over
+    the family's ids, padding excluded)."""
     h = hashlib.sha256()
     h.update(len(pieces).to_bytes(4, "little"))
     for p, a in zip(pieces, attrs, strict=True):
@@ -177,11 +204,19 @@ class LlamaEngine:
         self._vocab = L.llama_model_get_vocab(model)
         self.n_batch = n_batch
         self._batch = L.llama_batch_init(n_batch, 0, 1)
-        n_vocab = int(L.llama_vocab_n_tokens(self._vocab))
+        n_model = int(L.llama_vocab_n_tokens(self._vocab))
+        attrs = [int(L.llama_vocab_get_attr(self._vocab, t)) for t in range(n_model)]
+        texts = [L.llama_vocab_get_text(self._vocab, t) or b"" for t in range(n_model)]
+        n_vocab = family_size(texts, attrs)
+        if n_vocab == 0:
+            L.llama_free(ctx)
+            L.llama_model_free(model)
+            raise EngineError(f"{model_path!r} has no tokens besides padding")
+        attrs = attrs[:n_vocab]
+        # logits are read for the family's ids only: padding is never sampled
         self._n_vocab = n_vocab
         self.evaluated_tokens = 0
         pieces = tuple(self._piece(t) for t in range(n_vocab))
-        attrs = [int(L.llama_vocab_get_attr(self._vocab, t)) for t in range(n_vocab)]
         self._bos_text = self._piece(int(L.llama_vocab_bos(self._vocab)), special=True)
         ftype = self._meta("general.file_type")
         self.info = ModelInfo(
@@ -195,6 +230,8 @@ class LlamaEngine:
             chat_template=self._meta("tokenizer.chat_template") or None,
             n_params=int(L.llama_model_n_params(model)),
             pieces=pieces,
+            eog_ids=tuple(t for t in range(n_vocab) if L.llama_vocab_is_eog(self._vocab, t)),
+            n_vocab_model=n_model,
         )
 
     # ------------------------------------------------------------------ metadata

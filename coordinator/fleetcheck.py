@@ -8,7 +8,7 @@ that cannot serve says why at once instead of answering every request ``no_exper
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from moe2.coordinator.registry import Registry
 
@@ -45,8 +45,23 @@ def gate_coverage(gate_experts: Sequence[str], online: Sequence[str],
             "(train a gate that includes them)"]
 
 
+def family_split(families: Mapping[str, Sequence[str]],
+                 sizes: Mapping[str, int] | None = None) -> list[str]:
+    """A warning when the online experts belong to more than one tokenizer family: a request
+    is served by one family, the others are listed as dropped in its final."""
+    if len(families) <= 1:
+        return []
+    parts = [f"{fp[:12]}{f' ({sizes[fp]} ids)' if sizes and fp in sizes else ''}: "
+             f"{_names(members)}" for fp, members in sorted(families.items())]
+    return [f"the online experts belong to {len(families)} tokenizer families that are not "
+            f"fused token by token ({'; '.join(parts)}): a request is served by the family its "
+            "gate weights favour, and its final lists the others as dropped"]
+
+
 def fleet_warnings(gate_experts: Sequence[str], unknown_expert_weight: float,
                    registry: Registry) -> list[str]:
     """Every current warning for this coordinator's fleet (the plan message carries them)."""
     online = [a.agent_id for a in registry.online()]
-    return gate_coverage(gate_experts, online, unknown_expert_weight)
+    sizes = {fp: len(v.pieces) for fp, v in registry.vocabs.items()}
+    return [*gate_coverage(gate_experts, online, unknown_expert_weight),
+            *family_split(registry.families(), sizes)]

@@ -127,10 +127,12 @@ async def _quiet_emit(emit: Emit, msg: wire.ErrorReplyPhone) -> None:
 
 @dataclass(frozen=True)
 class Selection:
-    """The experts one request is served by: their vocabulary family and Top-k weights."""
+    """The experts one request is served by: their vocabulary family and Top-k weights, and
+    the experts the plan and gate chose that the request cannot use (with the reason)."""
 
     family: str
     weights: dict[str, float]
+    left_out: tuple[tuple[str, str], ...] = ()
 
 
 def select_experts(reg: Registry, allowed: Sequence[str] | None, gates_raw: Mapping[str, float],
@@ -157,7 +159,15 @@ def select_experts(reg: Registry, allowed: Sequence[str] | None, gates_raw: Mapp
     if not weights:
         raise RequestFailed(wire.ErrorCode.NO_EXPERTS,
                             "the gate gives no weight to any available expert")
-    return Selection(family, weights)
+    # Whom the plan and the gate would have chosen, whatever their vocabulary: those of other
+    # families are reported, never silently absent.
+    usable = [c for c in candidates_all if (allowed is None or c in allowed)
+              and reg.agents[c].family in reg.vocabs]
+    left_out = tuple(
+        (c, f"different tokenizer family: vocabulary {reg.agents[c].family[:12]} cannot be "
+            f"fused token by token with {family[:12]}")
+        for c in top_k_weights(gates, usable, k) if reg.agents[c].family != family)
+    return Selection(family, weights, left_out)
 
 
 async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: GenerationSettings,
@@ -178,11 +188,13 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
     family, weights = selection.family, selection.weights
     pieces = reg.pieces(family) or ()
     n_vocab = len(pieces)
-    eos_ids = {reg.agents[m].status.eos_id for m in weights if m in reg.agents}
+    eos_ids = reg.eog_ids(family)
     for i, (agent_id, w) in enumerate(weights.items()):
         view = reg.agents[agent_id]
         experts.append(ExpertState(agent_id, w, f"{ctx.sessions_prefix}-{request_id}-{i}",
                                    n_ctx=view.status.n_ctx))
+    for agent_id, reason in selection.left_out:
+        experts.append(ExpertState(agent_id, 0.0, "", active=False, reason=reason))
     by_id = {e.agent_id: e for e in experts}
 
     open_msg = {
@@ -192,7 +204,7 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
     }
     futs = {e.agent_id: ctx.rpc.open(e.agent_id, wire.OpenSession(session_id=e.session_id,
                                                                   **open_msg))  # type: ignore[arg-type]
-            for e in experts}
+            for e in experts if e.active}
     dists = _drop_invalid(await _gather(futs, settings.open_deadline_s, by_id), by_id, n_vocab)
     stream = TextStream(pieces, req.stop_list())
     rng = np.random.default_rng(req.seed)

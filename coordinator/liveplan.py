@@ -150,6 +150,7 @@ class _Prepared:
     loss: pl.LossModel
     overhead_s: float
     warnings: list[str] = field(default_factory=list)
+    families: dict[str, list[str]] = field(default_factory=dict)
 
 
 class LivePlanner:
@@ -294,7 +295,8 @@ class LivePlanner:
             table = self.calibration.loss_for(names) if self.calibration else None
             loss = table if table is not None else pl.LossTable.prior(len(names))
             self._loss_cache = {key: loss}
-        return _Prepared(names, est, loss, self.step_overhead_s(), self.warnings(reg))
+        return _Prepared(names, est, loss, self.step_overhead_s(), self.warnings(reg),
+                         reg.families())
 
     def solve(self, prep: _Prepared) -> wire.PlanMsg:
         """Pure and CPU-bound (the coordinator runs it in a worker thread)."""
@@ -316,7 +318,7 @@ class LivePlanner:
             apps={a: ap(r, self.apps[a]) for a, r in plans["per_application"].items()},
             joint=ap(plans["joint"], problem.joint_latency_s),
             loss_source="calibration" if isinstance(prep.loss, pl.LossTable) else "prior",
-            step_overhead_s=overhead_s, warnings=prep.warnings)
+            step_overhead_s=overhead_s, warnings=prep.warnings, families=prep.families)
 
     def adopt(self, prep: _Prepared) -> None:
         self._used = prep.est

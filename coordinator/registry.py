@@ -40,9 +40,17 @@ class AgentView:
 
 
 @dataclass(frozen=True)
+class FamilyVocab:
+    """One vocabulary family's token texts and end-of-generation ids (from an agent's Vocab)."""
+
+    pieces: tuple[bytes, ...]
+    eog_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
 class Registry:
     agents: Mapping[str, AgentView] = field(default_factory=dict)
-    vocabs: Mapping[str, tuple[bytes, ...]] = field(default_factory=dict)  # fingerprint -> pieces
+    vocabs: Mapping[str, FamilyVocab] = field(default_factory=dict)  # fingerprint -> vocabulary
     version: int = 0  # bumps on membership changes (join/leave), for replanning
 
     def online(self) -> list[AgentView]:
@@ -55,7 +63,15 @@ class Registry:
         return out
 
     def pieces(self, family: str) -> tuple[bytes, ...] | None:
-        return self.vocabs.get(family)
+        v = self.vocabs.get(family)
+        return None if v is None else v.pieces
+
+    def eog_ids(self, family: str) -> frozenset[int]:
+        """The family's end tokens, with every member's own EOS."""
+        v = self.vocabs.get(family)
+        own = {a.status.eos_id for a in self.agents.values()
+               if a.family == family and a.status.eos_id >= 0}
+        return (v.eog_ids if v is not None else frozenset()) | own
 
 
 @dataclass(frozen=True)
@@ -109,10 +125,11 @@ def apply(state: Registry, event: Event) -> Registry:
         vocabs = dict(state.vocabs)
         if len(vocabs) >= MAX_VOCABS:  # bounded: forget families no online agent uses
             used = {a.family for a in state.agents.values()}
-            vocabs = {fp: pieces for fp, pieces in vocabs.items() if fp in used}
+            vocabs = {fp: fv for fp, fv in vocabs.items() if fp in used}
             if len(vocabs) >= MAX_VOCABS:
                 return state
-        vocabs[v.vocab_fp] = tuple(v.pieces)
+        vocabs[v.vocab_fp] = FamilyVocab(
+            tuple(v.pieces), frozenset(t for t in v.eog_ids if 0 <= t < len(v.pieces)))
         return replace(state, vocabs=vocabs)
     return _remove(state, event.agent_id)
 

@@ -26,4 +26,22 @@ fi
 EXTRAS=${MOE2_EXTRAS:-agent,coordinator,train,dev}
 echo "==> pip install -e .[$EXTRAS] (llama-cpp-python compiles from source the first time)"
 .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
-echo "==> installed: $(.venv/bin/moe2 --help >/dev/null && echo moe2 OK)"
+# llama.cpp's vocabulary-only GGUFs (real tokenizers: qwen2, llama-bpe, llama-spm, phi-3, ...)
+# and their tokenizer test vectors, from the llama-cpp-python source distribution of the
+# installed version, into a cache outside the repository (tests and make-experts use them;
+# nothing is downloaded at run time, none is committed).
+VOCAB_DIR=${MOE2_VOCAB_DIR:-$HOME/.cache/moe2/llama-vocab}
+LLAMA_VERSION=$(.venv/bin/python -c "import llama_cpp; print(llama_cpp.__version__)")
+if [ ! -f "$VOCAB_DIR/.from-llama-cpp-python-$LLAMA_VERSION" ]; then
+  echo "==> fetching llama.cpp's vocabulary GGUFs (llama-cpp-python $LLAMA_VERSION sdist)"
+  tmp=$(mktemp -d)
+  .venv/bin/python -m pip download -q --no-deps --no-binary :all: \
+    "llama-cpp-python==$LLAMA_VERSION" -d "$tmp"
+  tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp" --wildcards \
+    '*/vendor/llama.cpp/models/ggml-vocab-*'
+  mkdir -p "$VOCAB_DIR"
+  cp "$tmp"/llama_cpp_python-*/vendor/llama.cpp/models/ggml-vocab-* "$VOCAB_DIR"/
+  rm -rf "$tmp"
+  touch "$VOCAB_DIR/.from-llama-cpp-python-$LLAMA_VERSION"
+fi
+echo "==> installed: $(.venv/bin/moe2 --help >/dev/null && echo moe2 OK), vocabularies in $VOCAB_DIR"

@@ -131,11 +131,14 @@ class Telemetry(_Strict, tag="telemetry", frozen=True):
 class Vocab(_Strict, tag="vocab", frozen=True):
     """Retained on ``agents/{id}/vocab``: each token id's text bytes (as llama.cpp renders
     it, control tokens empty), so a coordinator can stream text without a tokenizer of its own.
-    Published once per connection; coordinators cache it by fingerprint."""
+    Published once per connection; coordinators cache it by fingerprint. The ids are the
+    vocabulary family's: a model's trailing padding is not part of it. ``eog_ids`` are the
+    tokens that end a generation (EOS, EOT, ``<|im_end|>``...)."""
 
     agent_id: str
     vocab_fp: str
     pieces: list[bytes]
+    eog_ids: list[int] = []
     v: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
@@ -287,6 +290,8 @@ class PlanMsg(_Strict, tag="plan", frozen=True):
     step_overhead_s: float = 0.0
     #: what the operator must know about the fleet (e.g. gate experts no agent matches)
     warnings: list[str] = []
+    #: vocabulary family (fingerprint) -> the online experts in it
+    families: dict[str, list[str]] = {}
     v: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ import pytest
 from moe2.tools.fleet.harness import spawn_moe2
 from moe2.tools.fleet.localbroker import LocalBroker
 from moe2.tools.models import ExpertFile, make_mismatch_expert, make_test_experts
+from moe2.tools.models.fixtures import make_real_vocab_expert
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -48,6 +49,30 @@ def ggufs(tmp_path_factory: pytest.TempPathFactory) -> Ggufs:
     out = tmp_path_factory.mktemp("ggufs")
     return Ggufs(tuple(make_test_experts(out, count=3, chat_template_index=2)),
                      make_mismatch_expert(out))
+
+
+@dataclass(frozen=True)
+class RealGgufs:
+    """Random-weight experts carrying llama.cpp's real tokenizers (vocabulary GGUFs from the
+    llama-cpp-python sdist, see tools/models/real_vocab.py): the paper's Qwen2 pair -- the
+    vocabulary file's own 151,936 ids, and padded to 152,064 like Qwen2.5-7B -- Llama 3's BPE
+    and Llama 2 / Mistral-style SentencePiece."""
+
+    qwen2: ExpertFile
+    qwen2_padded: ExpertFile
+    llama3: ExpertFile
+    spm: ExpertFile
+
+
+@pytest.fixture(scope="session")
+def real_ggufs(tmp_path_factory: pytest.TempPathFactory) -> RealGgufs:
+    out = tmp_path_factory.mktemp("real-ggufs")
+    return RealGgufs(
+        qwen2=make_real_vocab_expert(out, "qwen2", seed=4100),
+        qwen2_padded=make_real_vocab_expert(out, "qwen2", pad_to=152_064, seed=4101),
+        llama3=make_real_vocab_expert(out, "llama-bpe", seed=4102),
+        spm=make_real_vocab_expert(out, "llama-spm", seed=4103),
+    )
 
 
 @pytest.fixture(scope="session")

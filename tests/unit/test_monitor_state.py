@@ -120,7 +120,8 @@ def test_snapshot_and_render() -> None:
         "id": "e0", "online": True, "model": "tiny-0", "quant": "F32", "device": "cpu",
         "meter": "estimated", "power_w": 10.0, "energy_j": 42.5, "joules_per_token": 0.2,
         "tokens_per_s": 3.5, "tokens_total": 7, "step_latency_s": 0.004, "open_sessions": 1,
-        "max_sessions": 4, "temperature_c": None, "n_ctx": 0, "version": "",
+        "max_sessions": 4, "temperature_c": None, "n_ctx": 0, "vocab_fp": "", "n_vocab": 0,
+        "version": "",
         "in_plan": True, "plan_apps": ["chat", "joint"], "telemetry_age_s": 2.5,
     }
     assert e1["online"] is False

@@ -136,3 +136,43 @@ def make_large_expert(
                      n_kv_heads=n_kv_heads, ffn_dim=ffn_dim, n_ctx_train=n_ctx_train)
     return _write_expert(Path(out_dir), name, spec, seed, vocab, chat_template=None,
                          file_type=file_type)
+
+
+#: the shape of real-vocabulary test experts: the embedding and output matrices dominate
+#: (151,936 x 32 each for Qwen2), the rest is as small as llama.cpp allows
+REAL_VOCAB_SHAPE = (32, 1, 2, 1, 64)
+
+
+def make_real_vocab_expert(
+    out_dir: str | os.PathLike[str],
+    vocab: str,
+    *,
+    name: str | None = None,
+    pad_to: int | None = None,
+    seed: int = 4000,
+    shape: tuple[int, int, int, int, int] = REAL_VOCAB_SHAPE,
+    chat_template: str | None = None,
+    file_type: FileType = "f16",
+    n_ctx_train: int = 2048,
+) -> ExpertFile:
+    """A random-weight llama expert that carries llama.cpp's real tokenizer ``vocab``
+    (``qwen2``, ``llama-bpe``, ``llama-spm``, ``phi-3``, ...: see
+    :mod:`moe2.tools.models.real_vocab`), padded to ``pad_to`` tokens with ``[PADn]`` like
+    llama.cpp's converter pads (Qwen2.5-7B: 152,064)."""
+    from moe2.tools.models.real_vocab import GgufTokenizer
+
+    tok = GgufTokenizer.load(vocab)
+    if pad_to is not None:
+        tok = tok.padded(pad_to)
+    dim, n_layers, n_heads, n_kv_heads, ffn_dim = shape
+    spec = LlamaSpec(n_vocab=tok.size, dim=dim, n_layers=n_layers, n_heads=n_heads,
+                     n_kv_heads=n_kv_heads, ffn_dim=ffn_dim, n_ctx_train=n_ctx_train)
+    label = name or f"{vocab}-{tok.size}"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{label}.gguf"
+    write_gguf(path, spec, random_weights(spec, seed), tok, name=label,
+               chat_template=chat_template, file_type=file_type)
+    return ExpertFile(name=label, path=path, spec=spec, seed=seed, n_params=spec.n_params,
+                      fingerprint=f"{vocab}:{tok.size}", file_type=file_type,
+                      chat_template=chat_template or tok.chat_template)

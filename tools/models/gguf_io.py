@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 
 from moe2.tools.models.llama import FileType, FloatArray, LlamaSpec
+from moe2.tools.models.real_vocab import GgufTokenizer
 from moe2.tools.models.vocab import SpmVocab
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def write_gguf(
     path: str | os.PathLike[str],
     spec: LlamaSpec,
     weights: Mapping[str, FloatArray],
-    vocab: SpmVocab,
+    vocab: SpmVocab | GgufTokenizer,
     *,
     name: str,
     chat_template: str | None = None,
@@ -64,19 +65,22 @@ def write_gguf(
         writer.add_rope_dimension_count(spec.head_dim)
         writer.add_rope_freq_base(spec.rope_theta)
 
-        writer.add_tokenizer_model("llama")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(list(vocab.tokens))
-        writer.add_token_scores(list(vocab.scores))
-        writer.add_token_types(list(vocab.types))
-        writer.add_bos_token_id(vocab.bos_id)
-        writer.add_eos_token_id(vocab.eos_id)
-        writer.add_unk_token_id(vocab.unk_id)
-        writer.add_add_bos_token(True)
-        writer.add_add_eos_token(False)
-        writer.add_add_space_prefix(True)
-        if chat_template is not None:
-            writer.add_chat_template(chat_template)
+        if isinstance(vocab, GgufTokenizer):  # a real tokenizer, written as llama.cpp has it
+            vocab.add_to(writer, chat_template)
+        else:
+            writer.add_tokenizer_model("llama")
+            writer.add_tokenizer_pre("default")
+            writer.add_token_list(list(vocab.tokens))
+            writer.add_token_scores(list(vocab.scores))
+            writer.add_token_types(list(vocab.types))
+            writer.add_bos_token_id(vocab.bos_id)
+            writer.add_eos_token_id(vocab.eos_id)
+            writer.add_unk_token_id(vocab.unk_id)
+            writer.add_add_bos_token(True)
+            writer.add_add_eos_token(False)
+            writer.add_add_space_prefix(True)
+            if chat_template is not None:
+                writer.add_chat_template(chat_template)
 
         for key in shapes:
             array = np.ascontiguousarray(weights[key], dtype=np.float32)

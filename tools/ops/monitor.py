@@ -195,6 +195,8 @@ def agent_snapshot(row: AgentRow, in_plan_apps: list[str], now_s: float) -> dict
         "max_sessions": st.max_sessions if st else None,
         "temperature_c": tel.temperature_c if tel else None,
         "n_ctx": st.n_ctx if st else None,
+        "vocab_fp": st.vocab_fp if st else None,
+        "n_vocab": st.n_vocab if st else None,
         "version": st.version if st else None,
         "in_plan": bool(in_plan_apps),
         "plan_apps": list(in_plan_apps),
@@ -241,7 +243,8 @@ def render(state: MonitorState, now_s: float, *, title: str = "moe2 fleet") -> R
     snap = snapshot(state, now_s)
     table = Table(title=title, expand=False, header_style="bold")
     columns: list[tuple[str, JustifyMethod]] = [
-        ("agent", "left"), ("state", "left"), ("model", "left"), ("device", "left"),
+        ("agent", "left"), ("state", "left"), ("model", "left"), ("vocab", "left"),
+        ("device", "left"),
         ("meter", "left"), ("power W", "right"), ("energy J", "right"), ("J/tok", "right"),
         ("tok/s", "right"), ("step ms", "right"), ("sessions", "right"), ("plan", "left"),
         ("age s", "right"),
@@ -258,7 +261,8 @@ def render(state: MonitorState, now_s: float, *, title: str = "moe2 fleet") -> R
             str(a["open_sessions"]))
         step_ms = None if a["step_latency_s"] is None else a["step_latency_s"] * 1e3
         table.add_row(
-            a["id"], state_text, a["model"] or "-", a["device"] or "-",
+            a["id"], state_text, a["model"] or "-", (a["vocab_fp"] or "-")[:8],
+            a["device"] or "-",
             Text(meter, style="yellow") if meter == "estimated" else meter,
             _num(a["power_w"], ".1f"), _energy(a["energy_j"]),
             _num(a["joules_per_token"], ".3g"), _num(a["tokens_per_s"], ".1f"),
@@ -281,6 +285,9 @@ def render(state: MonitorState, now_s: float, *, title: str = "moe2 fleet") -> R
             f"step overhead {plan.step_overhead_s * 1e3:.1f} ms"
             + (f", {age:.0f}s old" if age is not None else "") + "): " + "  ".join(parts)
         ))
+        if len(plan.families) > 1:
+            lines.append(Text("tokenizer families (not fused with each other): " + "  ".join(
+                f"{fp[:8]}=[{', '.join(m)}]" for fp, m in sorted(plan.families.items()))))
         lines += [Text(f"warning: {w}", style="bold red") for w in plan.warnings]
     if state.coordinators:
         lines.append(Text("coordinators: " + ", ".join(
