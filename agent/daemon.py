@@ -52,7 +52,7 @@ REPLY_PUBLISH_TIMEOUT_S = 2.0
 class Work:
     """One inbound RPC: the decoded message (or the decode error) and where to reply."""
 
-    msg: wire.OpenSession | wire.Step | wire.CloseSession | None
+    msg: wire.OpenSession | wire.Step | wire.CloseSession | wire.ScoreAnswer | None
     error: str | None
     response_topic: str | None
     correlation: bytes | None
@@ -339,9 +339,13 @@ class AgentDaemon:
                                                 message=w.error or "malformed"))
                 continue
             try:
-                self._admit(i, w.msg, now, pending, errors[i])
-            except SessionError as exc:  # whole-message errors (open)
-                sid = w.msg.session_id if isinstance(w.msg, wire.OpenSession) else None
+                if isinstance(w.msg, wire.ScoreAnswer):
+                    dists[i].append(self._score(w.msg, now))
+                else:
+                    self._admit(i, w.msg, now, pending, errors[i])
+            except SessionError as exc:  # whole-message errors (open, score)
+                sid = (w.msg.session_id if isinstance(w.msg, (wire.OpenSession, wire.ScoreAnswer))
+                       else None)
                 errors[i].append(exc.item(sid, 0 if sid else None))
         # Rounds: a session may appear once per llama_decode call.
         while pending:
@@ -411,9 +415,12 @@ class AgentDaemon:
             s.busy = True
             pending.append(_Job(i, s, [item.token], item.seq, item.k, False))
 
-    def tokenize_request(self, msg: wire.OpenSession) -> list[int]:
+    def tokenize_request(self, msg: wire.OpenSession | wire.ScoreAnswer,
+                         continuation: str = "") -> list[int]:
+        """The prompt's tokens (chat template unless raw or absent), and with ``continuation``
+        the tokens of prompt + continuation tokenised together."""
         eng = self.engine
-        if msg.tokens is not None:
+        if isinstance(msg, wire.OpenSession) and msg.tokens is not None:
             self.table.check_tokens(msg.tokens)
             return list(msg.tokens)
         template = eng.info.chat_template is not None and not msg.raw
@@ -423,7 +430,7 @@ class AgentDaemon:
             pairs = [("user", msg.prompt or "")]
         if not template:
             text = "\n".join(c for _r, c in pairs)
-            return eng.tokenize(text, add_bos=True, parse_special=False)
+            return eng.tokenize(text + continuation, add_bos=True, parse_special=False)
         try:
             rendered = eng.render_chat(pairs)
         except Exception as exc:  # noqa: BLE001 - a template error is the request's problem
@@ -431,7 +438,63 @@ class AgentDaemon:
                                f"chat template failed: {exc}") from None
         bos_text = getattr(eng, "bos_text", lambda: "")()
         add_bos = not (bos_text and rendered.startswith(bos_text))
-        return eng.tokenize(rendered, add_bos=add_bos, parse_special=True)
+        return eng.tokenize(rendered + continuation, add_bos=add_bos, parse_special=True)
+
+    def _continuation(self, msg: wire.ScoreAnswer) -> str:
+        """How this model continues the prompt with the answer: right after a chat template's
+        generation prompt; after a space that a raw prompt does not end with otherwise
+        (``Q: ... A:`` + `` Paris``)."""
+        text = msg.continuation
+        templated = self.engine.info.chat_template is not None and not msg.raw
+        if templated or not text or text[0].isspace():
+            return text
+        prompt = msg.prompt if msg.prompt is not None else "\n".join(
+            m.content for m in msg.messages or [])
+        return text if not prompt or prompt[-1].isspace() else " " + text
+
+    def _score(self, msg: wire.ScoreAnswer, now: float) -> wire.Distribution:
+        """Teacher forcing (see :class:`wire.ScoreAnswer`), one token a decode, in a session of
+        its own that is freed before returning."""
+        prompt = self.tokenize_request(msg)
+        full = self.tokenize_request(msg, self._continuation(msg))
+        if full[:len(prompt)] == prompt:
+            answer = full[len(prompt):]
+        else:  # the continuation merged with the prompt's last token: tokenise it alone
+            answer = self.engine.tokenize(self._continuation(msg), add_bos=False,
+                                          parse_special=False)
+        if msg.eos:
+            answer.append(self.engine.info.eos_id)
+        if not answer:
+            raise SessionError(wire.ErrorCode.BAD_REQUEST, "the answer has no tokens")
+        self.table.check_tokens(answer)
+        if len(prompt) + len(answer) > min(self.max_prompt_tokens, self.table.n_ctx - 1):
+            raise SessionError(wire.ErrorCode.PROMPT_TOO_LONG,
+                               f"prompt and answer have {len(prompt) + len(answer)} tokens; "
+                               f"this agent's context holds {self.table.n_ctx}")
+        s = self.table.open(msg.session_id, len(prompt), 0, now)
+        probs: list[float] = []
+        e0 = self.meter.read_energy_j()
+        t0 = self.clock()
+        try:
+            feed = prompt
+            for tok in answer:
+                with (self.meter.busy() if isinstance(self.meter, EstimatedMeter)
+                      else contextlib.nullcontext()):
+                    (logits,) = self.engine.decode([DecodeJob(s.seq_id, feed, s.n_past)])
+                s.n_past += len(feed)
+                _ids, p, _rest = softmax_topk(logits, 0)
+                probs.append(float(p[tok]))
+                feed = [tok]
+        except EngineError as exc:
+            raise SessionError(wire.ErrorCode.INTERNAL, f"decode failed: {exc}") from None
+        finally:
+            self.table.close(s.session_id)
+            self.engine.free(s.seq_id)
+        return wire.Distribution(
+            session_id=msg.session_id, seq=0, probs=wire.Distribution.pack_probs(probs),
+            ids=wire.Distribution.pack_ids(answer), n_past=s.n_past,
+            n_evaluated=len(prompt) + len(answer) - 1,
+            energy_j=max(0.0, self.meter.read_energy_j() - e0), latency_s=self.clock() - t0)
 
     def _decode_round(self, jobs: list[_Job], dists: list[list[wire.Distribution]],
                       errors: list[list[wire.ErrorItem]]) -> None:

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from moe2.cli._common import add_daemon_arguments, fail, run_daemon, with_daemon_arguments
-from moe2.shared.config import ConfigError, CoordinatorConfig, load
+from moe2.shared.config import ConfigError, CoordinatorConfig, load, override
 from moe2.shared.topics import check_name
 
 HELP = "serve phones: gate, pick experts, fuse their next-token distributions"
@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_daemon_arguments(p, "coordinator")
     p.add_argument("--id", help="this coordinator's name (default 'coordinator')")
     p.add_argument("--gate", help="gate exported to ONNX by `moe2 train-gate`")
+    p.add_argument("--calibration", help="the planner's loss data: the file `moe2 calibrate` "
+                   "wrote (overrides [planner] calibration)")
     p.add_argument("--dist-k", type=int,
                    help="top tokens each expert returns per step (0 = the full vocabulary)")
     p.add_argument("--top-k", type=int, help="experts fused per request (default: all in plan)")
@@ -41,6 +43,8 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
                 raise ConfigError(f"--fixed-gate {item!r}: expected EXPERT=POSITIVE_NUMBER")
     cfg = with_daemon_arguments(cfg, args, id=args.id, gate=args.gate, dist_k=args.dist_k,
                                 top_k=args.top_k, group=args.group, fixed_gates=fixed)
+    if args.calibration:
+        cfg = override(cfg, planner=override(cfg.planner, calibration=args.calibration))
     try:
         check_name("coordinator id", cfg.id)
         check_name("group", cfg.group)
@@ -90,7 +94,13 @@ def run(args: argparse.Namespace) -> int:
     def warnings(registry: Any) -> list[str]:
         return fleet_warnings(experts, cfg.unknown_expert_weight, registry)
 
-    planner = LivePlanner.from_config(cfg, warnings) if cfg.planner.enabled else None
+    from moe2.coordinator.calibration import CalibrationError
+
+    try:
+        planner = (LivePlanner.from_config(cfg, warnings, gate) if cfg.planner.enabled
+                   else None)
+    except CalibrationError as exc:
+        fail(str(exc))
     metrics = None
     if cfg.metrics_port is not None:
         from moe2.coordinator.metrics import CoordinatorMetrics

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import statistics
@@ -34,12 +33,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from moe2.coordinator import planner as pl
+from moe2.coordinator.calibration import CalibrationError, load_calibration
+from moe2.coordinator.gating import Gate, UniformGate
 from moe2.coordinator.registry import AgentView, Registry
 from moe2.shared import wire
 from moe2.shared.config import CoordinatorConfig
@@ -119,21 +119,39 @@ def finite_positive(x: float) -> bool:
 
 @dataclass(frozen=True)
 class Calibration:
+    """The planner's calibration: one row per answer token, the prompt's gating values and
+    every expert's teacher-forced probability (paper eq. 13-15)."""
+
     names: tuple[str, ...]
     gates: np.ndarray
     target_probs: np.ndarray
 
     @staticmethod
-    def load(path: str) -> Calibration:
-        """A plan-problem style file: ``{"experts": [names], "gates": [[..]], "target_probs":
-        [[..]]}`` (one row per calibration token, one column per expert)."""
-        data = json.loads(Path(path).read_text())
-        names = tuple(str(n) for n in data["experts"])
-        gates = np.asarray(data["gates"], dtype=np.float64)
-        probs = np.asarray(data["target_probs"], dtype=np.float64)
-        if gates.shape != probs.shape or gates.ndim != 2 or gates.shape[1] != len(names):
-            raise ValueError(f"calibration {path!r}: gates/target_probs must be samples x experts")
-        return Calibration(names, gates, probs)
+    def from_file(path: str, gate: Gate) -> Calibration:
+        """What ``moe2 calibrate`` wrote, weighed by this coordinator's gate (its validation
+        split, else every row). :class:`CalibrationError` when the file is not one or covers
+        experts the gate does not know."""
+        cal = load_calibration(path)
+        if gate.kind != "uniform":
+            unknown = sorted(set(cal.experts) - set(gate.experts))
+            if unknown:
+                raise CalibrationError(
+                    f"calibration {path} covers experts the gate does not know: "
+                    f"{', '.join(unknown)} (the gate knows {', '.join(gate.experts)}); "
+                    "calibrate and train the gate on the same experts")
+        records = cal.records()
+        if not records:
+            raise CalibrationError(f"calibration {path} has no rows")
+        texts = [r.prompt for r in records]
+        batch = getattr(gate, "values_batch", None)
+        if gate.kind == "uniform":
+            values: list[Mapping[str, float]] = [dict.fromkeys(cal.experts, 1.0)] * len(texts)
+        elif batch is not None:
+            values = list(batch(texts))
+        else:
+            values = [gate.values(t) for t in texts]
+        gates, probs = cal.planner_rows(values)
+        return Calibration(cal.experts, gates, probs)
 
     def loss_for(self, names: Sequence[str]) -> pl.LossTable | None:
         idx = {n: i for i, n in enumerate(self.names)}
@@ -197,13 +215,15 @@ class LivePlanner:
 
     @staticmethod
     def from_config(cfg: CoordinatorConfig,
-                    warnings: Callable[[Registry], list[str]] | None = None) -> LivePlanner:
+                    warnings: Callable[[Registry], list[str]] | None = None,
+                    gate: Gate | None = None) -> LivePlanner:
         p = cfg.planner
         energy = p.max_energy_j
         if p.max_request_energy_j is not None:
             per_token = p.max_request_energy_j / max(1, p.expected_tokens)
             energy = per_token if energy is None else min(energy, per_token)
-        calib = Calibration.load(p.calibration) if p.calibration else None
+        calib = (Calibration.from_file(p.calibration, gate or UniformGate())
+                 if p.calibration else None)
         return LivePlanner(
             {name: a.max_latency_s for name, a in cfg.apps.items()}, method=p.method,
             max_energy_j=energy, interval_s=p.interval_s, change_fraction=p.change_fraction,

@@ -64,7 +64,8 @@ class AgentRpc:
         self._by_agent[key[0]].add(key)
         return fut
 
-    def _send(self, agent_id: str, msg: wire.OpenSession | wire.Step | wire.CloseSession) -> None:
+    def _send(self, agent_id: str,
+              msg: wire.OpenSession | wire.Step | wire.CloseSession | wire.ScoreAnswer) -> None:
         out = Outgoing(self.topics.agent_rpc(agent_id), wire.encode(msg))
         if self.direct is not None and self.direct(out):
             self.messages_sent += 1
@@ -76,6 +77,12 @@ class AgentRpc:
             log.error("rpc queue full: message to %s dropped", agent_id)
 
     def open(self, agent_id: str, msg: wire.OpenSession) -> asyncio.Future[wire.Distribution]:
+        fut = self._waiter((agent_id, msg.session_id, 0))
+        self._send(agent_id, msg)
+        return fut
+
+    def score(self, agent_id: str, msg: wire.ScoreAnswer) -> asyncio.Future[wire.Distribution]:
+        """Teacher forcing in one message (``moe2 calibrate``); the reply is one distribution."""
         fut = self._waiter((agent_id, msg.session_id, 0))
         self._send(agent_id, msg)
         return fut

@@ -19,11 +19,13 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 import aiomqtt
 
 from moe2.coordinator.fleetcheck import fleet_warnings
+from moe2.coordinator.fusion import Fused
 from moe2.coordinator.gating import Gate
 from moe2.coordinator.generation import Emit, GenerationSettings, RequestContext, run_request
 from moe2.coordinator.inflight import InflightTracker
@@ -247,9 +249,9 @@ class Coordinator:
         await self.inflight.flush()
         await self.outbox.flush()
         st = self.topics.coordinator_status(self.cfg.id)
+        payload = b"" if self.cfg.ephemeral else st.encode(self.status("offline"))
         with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
-            await asyncio.wait_for(self.link.publish(
-                st.topic, st.encode(self.status("offline")), qos=1, retain=True), 3.0)
+            await asyncio.wait_for(self.link.publish(st.topic, payload, qos=1, retain=True), 3.0)
 
     # ------------------------------------------------------------------ MQTT session
     def will(self) -> aiomqtt.Will:
@@ -277,7 +279,7 @@ class Coordinator:
         await client.subscribe(tp.all_agent_telemetry, qos=0)
         await client.subscribe(tp.all_coordinator_status, qos=1)
         await client.subscribe(tp.inflight_filter(self.cfg.id), qos=1)
-        if self._accepting:
+        if self._accepting and not self.cfg.ephemeral:
             await client.subscribe(tp.requests_shared(self.cfg.group), qos=1)
         st = tp.coordinator_status(self.cfg.id)
         await client.publish(st.topic, st.encode(self.status("online")), qos=1, retain=True)
@@ -443,6 +445,24 @@ class Coordinator:
             wire.ErrorReplyPhone(code=wire.ErrorCode.SHUTTING_DOWN,
                                  message=f"{who} went offline before this request finished; "
                                          "retry"))
+
+    async def answer(self, req: wire.PhoneRequest, *,
+                     observer: Callable[[str, int, Fused, int], None] | None = None
+                     ) -> tuple[wire.FinalReply | wire.ErrorReplyPhone, str]:
+        """Serve one request in this process (``moe2 eval``): the same generation over MQTT as
+        a phone's request, without the phone hop. Returns the final (or error) and the text
+        streamed in chunks."""
+        self._n += 1
+        out: list[wire.TokenChunk | wire.FinalReply | wire.ErrorReplyPhone] = []
+
+        async def emit(msg: wire.TokenChunk | wire.FinalReply | wire.ErrorReplyPhone) -> None:
+            out.append(msg)
+
+        ctx = self.ctx if observer is None else replace(self.ctx, observer=observer)
+        await run_request(req, ctx, self.settings, emit, f"{self._n}{uuid.uuid4().hex[:6]}")
+        terminal = out[-1]
+        assert isinstance(terminal, (wire.FinalReply, wire.ErrorReplyPhone))
+        return terminal, "".join(m.text for m in out if isinstance(m, wire.TokenChunk))
 
     # ------------------------------------------------------------------ loops
     def _send_rpc_now(self, out: Outgoing) -> bool:

@@ -122,6 +122,9 @@ class CoordinatorConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=T
     unknown_expert_weight: float = 0.0
     #: let requests pick experts / uniform weights (``moe2 eval`` only; off in production)
     allow_overrides: bool = False
+    #: a private coordinator (``moe2 eval``): takes no phone requests and leaves no retained
+    #: status behind when it stops
+    ephemeral: bool = False
     step_deadline_min_s: float = 2.0
     step_deadline_factor: float = 20.0
     #: the deadline never exceeds this, whatever step latency an agent reports
@@ -151,6 +154,9 @@ class CoordinatorConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=T
             _positive(f"apps.{name}.max_latency_s", app.max_latency_s)
         if not self.step_deadline_min_s <= self.step_deadline_max_s:
             raise ConfigError("step_deadline_max_s must be >= step_deadline_min_s")
+        cal = self.planner.calibration
+        if cal is not None and not os.path.isfile(cal):
+            raise ConfigError(f"planner calibration file {cal!r} does not exist")
         overhead = self.planner.step_overhead_s
         if overhead is not None and not (overhead >= 0 and math.isfinite(overhead)):
             raise ConfigError("planner.step_overhead_s must be a finite number >= 0 "

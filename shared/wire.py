@@ -172,6 +172,30 @@ class OpenSession(_Strict, tag="open", frozen=True):
             raise ValueError("session_id must be 1..128 characters")
 
 
+class ScoreAnswer(_Strict, tag="score", frozen=True):
+    """Teacher forcing in one message (``moe2 calibrate``): the agent tokenises the prompt as
+    an open does and ``continuation`` as this model would continue that prompt (its own
+    tokenizer: ``tokens(prompt + continuation)`` past the prompt's own tokens), appends its EOS
+    when ``eos``, and replies with one :class:`Distribution` (``seq`` 0) whose ``ids`` are
+    those answer tokens and ``probs`` the probability of each after everything before it.
+    No session stays open."""
+
+    session_id: str
+    continuation: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    raw: bool = False
+    eos: bool = True
+    v: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of prompt, messages is required")
+        if not self.session_id or len(self.session_id) > 128:
+            raise ValueError("session_id must be 1..128 characters")
+
+
 class StepItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
     """Append ``token`` to ``session_id`` and return the next distribution, tagged ``seq``."""
 
@@ -327,9 +351,9 @@ class InflightMarker(_Strict, tag="inflight", frozen=True):
         _check_version(self.v)
 
 
-AgentInbound = OpenSession | Step | CloseSession
-AnyAgentMsg = (OpenSession | Step | CloseSession | Reply | AgentStatus | Telemetry | PlanMsg
-               | CoordinatorStatus | Vocab | InflightMarker)
+AgentInbound = OpenSession | Step | CloseSession | ScoreAnswer
+AnyAgentMsg = (OpenSession | Step | CloseSession | ScoreAnswer | Reply | AgentStatus | Telemetry
+               | PlanMsg | CoordinatorStatus | Vocab | InflightMarker)
 
 _encoder = msgspec.msgpack.Encoder()
 _agent_inbound = msgspec.msgpack.Decoder(AgentInbound)
@@ -350,10 +374,10 @@ def _wrap(exc: Exception) -> DecodeError:
     return DecodeError(text)
 
 
-def decode_agent_inbound(data: bytes) -> OpenSession | Step | CloseSession:
+def decode_agent_inbound(data: bytes) -> OpenSession | Step | CloseSession | ScoreAnswer:
     """Decode what a coordinator sends an agent; anything else raises :class:`DecodeError`."""
     try:
-        msg: OpenSession | Step | CloseSession = _agent_inbound.decode(data)
+        msg: OpenSession | Step | CloseSession | ScoreAnswer = _agent_inbound.decode(data)
         return msg
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
             RecursionError, OverflowError) as exc:

@@ -336,6 +336,10 @@ def test_experts_with_another_vocabulary_are_never_fused(procs: Any, broker: Loc
         return finals
 
     for final in asyncio.run(main()):
-        used = {e.id for e in final.experts}
-        # one vocabulary family per request: the larger family wins under uniform gating
+        used = {e.id for e in final.experts if not e.dropped}
+        # one vocabulary family per request: the larger family wins under uniform gating,
+        # and the other family's expert is listed, dropped, with the reason
         assert used == {"same0", "same1"}
+        [other_entry] = [e for e in final.experts if e.dropped]
+        assert other_entry.id == "other" and "different tokenizer family" in (
+            other_entry.reason or "")

@@ -25,7 +25,10 @@ def test_reproduce_tiny_end_to_end(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     acc = result["accuracy"]
-    assert set(acc) >= {"moe2", "majority_voting", "average_expert", "single"}
+    assert set(acc) >= {"moe2", "majority_voting", "average_expert", "single", "oracle"}
+    assert acc["oracle"] >= acc["best_single"]
+    assert set(result["per_app"]) <= {"arithmetic", "units", "capitals", "continents",
+                                      "languages", "antonyms", "letters", "reverse"}
     assert sorted(acc["single"]) == ["expert-0", "expert-1", "expert-2"]
     for v in [acc["moe2"], acc["majority_voting"], acc["average_expert"], *acc["single"].values()]:
         assert 0.0 <= v <= 100.0

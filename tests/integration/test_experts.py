@@ -124,7 +124,7 @@ def test_corpus_examples_and_jsonl_round_trip(tmp_path: Path) -> None:
     for name, path in paths.items():
         assert qa.read_jsonl(path) == list(corpus[name])
         first = json.loads(path.read_text().splitlines()[0])
-        assert set(first) == {"prompt", "answer", "family"}
+        assert set(first) == {"prompt", "answer", "app", "raw", "family"}
     assert len(by_prompt) == sum(len(corpus[n]) for n in qa.SPLITS)
     with pytest.raises(ValueError, match="unknown families"):
         qa.generate_corpus(families=["nope"])

@@ -128,7 +128,7 @@ def _synthetic(n_per: int, seed: int) -> list[CalibrationRecord]:
             probs = tuple(tuple([0.9 if j == k else 0.05] * t) for j in range(3))
             records.append(CalibrationRecord(
                 prompt=f"p{k}", answer="a", family=f"f{k}", embedding=tuple(float(x) for x in v),
-                answer_tokens=tuple(range(t)), probs=probs))
+                tokens=(tuple(range(t)),) * 3, probs=probs))
     return records
 
 
@@ -167,7 +167,7 @@ def test_load_calibration_rejects_other_files(tmp_path: Path) -> None:
         load_calibration(p)
     with pytest.raises(ValueError, match="probabilities for"):
         CalibrationRecord(prompt="p", answer="a", family="", embedding=(0.0,),
-                          answer_tokens=(1, 2), probs=((0.5,),))
+                          tokens=((1, 2),), probs=((0.5,),))
 
 
 # --------------------------------------------------------------------------- with the fleet

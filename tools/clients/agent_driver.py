@@ -1,10 +1,9 @@
 """Drive agents directly over MQTT (no phone, no gate): teacher forcing for calibration.
 
-This is the production path of ``moe2 calibrate --broker``: the same agents, the same RPC and
-the same distributions the coordinator fuses. For each (prompt tokens, target tokens) item and
-each agent, a session is opened on the prompt with the full vocabulary (k = 0), and stepped
-through the targets; the probability of every target token is read off the distribution that
-precedes it.
+This is the production path of ``moe2 calibrate --broker``: the same agents and RPC the
+coordinator uses. Each (row, agent) is one :class:`wire.ScoreAnswer`: the agent tokenises the
+prompt and the answer with its own tokenizer -- any GGUF, any family -- and returns the
+probability of every answer token given everything before it.
 """
 
 from __future__ import annotations
@@ -13,11 +12,11 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import aiomqtt
 
-from moe2.coordinator.rpc import AgentRpc, RpcError
+from moe2.coordinator.rpc import AgentRpc
 from moe2.shared import wire
 from moe2.shared.mqtt import make_client, parse_broker_url, payload_bytes, response_properties
 from moe2.shared.topics import Topics
@@ -38,11 +37,14 @@ class AgentDriver:
         self._client: aiomqtt.Client | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._sending = False
+        #: online agents by id (retained statuses)
+        self.statuses: dict[str, wire.AgentStatus] = {}
 
     async def __aenter__(self) -> AgentDriver:
         self._client = make_client(parse_broker_url(self.url), identifier=self.driver_id)
         await self._client.__aenter__()
         await self._client.subscribe(self.rpc.inbox, qos=0)
+        await self._client.subscribe(self.topics.all_agent_status, qos=1)
         self._tasks = [asyncio.create_task(self._send(), name="driver-send"),
                        asyncio.create_task(self._receive(), name="driver-receive")]
         return self
@@ -80,54 +82,51 @@ class AgentDriver:
         assert self._client is not None
         inbox = self.topics.coordinator_inbox(self.driver_id)
         async for m in self._client.messages:
+            topic = str(m.topic)
+            if topic != inbox.topic:  # an agent's retained status
+                aid = self.topics.agent_id_of(topic)
+                try:
+                    st = (self.topics.agent_status(aid).decode(payload_bytes(m))
+                          if aid and payload_bytes(m) else None)
+                except wire.DecodeError:
+                    st = None
+                if aid and (st is None or st.state != "online"):
+                    self.statuses.pop(aid, None)
+                elif aid and st is not None:
+                    self.statuses[aid] = st
+                continue
             try:
                 self.rpc.on_reply(inbox.decode(payload_bytes(m)))
             except wire.DecodeError as exc:
                 log.debug("bad reply dropped: %s", exc)
 
-    async def teacher_forced(self, agent_id: str, prompt_tokens: Sequence[int],
-                             targets: Sequence[int]) -> list[float]:
-        """P(target_t | prompt, targets_<t) for every t, from the agent's distributions."""
-        sid = f"{self.driver_id}-{uuid.uuid4().hex[:10]}"
-        out: list[float] = []
-        try:
-            fut = self.rpc.open(agent_id, wire.OpenSession(
-                session_id=sid, k=0, tokens=list(prompt_tokens)))
-            d = await asyncio.wait_for(fut, self.timeout_s)
-            for i, t in enumerate(targets):
-                probs = d.prob_array()
-                out.append(float(probs[t]) if 0 <= t < probs.shape[0] else 0.0)
-                if i == len(targets) - 1:
-                    break
-                d = await asyncio.wait_for(
-                    self.rpc.step(agent_id, wire.StepItem(sid, int(t), i + 1, 0)), self.timeout_s)
-        finally:
-            self.rpc.close(agent_id, [sid])
-        return out
+    async def wait_agents(self, agent_ids: Sequence[str] | None,
+                          timeout_s: float = 10.0) -> dict[str, wire.AgentStatus]:
+        """The online agents (their retained statuses): ``agent_ids`` (every one must be
+        online, else :class:`UnknownAgentsError` names the missing), or all that are."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            if agent_ids is not None and set(agent_ids) <= set(self.statuses):
+                break
+            await asyncio.sleep(0.05)
+        if agent_ids is None:
+            if not self.statuses:
+                raise UnknownAgentsError("no agent is online on this broker")
+            return dict(sorted(self.statuses.items()))
+        missing = sorted(set(agent_ids) - set(self.statuses))
+        if missing:
+            online = ", ".join(sorted(self.statuses)) or "none"
+            raise UnknownAgentsError(f"agent(s) {', '.join(missing)} are not online "
+                                     f"(online: {online})")
+        return {a: self.statuses[a] for a in agent_ids}
+
+    async def score(self, agent_id: str, message: wire.ScoreAnswer
+                    ) -> tuple[list[int], list[float]]:
+        """The agent's answer tokens and the teacher-forced probability of each."""
+        d = await asyncio.wait_for(self.rpc.score(agent_id, message), self.timeout_s)
+        return [int(t) for t in d.id_array()], [float(p) for p in d.prob_array()]
 
 
-async def calibrate_via_agents(
-    url: str, agent_ids: Sequence[str], items: Sequence[tuple[Sequence[int], Sequence[int]]],
-    *, topics: Topics | None = None, concurrency: int = 8,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, list[list[float]]]:
-    """Teacher-forced target probabilities of every item under every agent."""
-    results: dict[str, list[list[float]]] = {a: [[] for _ in items] for a in agent_ids}
-    sem = asyncio.Semaphore(concurrency)
-    async with AgentDriver(url, topics) as drv:
-
-        async def one(i: int) -> None:
-            prompt, targets = items[i]
-            async with sem:
-                per_agent = await asyncio.gather(*[
-                    drv.teacher_forced(a, prompt, targets) for a in agent_ids])
-            for a, probs in zip(agent_ids, per_agent, strict=True):
-                results[a][i] = probs
-            if progress is not None:
-                progress(1)
-
-        try:
-            await asyncio.gather(*[one(i) for i in range(len(items))])
-        except RpcError as exc:
-            raise RuntimeError(f"calibration failed: an agent refused a step: {exc}") from exc
-    return results
+class UnknownAgentsError(LookupError):
+    """Agents named on the command line are not online."""

@@ -1,46 +1,41 @@
-"""``moe2 calibrate``: the gate's training data, from running agents (the production path) or
-straight from the GGUF files.
+"""``moe2 calibrate``: the gate's training data and the planner's loss, from the live agents
+(the production path, any GGUF experts) or straight from the generated fleet's GGUF files.
 
-Either way the result is the calibration file of :mod:`moe2.tools.offline.gate_data`: per sample,
-the prompt's MiniLM embedding and, per expert, the teacher-forced probability of every answer
-token (ending with EOS). Through agents, each expert's probabilities come from the very
-distributions the coordinator fuses (k = 0, the full vocabulary), so a gate trained on them is
-trained on what serving does.
+Either way the result is the calibration file of :mod:`moe2.coordinator.calibration`: per row,
+the gate text's MiniLM embedding and, per expert, its own answer tokens with the teacher-forced
+probability of each. Through agents, the probabilities come from the very engines the
+coordinator fuses, so a gate trained on them is trained on what serving does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
+from moe2.coordinator.calibration import Calibration, CalibrationRecord
 from moe2.coordinator.gating import EMBEDDING_DIM, EMBEDDING_MODEL, MAX_LENGTH
+from moe2.coordinator.rpc import RpcError
 from moe2.shared.topics import Topics
-from moe2.tools.clients.agent_driver import calibrate_via_agents
+from moe2.tools.clients.agent_driver import AgentDriver
 from moe2.tools.offline.corpus import Sample
-from moe2.tools.offline.gate_data import Calibration, CalibrationRecord
+from moe2.tools.offline.dataset import Row
 
 Embed = Callable[[Sequence[str]], npt.NDArray[np.float32]]
+Progress = Callable[[int], None]
 
 
-class Tokenizer:
-    """The experts' own tokenizer (llama.cpp, vocabulary only) for prompt and answer tokens."""
+class CalibrationFailed(RuntimeError):
+    """An agent could not score a row (the message says which and why)."""
 
-    def __init__(self, gguf_path: str | os.PathLike[str]) -> None:
-        import llama_cpp
 
-        self.llm = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
-        self.eos = int(self.llm.token_eos())
-
-    def prompt(self, text: str) -> list[int]:
-        return [int(t) for t in self.llm.tokenize(text.encode(), add_bos=True, special=False)]
-
-    def answer(self, text: str) -> list[int]:
-        toks = self.llm.tokenize(text.encode(), add_bos=False, special=False)
-        return [*(int(t) for t in toks), self.eos]
+def rows_from_samples(samples: Sequence[Sample]) -> list[Row]:
+    """The generated corpus as operator rows (raw prompts, the family as app and label)."""
+    return [Row(answer=s.answer, prompt=s.prompt, app=s.family or "default", raw=True,
+                label=s.family) for s in samples]
 
 
 def default_embed(progress: bool = False) -> Embed:
@@ -55,48 +50,80 @@ def default_embed(progress: bool = False) -> Embed:
     return embed
 
 
+async def resolve_agents(url: str, agent_ids: Sequence[str] | None, *, root: str = "moe2",
+                         timeout_s: float = 10.0) -> list[str]:
+    """The agents to calibrate: the named ones (each must be online) or every online one."""
+    async with AgentDriver(url, Topics(root)) as drv:
+        return list(await drv.wait_agents(agent_ids, timeout_s))
+
+
+async def score_rows(url: str, agent_ids: Sequence[str], rows: Sequence[Row], *,
+                     root: str = "moe2", concurrency: int = 8,
+                     progress: Progress | None = None
+                     ) -> list[list[tuple[list[int], list[float]]]]:
+    """Per row, per agent (in ``agent_ids`` order): the agent's answer tokens and their
+    teacher-forced probabilities."""
+    out: list[list[tuple[list[int], list[float]]]] = [[] for _ in rows]
+    sem = asyncio.Semaphore(concurrency)
+    async with AgentDriver(url, Topics(root)) as drv:
+        await drv.wait_agents(agent_ids)
+
+        async def one(i: int) -> None:
+            row = rows[i]
+            async with sem:
+                try:
+                    out[i] = list(await asyncio.gather(*[
+                        drv.score(a, row.score_message(f"{drv.driver_id}-{uuid.uuid4().hex[:8]}"))
+                        for a in agent_ids]))
+                except (RpcError, asyncio.TimeoutError) as exc:
+                    where = f"line {row.line}" if row.line else f"row {i + 1}"
+                    raise CalibrationFailed(
+                        f"{where}: an agent could not score it: "
+                        f"{getattr(exc, 'message', None) or type(exc).__name__}") from None
+            if progress is not None:
+                progress(1)
+
+        await asyncio.gather(*[one(i) for i in range(len(rows))])
+    return out
+
+
 def build_calibration_via_agents(
     url: str,
-    experts: Mapping[str, str | os.PathLike[str]],
-    splits: Mapping[str, Sequence[Sample]],
+    agent_ids: Sequence[str],
+    splits: Mapping[str, Sequence[Row]],
     *,
     root: str = "moe2",
     embed: Embed | None = None,
     vocab_fingerprint: str | None = None,
     concurrency: int = 8,
     progress: bool = False,
+    extra: Mapping[str, object] | None = None,
 ) -> Calibration:
-    """Teacher forcing through the agents named by ``experts`` (ids; the GGUF paths are only
-    read for their shared tokenizer), plus the prompts' embeddings."""
+    """Teacher forcing of every row through every named agent, plus the gate texts'
+    embeddings: the calibration file (see :mod:`moe2.coordinator.calibration`)."""
     from tqdm import tqdm
 
-    if not experts:
-        raise ValueError("no experts")
-    tok = Tokenizer(next(iter(experts.values())))
+    if not agent_ids:
+        raise ValueError("no agents")
     embed = embed or default_embed(progress)
-    names = list(experts)
+    names = list(agent_ids)
     out: dict[str, tuple[CalibrationRecord, ...]] = {}
-    for split, samples in splits.items():
-        items = [(tok.prompt(s.prompt), tok.answer(s.answer)) for s in samples]
-        bar = tqdm(total=len(items), desc=f"calibrate {split} via agents", disable=not progress,
-                   leave=False)
-        try:
-            probs = asyncio.run(calibrate_via_agents(
-                url, names, items, topics=Topics(root), concurrency=concurrency,
-                progress=bar.update))
-        finally:
-            bar.close()
-        vectors = embed([s.prompt for s in samples]) if samples else np.zeros((0, EMBEDDING_DIM))
+    for split, rows in splits.items():
+        with tqdm(total=len(rows), desc=f"calibrate {split}", disable=not progress,
+                  unit="row") as bar:
+            scored = asyncio.run(score_rows(url, names, rows, root=root,
+                                            concurrency=concurrency, progress=bar.update))
+        texts = [r.gate_text() for r in rows]
+        vectors = embed(texts) if rows else np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
         out[split] = tuple(
             CalibrationRecord(
-                prompt=s.prompt, answer=s.answer, family=s.family,
-                embedding=tuple(float(x) for x in vec), answer_tokens=tuple(items[i][1]),
-                probs=tuple(tuple(probs[n][i]) for n in names),
+                prompt=text, answer=row.answer, family=row.label, app=row.app,
+                embedding=tuple(float(x) for x in vec),
+                tokens=tuple(tuple(toks) for toks, _p in per_agent),
+                probs=tuple(tuple(p) for _t, p in per_agent),
             )
-            for i, (s, vec) in enumerate(zip(samples, vectors, strict=True))
+            for row, text, vec, per_agent in zip(rows, texts, vectors, scored, strict=True)
         )
     return Calibration(experts=tuple(names), splits=out, embedding_model=EMBEDDING_MODEL,
                        embedding_dim=EMBEDDING_DIM, max_length=MAX_LENGTH,
-                       vocab_fingerprint=vocab_fingerprint)
-
-
+                       vocab_fingerprint=vocab_fingerprint, extra=dict(extra or {}))

@@ -26,7 +26,8 @@ are shared across splits through different templates, so held-out prompts are an
 expected to continue with ``" " + answer`` and then EOS. Exact match compares the generated text,
 stripped of surrounding whitespace, with ``Sample.answer``.
 
-Splits are stored as JSON lines ``{"prompt": ..., "answer": ..., "family": ...}``.
+Splits are stored as JSON lines of the operator data format (:mod:`.dataset`):
+``{"prompt": ..., "answer": ..., "app": <family>, "raw": true, "family": ...}``.
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ class Sample:
     answer: str
     family: str
 
-    def to_json(self) -> dict[str, str]:
-        return {"prompt": self.prompt, "answer": self.answer, "family": self.family}
+    def to_json(self) -> dict[str, object]:
+        """A row of the operator data format (``moe2 calibrate --data``, ``moe2 eval
+        --data``): the prompt sent raw, the family as its application class and label."""
+        return {"prompt": self.prompt, "answer": self.answer, "app": self.family or "default",
+                "raw": True, "family": self.family}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, object]) -> Sample:

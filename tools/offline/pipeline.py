@@ -79,7 +79,7 @@ def start_agents(fleet: Any, manifest: Any, s: PipelineSettings) -> list[str]:
 
 def calibrate(fleet: Any, manifest: Any, out: Path, s: PipelineSettings,
               say: Callable[[str], None] = _say) -> Any:
-    from moe2.tools.offline.calibrate import build_calibration_via_agents
+    from moe2.tools.offline.calibrate import build_calibration_via_agents, rows_from_samples
     from moe2.tools.offline.corpus import read_jsonl
     from moe2.tools.offline.gate_data import load_calibration, save_calibration
 
@@ -90,9 +90,9 @@ def calibrate(fleet: Any, manifest: Any, out: Path, s: PipelineSettings,
             say(f"reusing {path}")
             return cal
     say("calibrating through the agents (teacher forcing, full distributions)")
-    splits = {sp: read_jsonl(manifest.split_path(sp))[: s.calib_limit]
+    splits = {sp: rows_from_samples(read_jsonl(manifest.split_path(sp))[: s.calib_limit])
               for sp in ("calib", "validation")}
-    cal = build_calibration_via_agents(fleet.url, manifest.expert_paths(), splits,
+    cal = build_calibration_via_agents(fleet.url, [e.name for e in manifest.experts], splits,
                                        root=fleet.topics.root,
                                        vocab_fingerprint=manifest.vocab_fingerprint,
                                        progress=True)
@@ -131,6 +131,7 @@ def reproduce(out_dir: str | Path, s: PipelineSettings,
               say: Callable[[str], None] = _say) -> dict[str, Any]:
     from moe2.coordinator.gating import OnnxGate
     from moe2.tools.fleet.harness import Fleet
+    from moe2.tools.offline.calibrate import rows_from_samples
     from moe2.tools.offline.corpus import read_jsonl
     from moe2.tools.offline.evaluate import EvalSettings, run_evaluation, write_outputs
 
@@ -143,14 +144,12 @@ def reproduce(out_dir: str | Path, s: PipelineSettings,
         names = start_agents(fleet, manifest, s)
         cal = calibrate(fleet, manifest, out, s, say)
         gate_path = train_gate(cal, out, s, say)
-        say("starting the coordinator with the learned gate")
-        start_coordinator(fleet, gate_path, names, overrides=True)
         gate = OnnxGate.load(gate_path)
-        test = read_jsonl(manifest.split_path("test"))[: s.eval_limit]
+        test = rows_from_samples(read_jsonl(manifest.split_path("test"))[: s.eval_limit])
         say(f"evaluating on {len(test)} held-out test prompts through the serving path")
-        result = run_evaluation(fleet.url, fleet.topics, names, test,
-                                gate_values=gate.values_batch, calibration=cal,
-                                settings=EvalSettings(max_tokens=s.max_tokens), progress=say)
+        result = run_evaluation(fleet.url, fleet.topics, names, test, gate=gate,
+                                calibration=cal, settings=EvalSettings(max_tokens=s.max_tokens),
+                                progress=say)
     result["seed"] = s.seed
     result["experts"] = s.experts
     result["total_s"] = time.monotonic() - t0
