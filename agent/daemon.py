@@ -26,6 +26,7 @@ from moe2.agent.engine import DecodeJob, Engine, EngineError, softmax_topk
 from moe2.agent.meters import EnergyMeter, EstimatedMeter
 from moe2.agent.sessions import Session, SessionError, SessionTable
 from moe2.agent.stats import AgentStats
+from moe2.agent.textsteps import TextJob, TextSteps
 from moe2.shared import __version__, wire
 from moe2.shared.config import AgentConfig
 from moe2.shared.mqtt import (
@@ -109,6 +110,7 @@ class AgentDaemon:
         self.dropped_requests = 0  # requests no reply could be sent for (bad response topic)
         self._status_topic = self.topics.agent_status(cfg.id).topic
         self._reassert = asyncio.Event()
+        self.text = TextSteps(cfg.id, engine, meter, self.table, self.stats, clock)
 
     # ------------------------------------------------------------------ messages
     def status(self, state: str) -> wire.AgentStatus:
@@ -332,7 +334,9 @@ class AgentDaemon:
         now = self.clock()
         dists: list[list[wire.Distribution]] = [[] for _ in batch]
         errors: list[list[wire.ErrorItem]] = [[] for _ in batch]
+        contexts: list[list[wire.SessionContext]] = [[] for _ in batch]
         pending: list[_Job] = []
+        text_jobs: list[TextJob] = []
         for i, w in enumerate(batch):
             if w.msg is None:
                 errors[i].append(wire.ErrorItem(code=w.error_code,
@@ -342,7 +346,7 @@ class AgentDaemon:
                 if isinstance(w.msg, wire.ScoreAnswer):
                     dists[i].append(self._score(w.msg, now))
                 else:
-                    self._admit(i, w.msg, now, pending, errors[i])
+                    self._admit(i, w.msg, now, pending, errors[i], text_jobs, contexts[i])
             except SessionError as exc:  # whole-message errors (open, score)
                 sid = (w.msg.session_id if isinstance(w.msg, (wire.OpenSession, wire.ScoreAnswer))
                        else None)
@@ -362,12 +366,22 @@ class AgentDaemon:
                 seen.add(j.session.seq_id)
             pending = later
             self._decode_round(round_jobs, dists, errors)
+        while text_jobs:  # text-mode steps, one per session a round, after the token steps
+            seen_s: set[str] = set()
+            round_text: list[TextJob] = []
+            later_text: list[TextJob] = []
+            for tj in text_jobs:
+                (later_text if tj.session.session_id in seen_s else round_text).append(tj)
+                seen_s.add(tj.session.session_id)
+            text_jobs = later_text
+            self.text.round(round_text, dists, errors)
         replies: list[wire.Reply | None] = []
         for i, w in enumerate(batch):
-            if isinstance(w.msg, wire.CloseSession) and not errors[i]:
+            if isinstance(w.msg, wire.CloseSession) and not errors[i] and not contexts[i]:
                 replies.append(None)  # closes need no answer
             else:
-                replies.append(wire.Reply(agent_id=self.cfg.id, dists=dists[i], errors=errors[i]))
+                replies.append(wire.Reply(agent_id=self.cfg.id, dists=dists[i], errors=errors[i],
+                                          contexts=contexts[i]))
         return replies
 
     def _drop_closed(self, jobs: list[_Job], errors: list[list[wire.ErrorItem]]) -> list[_Job]:
@@ -383,11 +397,14 @@ class AgentDaemon:
         return live
 
     def _admit(self, i: int, msg: wire.OpenSession | wire.Step | wire.CloseSession, now: float,
-               pending: list[_Job], errors: list[wire.ErrorItem]) -> None:
+               pending: list[_Job], errors: list[wire.ErrorItem], text_jobs: list[TextJob],
+               contexts: list[wire.SessionContext]) -> None:
         if isinstance(msg, wire.CloseSession):
             for sid in msg.session_ids:
                 s = self.table.close(sid)
                 if s is not None:
+                    if msg.report:
+                        contexts.append(self.text.context(s))
                     self.engine.free(s.seq_id)
             return
         if isinstance(msg, wire.OpenSession):
@@ -407,13 +424,19 @@ class AgentDaemon:
             pending.append(_Job(i, s, tokens, 0, msg.k, True))
             return
         for item in msg.items:
+            text = item.append is not None
             try:
-                s = self.table.step(item.session_id, item.token, item.seq, item.k, now)
+                s = self.table.step(item.session_id, item.token, item.seq, item.k, now,
+                                    text=text)
             except SessionError as exc:
                 errors.append(exc.item(item.session_id, item.seq))
                 continue
             s.busy = True
-            pending.append(_Job(i, s, [item.token], item.seq, item.k, False))
+            if item.append is not None:
+                text_jobs.append(TextJob(i, s, item.append, None if item.token < 0
+                                          else item.token, item.seq, item.k))
+            else:
+                pending.append(_Job(i, s, [item.token], item.seq, item.k, False))
 
     def tokenize_request(self, msg: wire.OpenSession | wire.ScoreAnswer,
                          continuation: str = "") -> list[int]:
@@ -521,6 +544,10 @@ class AgentDaemon:
         n_tokens = sum(len(j.tokens) for j in jobs)
         for j, lg in zip(jobs, logits, strict=True):
             s = j.session
+            s.tokens.extend(j.tokens)
+            if j.is_open:
+                s.n_prompt = len(j.tokens)
+            s.last_logits = lg
             s.n_past += len(j.tokens)
             s.last_seq = max(s.last_seq, j.seq)
             s.pending -= len(j.tokens)  # the prompt at open, one token a step

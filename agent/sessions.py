@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from typing import Any
 
 from moe2.shared.wire import ErrorCode, ErrorItem
 
@@ -25,6 +26,12 @@ class Session:
     #: tokens admitted but not decoded yet (the prompt at open, one a step): they count
     #: against the context when later steps of the same batch are admitted
     pending: int = 0
+    #: every token in the KV cache, the prompt's first (``n_prompt`` of them)
+    tokens: list[int] = field(default_factory=list)
+    n_prompt: int = 0
+    #: text mode: emitted bytes without a token yet, and the logits they are healed from
+    pending_bytes: bytes = b""
+    last_logits: Any = None
 
 
 class SessionError(Exception):
@@ -90,12 +97,14 @@ class SessionTable:
         self.sessions[session_id] = s
         return s
 
-    def step(self, session_id: str, token: int, seq: int, k: int, now_s: float) -> Session:
+    def step(self, session_id: str, token: int, seq: int, k: int, now_s: float, *,
+             text: bool = False) -> Session:
         s = self.sessions.get(session_id)
         if s is None:
             raise SessionError(ErrorCode.UNKNOWN_SESSION, f"no open session {session_id!r}")
         self.check_k(k)
-        self.check_tokens([token])
+        if not (text and token == -1):  # a text-mode step may come without a token hint
+            self.check_tokens([token])
         if seq != s.last_seq + 1:
             raise SessionError(
                 ErrorCode.BAD_REQUEST, f"step seq {seq} out of order (expected {s.last_seq + 1})"

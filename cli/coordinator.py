@@ -22,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "wrote (overrides [planner] calibration)")
     p.add_argument("--dist-k", type=int,
                    help="top tokens each expert returns per step (0 = the full vocabulary)")
+    p.add_argument("--fusion", choices=["auto", "token", "text"],
+                   help="auto (default): over token ids within a tokenizer family, over texts "
+                        "across families; token: one family per request, experts of the others "
+                        "listed as dropped; text: always over texts")
     p.add_argument("--top-k", type=int, help="experts fused per request (default: all in plan)")
     p.add_argument("--group", help="shared-subscription group (default 'coordinators')")
     p.add_argument("--fixed-gate", action="append", default=[], metavar="EXPERT=VALUE",
@@ -42,7 +46,8 @@ def build_config(args: argparse.Namespace) -> CoordinatorConfig:
             if not sep or not name or not fixed[name] > 0:
                 raise ConfigError(f"--fixed-gate {item!r}: expected EXPERT=POSITIVE_NUMBER")
     cfg = with_daemon_arguments(cfg, args, id=args.id, gate=args.gate, dist_k=args.dist_k,
-                                top_k=args.top_k, group=args.group, fixed_gates=fixed)
+                                top_k=args.top_k, group=args.group, fixed_gates=fixed,
+                                fusion=args.fusion)
     if args.calibration:
         cfg = override(cfg, planner=override(cfg.planner, calibration=args.calibration))
     try:
@@ -92,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     experts = tuple(getattr(gate, "experts", ()))
 
     def warnings(registry: Any) -> list[str]:
-        return fleet_warnings(experts, cfg.unknown_expert_weight, registry)
+        return fleet_warnings(experts, cfg.unknown_expert_weight, registry, cfg.fusion)
 
     from moe2.coordinator.calibration import CalibrationError
 

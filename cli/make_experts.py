@@ -25,6 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", choices=["q4_0", "q4_k_m", "q8_0"],
                    help="llama.cpp quantisation of the 4-bit files (default q4_0)")
     p.add_argument("--threads", type=int, help="torch threads (default 1)")
+    p.add_argument("--tokenizers", default="spm", metavar="LIST",
+                   help="each expert's tokenizer, cycled: spm (trained on the corpus, the "
+                        "default), mixed (qwen2,llama-bpe,llama-spm) or a comma list of llama.cpp "
+                        "vocabulary names (installed by scripts/install.sh)")
     p.add_argument("--calibrate", action="store_true",
                    help="also write calibration.json (teacher forcing of the f32 experts on the "
                         "calib, validation and test splits, for moe2 train-gate)")
@@ -46,10 +50,20 @@ def run(args: argparse.Namespace) -> int:
         fail(f"--out {out} exists and is not a directory")
     try:
         from moe2.tools.offline.experts import ExpertsConfig, make_experts
+        from moe2.tools.offline.real_tokenizers import parse_tokenizers
     except ImportError as exc:
         fail(f"make-experts needs the training extras: pip install 'moe2[train]' ({exc})")
+    try:
+        tokenizers = parse_tokenizers(args.tokenizers)
+    except (ValueError, OSError) as exc:
+        fail(f"--tokenizers: {exc}")
+    if len(set(tokenizers[:args.experts])) > 1 and (args.calibrate or args.eval):
+        fail("--calibrate and --eval read the experts with one shared tokenizer; for experts "
+             "of several tokenizers serve them and run `moe2 calibrate --broker URL` and "
+             "`moe2 eval --broker URL` (or `moe2 reproduce --tokenizers ...`)")
 
-    overrides: dict[str, Any] = {"n_experts": args.experts, "seed": args.seed}
+    overrides: dict[str, Any] = {"n_experts": args.experts, "seed": args.seed,
+                                 "tokenizers": tokenizers}
     for flag, key in (("base_steps", "base_steps"), ("finetune_steps", "finetune_steps"),
                       ("per_domain", "per_domain"), ("quant", "quant"), ("threads", "threads")):
         if getattr(args, flag) is not None:
@@ -67,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         "experts": [
             {"name": e.name, "cluster": e.cluster, "gguf": str(out / e.gguf),
              "gguf_q4": str(out / e.gguf_q4), "quant": e.quant, "family_mix": e.family_mix,
-             "train_samples": e.train_samples}
+             "train_samples": e.train_samples, "tokenizer": e.tokenizer,
+             "n_vocab": e.n_vocab}
             for e in manifest.experts
         ],
         "vocab_fingerprint": manifest.vocab_fingerprint,
@@ -105,7 +120,8 @@ def _print_human(result: dict[str, Any]) -> None:
           f"({result['n_params']:,} parameters each, {result['timings_s']['total']:.0f} s)")
     for e in result["experts"]:
         mix = ", ".join(f"{k} {v}" for k, v in e["family_mix"].items())
-        print(f"  {e['name']}  cluster {e['cluster']}: {mix}")
+        print(f"  {e['name']}  cluster {e['cluster']} ({e['tokenizer']}, {e['n_vocab']:,} "
+              f"tokens): {mix}")
         print(f"      {e['gguf']}  {e['gguf_q4']}")
     if "calibration" in result:
         print(f"calibration: {result['calibration']}")

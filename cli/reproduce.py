@@ -21,6 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate-lr", type=float, default=1e-3,
                    help="gate learning rate (the paper's 1e-5 needs ~100x more epochs)")
     p.add_argument("--gate-epochs", type=int, default=400)
+    p.add_argument("--tokenizers", default="spm", metavar="LIST",
+                   help="each expert's tokenizer, cycled: spm (trained on the corpus, the "
+                        "default), mixed (qwen2,llama-bpe,llama-spm) or a comma list of llama.cpp "
+                        "vocabulary names (installed by scripts/install.sh)")
     p.add_argument("--json", action="store_true", help="print the eval JSON as the last line")
 
 
@@ -29,12 +33,17 @@ def run(args: argparse.Namespace) -> int:
         fail("--experts must be at least 2")
     try:
         from moe2.tools.offline.pipeline import PipelineSettings, reproduce
+        from moe2.tools.offline.real_tokenizers import parse_tokenizers
     except ImportError as exc:
         fail(f"reproduce needs the agent, coordinator and train extras ({exc})")
+    try:
+        tokenizers = parse_tokenizers(args.tokenizers)
+    except (ValueError, OSError) as exc:
+        fail(f"--tokenizers: {exc}")
     s = PipelineSettings(experts=args.experts, seed=args.seed, tiny=args.tiny,
                          quantized=args.quantized, eval_limit=args.limit,
                          calib_limit=60 if args.tiny else None, gate_lr=args.gate_lr,
-                         gate_epochs=args.gate_epochs)
+                         gate_epochs=args.gate_epochs, tokenizers=tokenizers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_to_file(args, out / "reproduce.log")

@@ -59,9 +59,11 @@ def family_split(families: Mapping[str, Sequence[str]],
 
 
 def fleet_warnings(gate_experts: Sequence[str], unknown_expert_weight: float,
-                   registry: Registry) -> list[str]:
-    """Every current warning for this coordinator's fleet (the plan message carries them)."""
+                   registry: Registry, fusion: str = "auto") -> list[str]:
+    """Every current warning for this coordinator's fleet (the plan message carries them).
+    Several tokenizer families are a warning only where they are not fused together
+    (``fusion = "token"``)."""
     online = [a.agent_id for a in registry.online()]
     sizes = {fp: len(v.pieces) for fp, v in registry.vocabs.items()}
-    return [*gate_coverage(gate_experts, online, unknown_expert_weight),
-            *family_split(registry.families(), sizes)]
+    split = family_split(registry.families(), sizes) if fusion == "token" else []
+    return [*gate_coverage(gate_experts, online, unknown_expert_weight), *split]

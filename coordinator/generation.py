@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -22,7 +23,10 @@ from moe2.coordinator.fusion import ExpertDist, Fused, mix, renormalise, sample,
 from moe2.coordinator.registry import Registry, choose_family
 from moe2.coordinator.rpc import AgentRpc, RpcError
 from moe2.coordinator.textstream import TextStream
+from moe2.coordinator.xfusion import MAX_CANDIDATES, FamilyStep, FamilyVocabView
+from moe2.coordinator.xfusion import choose as xchoose
 from moe2.shared import wire
+from moe2.shared.utf8 import utf8_tail
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,11 @@ class RequestFailed(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+#: the text path's step observer: (request id, step, [(candidate text or None = the end,
+#: score)], the chosen text or None at the end)
+TextObserver = Callable[[str, int, Sequence[tuple[bytes | None, float]], bytes | None], None]
 
 
 @dataclass
@@ -58,6 +67,9 @@ class GenerationSettings:
     step_deadline_factor: float = 20.0
     step_deadline_max_s: float = 30.0
     open_deadline_s: float = 30.0
+    #: "auto": ids within one vocabulary family, texts across families (:mod:`.xfusion`);
+    #: "token": one family per request, the others left out; "text": texts always
+    fusion: Literal["auto", "token", "text"] = "auto"
 
 
 @dataclass
@@ -75,6 +87,16 @@ class RequestContext:
     clock: Callable[[], float] = time.monotonic
     #: called with (request id, step, fused distribution, chosen token) -- tests and tracing
     observer: Callable[[str, int, Fused, int], None] | None = None
+    #: the text path's: (request id, step, [(candidate text or None = end, score)], chosen)
+    text_observer: TextObserver | None = None
+    #: called with every step's replies (request id, step, agent -> distribution): tests
+    dists_observer: Callable[[str, int, Mapping[str, wire.Distribution]], None] | None = None
+    #: ask the agents for each session's context when it closes (tests: the AgentRpc's
+    #: ``contexts_sink`` receives them)
+    report_contexts: bool = False
+    #: a family's vocabulary for the text path (the coordinator caches them per fingerprint)
+    vocab_view: Callable[[str], FamilyVocabView] = field(
+        default=lambda fam: FamilyVocabView.build((), frozenset()))
     #: called once a token with the seconds its cycle (steps sent -> next steps sent) took
     #: beyond the slowest expert's decode window (the largest ``latency_s``)
     on_step_overhead: Callable[[float], None] | None = None
@@ -115,7 +137,7 @@ async def run_request(req: wire.PhoneRequest, ctx: RequestContext, settings: Gen
     finally:
         for e in experts:
             if e.session_id:
-                ctx.rpc.close(e.agent_id, [e.session_id])
+                ctx.rpc.close(e.agent_id, [e.session_id], report=ctx.report_contexts)
 
 
 async def _quiet_emit(emit: Emit, msg: wire.ErrorReplyPhone) -> None:
@@ -137,10 +159,12 @@ class Selection:
 
 def select_experts(reg: Registry, allowed: Sequence[str] | None, gates_raw: Mapping[str, float],
                    *, uniform: bool, unknown_expert_weight: float, k: int | None,
-                   app: str = "default") -> Selection:
+                   app: str = "default", cross_family: bool = True) -> Selection:
     """Paper Algorithm 3's choice, pure: the online experts the plan allows (``allowed``;
-    None = everyone), weighed by the gate (``uniform``: all alike; an expert the gate does not
-    know gets ``unknown_expert_weight``), one vocabulary family, the Top-``k`` renormalised.
+    None = everyone) whose vocabulary is known, weighed by the gate (``uniform``: all alike;
+    an expert the gate does not know gets ``unknown_expert_weight``), the Top-``k``
+    renormalised -- of any tokenizer families (``cross_family``), or of the one family with
+    the most gate weight, the others' chosen experts listed as left out.
     Raises :class:`RequestFailed` (``no_experts``) when nothing is left, saying why."""
     if allowed is not None and not allowed:
         raise RequestFailed(wire.ErrorCode.NO_EXPERTS,
@@ -151,6 +175,16 @@ def select_experts(reg: Registry, allowed: Sequence[str] | None, gates_raw: Mapp
         gates = dict.fromkeys(candidates_all, 1.0)
     else:
         gates = {c: gates_raw.get(c, unknown_expert_weight) for c in candidates_all}
+    usable = [c for c in candidates_all if (allowed is None or c in allowed)
+              and reg.agents[c].family in reg.vocabs]
+    if not usable:
+        raise RequestFailed(wire.ErrorCode.NO_EXPERTS, "no expert is online for this request")
+    if cross_family:
+        weights = top_k_weights(gates, usable, k)
+        if not weights:
+            raise RequestFailed(wire.ErrorCode.NO_EXPERTS,
+                                "the gate gives no weight to any available expert")
+        return Selection(reg.agents[next(iter(weights))].family, weights)
     fam = choose_family(reg, allowed, gates)
     if fam is None:
         raise RequestFailed(wire.ErrorCode.NO_EXPERTS, "no expert is online for this request")
@@ -161,13 +195,93 @@ def select_experts(reg: Registry, allowed: Sequence[str] | None, gates_raw: Mapp
                             "the gate gives no weight to any available expert")
     # Whom the plan and the gate would have chosen, whatever their vocabulary: those of other
     # families are reported, never silently absent.
-    usable = [c for c in candidates_all if (allowed is None or c in allowed)
-              and reg.agents[c].family in reg.vocabs]
     left_out = tuple(
-        (c, f"different tokenizer family: vocabulary {reg.agents[c].family[:12]} cannot be "
-            f"fused token by token with {family[:12]}")
+        (c, f"different tokenizer family: vocabulary {reg.agents[c].family[:12]} is not "
+            f"fused with {family[:12]} (fusion = token)")
         for c in top_k_weights(gates, usable, k) if reg.agents[c].family != family)
     return Selection(family, weights, left_out)
+
+
+@dataclass(frozen=True)
+class _Decision:
+    """One fused step: the bytes emitted, or the end of the answer."""
+
+    text: bytes
+    end: bool
+    token: int = -1  # the token path's chosen id
+    hints: Mapping[str, int] = field(default_factory=dict)  # the text path's, per family
+
+
+class _TokenPath:
+    """Experts of one vocabulary family: the exact mixture over ids (paper eq. 3)."""
+
+    def __init__(self, pieces: Sequence[bytes], eog: frozenset[int]) -> None:
+        self.pieces = pieces
+        self.eog = eog
+
+    def n_vocab(self, e: ExpertState) -> int:
+        return len(self.pieces)
+
+    def decide(self, parts: Sequence[tuple[ExpertState, float, wire.Distribution]],
+               req: wire.PhoneRequest, rng: np.random.Generator, ctx: RequestContext,
+               request_id: str, seq: int) -> _Decision:
+        fused = mix([(w, _expert_dist(d)) for _e, w, d in parts], len(self.pieces))
+        token = sample(fused, req.temperature, req.top_p, rng)
+        if ctx.observer is not None:
+            ctx.observer(request_id, seq, fused, token)
+        if token in self.eog:
+            return _Decision(b"", True, token)
+        piece = self.pieces[token] if 0 <= token < len(self.pieces) else b""
+        return _Decision(piece, False, token)
+
+    def item(self, e: ExpertState, d: _Decision, seq: int, k: int) -> wire.StepItem:
+        return wire.StepItem(e.session_id, d.token, seq, k)
+
+
+class _TextPath:
+    """Experts of several vocabulary families: fused over texts (:mod:`.xfusion`); every
+    agent follows the emitted bytes in its own tokens."""
+
+    def __init__(self, families: Mapping[str, str], views: Mapping[str, FamilyVocabView]
+                 ) -> None:
+        self.families = families  # agent -> family
+        self.views = views  # family -> vocabulary
+        self.utf8_tail = b""  # the incomplete character the answer ends with
+
+    def n_vocab(self, e: ExpertState) -> int:
+        return len(self.views[self.families[e.agent_id]].pieces)
+
+    def decide(self, parts: Sequence[tuple[ExpertState, float, wire.Distribution]],
+               req: wire.PhoneRequest, rng: np.random.Generator, ctx: RequestContext,
+               request_id: str, seq: int) -> _Decision:
+        by_family: dict[str, list[tuple[float, ExpertDist]]] = {}
+        pending: dict[str, bytes] = {}
+        for e, w, d in parts:
+            fam = self.families[e.agent_id]
+            by_family.setdefault(fam, []).append((w, _expert_dist(d)))
+            pending.setdefault(fam, d.pending)
+        steps = [FamilyStep(fam, sum(w for w, _ in members), members, pending[fam],
+                            self.views[fam]) for fam, members in sorted(by_family.items())]
+        # across families the answer stays valid UTF-8, so that every family can spell it and
+        # the phone reads exactly the agents' bytes; one family (forced text path) follows by
+        # its own tokens, whatever they are, exactly as the token path does
+        choice = xchoose(steps, req.temperature, req.top_p, rng,
+                         self.utf8_tail if len(steps) > 1 else None)
+        if not choice.end:
+            data = self.utf8_tail + choice.text
+            self.utf8_tail = data[len(data) - utf8_tail(data):]
+        if ctx.text_observer is not None:
+            ctx.text_observer(request_id, seq, [(c.text, c.score) for c in choice.candidates],
+                              None if choice.end else choice.text)
+        return _Decision(choice.text, choice.end, hints=choice.hints)
+
+    def item(self, e: ExpertState, d: _Decision, seq: int, k: int) -> wire.StepItem:
+        return wire.StepItem(e.session_id, d.hints.get(self.families[e.agent_id], -1), seq, k,
+                             d.text)
+
+
+def _expert_dist(d: wire.Distribution) -> ExpertDist:
+    return ExpertDist(d.prob_array(), None if not d.ids else d.id_array(), d.rest_mass)
 
 
 async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: GenerationSettings,
@@ -184,11 +298,18 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
     selection = select_experts(
         reg, allowed, gates_raw, uniform=ctx.gate_is_uniform or (
             overrides and req.gating == "uniform"),
-        unknown_expert_weight=settings.unknown_expert_weight, k=k, app=req.app)
-    family, weights = selection.family, selection.weights
-    pieces = reg.pieces(family) or ()
-    n_vocab = len(pieces)
-    eos_ids = reg.eog_ids(family)
+        unknown_expert_weight=settings.unknown_expert_weight, k=k, app=req.app,
+        cross_family=settings.fusion != "token")
+    weights = selection.weights
+    families = {a: reg.agents[a].family for a in weights}
+    path: _TokenPath | _TextPath
+    if len(set(families.values())) == 1 and settings.fusion != "text":
+        family = selection.family
+        path = _TokenPath(reg.pieces(family) or (), reg.eog_ids(family))
+        stream_pieces: Sequence[bytes] = reg.pieces(family) or ()
+    else:
+        path = _TextPath(families, {fam: ctx.vocab_view(fam) for fam in set(families.values())})
+        stream_pieces = ()
     for i, (agent_id, w) in enumerate(weights.items()):
         view = reg.agents[agent_id]
         experts.append(ExpertState(agent_id, w, f"{ctx.sessions_prefix}-{request_id}-{i}",
@@ -196,17 +317,21 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
     for agent_id, reason in selection.left_out:
         experts.append(ExpertState(agent_id, 0.0, "", active=False, reason=reason))
     by_id = {e.agent_id: e for e in experts}
+    # the text path looks at a family's top MAX_CANDIDATES tokens at most: full
+    # distributions (dist_k = 0) would only cost bytes on the wire
+    dist_k = settings.dist_k if isinstance(path, _TokenPath) or settings.dist_k > 0 \
+        else MAX_CANDIDATES
 
     open_msg = {
-        "k": settings.dist_k, "raw": req.raw,
+        "k": dist_k, "raw": req.raw,
         "prompt": req.prompt if req.messages is None else None,
         "messages": req.messages,
     }
     futs = {e.agent_id: ctx.rpc.open(e.agent_id, wire.OpenSession(session_id=e.session_id,
                                                                   **open_msg))  # type: ignore[arg-type]
             for e in experts if e.active}
-    dists = _drop_invalid(await _gather(futs, settings.open_deadline_s, by_id), by_id, n_vocab)
-    stream = TextStream(pieces, req.stop_list())
+    dists = _drop_invalid(await _gather(futs, settings.open_deadline_s, by_id), by_id, path)
+    stream = TextStream(stream_pieces, req.stop_list())
     rng = np.random.default_rng(req.seed)
     n_tokens = 0
     ttft_s: float | None = None
@@ -224,32 +349,30 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
                                     f"{e.agent_id}: {e.reason}" for e in experts))
         weights_now = renormalise({e.agent_id: e.weight for e in experts},
                                   [e.agent_id for e in active])
+        if ctx.dists_observer is not None:
+            ctx.dists_observer(request_id, seq, dists)
         parts = []
         for e in active:
             d = dists[e.agent_id]
             e.energy_j += d.energy_j
             e.n_past = d.n_past
-            parts.append((weights_now[e.agent_id], ExpertDist(
-                d.prob_array(), None if not d.ids else d.id_array(), d.rest_mass)))
-        fused = mix(parts, n_vocab)
-        token = sample(fused, req.temperature, req.top_p, rng)
-        if ctx.observer is not None:
-            ctx.observer(request_id, seq, fused, token)
+            parts.append((e, weights_now[e.agent_id], d))
+        decision = path.decide(parts, req, rng, ctx, request_id, seq)
         n_tokens += 1
         for e in active:
             e.tokens += 1
-        if token in eos_ids:
+        if decision.end:
             finish = "stop"
             break
-        chunk = stream.push(token)
+        chunk = stream.push_bytes(decision.text)
         done = stream.stopped or n_tokens >= req.max_tokens or any(
             e.n_past + 1 >= e.n_ctx for e in active)  # an expert's context is full
         if not done:
             # Send the next step before streaming this token: the phone's publish is then off
             # the critical path, overlapping the agents' decode.
             seq += 1
-            futs = {e.agent_id: ctx.rpc.step(e.agent_id, wire.StepItem(
-                e.session_id, token, seq, settings.dist_k)) for e in active}
+            futs = {e.agent_id: ctx.rpc.step(e.agent_id, path.item(e, decision, seq, dist_k))
+                    for e in active}
             t_sent = ctx.clock()
             if ctx.on_step_overhead is not None and last_step is not None:
                 # one whole token cycle (wait, checks, mixing, sampling, detokenising) beyond
@@ -267,7 +390,7 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
             finish = "stop" if stream.stopped else "length"
             break
         dists = _drop_invalid(await _gather(futs, _deadline(ctx.registry(), active, settings),
-                                            by_id), by_id, n_vocab)
+                                            by_id), by_id, path)
         if dists and len(dists) == len(futs):  # no drop (a deadline wait is no sample)
             last_step = (t_sent, max(d.latency_s for d in dists.values()))
     tail = stream.flush()
@@ -323,9 +446,9 @@ def invalid_distribution(d: wire.Distribution, n_vocab: int) -> str | None:
 
 
 def _drop_invalid(dists: dict[str, wire.Distribution], by_id: Mapping[str, ExpertState],
-                  n_vocab: int) -> dict[str, wire.Distribution]:
+                  path: _TokenPath | _TextPath) -> dict[str, wire.Distribution]:
     for agent_id, d in list(dists.items()):
-        problem = invalid_distribution(d, n_vocab)
+        problem = invalid_distribution(d, path.n_vocab(by_id[agent_id]))
         if problem is not None:
             e = by_id[agent_id]
             e.active = False

@@ -51,6 +51,8 @@ class AgentRpc:
         self._flush_scheduled = False
         #: sends one message now and returns True, or returns False to use the sender queue
         self.direct = send
+        #: receives the sessions' contexts agents report on a close with ``report`` (tests)
+        self.contexts_sink: Callable[[str, list[wire.SessionContext]], None] | None = None
         self.messages_sent = 0
         self.stray_replies = 0
 
@@ -102,9 +104,9 @@ class AgentRpc:
             if items:
                 self._send(agent_id, wire.Step(items=items))
 
-    def close(self, agent_id: str, session_ids: list[str]) -> None:
+    def close(self, agent_id: str, session_ids: list[str], *, report: bool = False) -> None:
         if session_ids:
-            self._send(agent_id, wire.CloseSession(session_ids=session_ids))
+            self._send(agent_id, wire.CloseSession(session_ids=session_ids, report=report))
         self.forget(agent_id, set(session_ids))
 
     def forget(self, agent_id: str, session_ids: set[str]) -> None:
@@ -123,6 +125,8 @@ class AgentRpc:
 
     # ------------------------------------------------------------------ replies
     def on_reply(self, reply: wire.Reply) -> None:
+        if reply.contexts and self.contexts_sink is not None:
+            self.contexts_sink(reply.agent_id, list(reply.contexts))
         for d in reply.dists:
             fut = self._discard((reply.agent_id, d.session_id, d.seq))
             if fut is None:

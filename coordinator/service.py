@@ -27,7 +27,13 @@ import aiomqtt
 from moe2.coordinator.fleetcheck import fleet_warnings
 from moe2.coordinator.fusion import Fused
 from moe2.coordinator.gating import Gate
-from moe2.coordinator.generation import Emit, GenerationSettings, RequestContext, run_request
+from moe2.coordinator.generation import (
+    Emit,
+    GenerationSettings,
+    RequestContext,
+    TextObserver,
+    run_request,
+)
 from moe2.coordinator.inflight import InflightTracker
 from moe2.coordinator.limits import Limits, request_problem
 from moe2.coordinator.link import BrokerLink
@@ -43,6 +49,7 @@ from moe2.coordinator.registry import (
     apply,
 )
 from moe2.coordinator.rpc import AgentRpc, Outgoing
+from moe2.coordinator.xfusion import FamilyVocabView
 from moe2.shared import __version__, wire
 from moe2.shared.config import CoordinatorConfig
 from moe2.shared.mqtt import (
@@ -155,7 +162,7 @@ class Coordinator:
             dist_k=cfg.dist_k, top_k=cfg.top_k, unknown_expert_weight=cfg.unknown_expert_weight,
             step_deadline_min_s=cfg.step_deadline_min_s,
             step_deadline_factor=cfg.step_deadline_factor, open_deadline_s=cfg.open_deadline_s,
-            step_deadline_max_s=cfg.step_deadline_max_s,
+            step_deadline_max_s=cfg.step_deadline_max_s, fusion=cfg.fusion,
         )
         self._accepting = True
         self._requests: dict[asyncio.Task[None], str] = {}
@@ -171,7 +178,10 @@ class Coordinator:
             plan_for=self.plan_for, top_k_for=self._top_k_for, coordinator_id=cfg.id,
             allow_overrides=cfg.allow_overrides, clock=clock,
             on_step_overhead=planner.record_step_overhead if planner is not None else None,
+            vocab_view=self._vocab_view,
         )
+        self._vocab_views: dict[str, FamilyVocabView] = {}
+        self._views_pending: dict[str, asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------------ decisions
     def plan_for(self, app: str) -> Sequence[str] | None:
@@ -192,10 +202,23 @@ class Coordinator:
             coordinator_id=self.cfg.id, state="online" if state == "online" else "offline",
             gate=self.gate.kind, version=__version__, ts=self.wall())
 
+    def _vocab_view(self, family: str) -> FamilyVocabView:
+        """A family's texts indexed for the text path, built once per fingerprint (in a worker
+        thread when the vocabulary arrives; here only if a request needs it before that)."""
+        view = self._vocab_views.get(family)
+        if view is None:
+            if len(self._vocab_views) >= 64:  # bounded, like the registry's vocabularies
+                self._vocab_views.clear()
+            view = FamilyVocabView.build(self.registry.pieces(family) or (),
+                                         self.registry.eog_ids(family))
+            self._vocab_views[family] = view
+        return view
+
     def fleet_warnings(self, registry: Registry | None = None) -> list[str]:
         """What the operator must know about the fleet now (see coordinator.fleetcheck)."""
         return fleet_warnings(self.gate.experts, self.cfg.unknown_expert_weight,
-                              registry if registry is not None else self.registry)
+                              registry if registry is not None else self.registry,
+                              self.cfg.fusion)
 
     # ------------------------------------------------------------------ lifecycle
     def request_stop(self) -> None:
@@ -365,6 +388,32 @@ class Coordinator:
             self._check_fleet()
         if self.planner is not None:
             self.planner.on_registry(before, self.registry)
+        if isinstance(event, VocabEvent):
+            self._prepare_views()
+
+    def _prepare_views(self) -> None:
+        """Index each new vocabulary for the text path in a worker thread (~0.1-0.3 s for
+        150k pieces: not on the event loop, where every request's steps wait)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # applied outside a loop (tests): built when first needed
+            return
+        for family in self.registry.vocabs:
+            if family in self._vocab_views or family in self._views_pending:
+                continue
+            pieces, eog = self.registry.pieces(family) or (), self.registry.eog_ids(family)
+
+            async def build(family: str = family, pieces: Sequence[bytes] = pieces,
+                            eog: frozenset[int] = eog) -> None:
+                try:
+                    view = await asyncio.to_thread(FamilyVocabView.build, pieces, eog)
+                    if self.registry.pieces(family) == pieces:
+                        self._vocab_views.setdefault(family, view)
+                finally:
+                    self._views_pending.pop(family, None)
+
+            self._views_pending[family] = loop.create_task(build(),
+                                                           name=f"vocab-view-{family[:8]}")
 
     def _check_fleet(self) -> None:
         """Log each warning when it first appears (membership changes call this)."""
@@ -447,18 +496,21 @@ class Coordinator:
                                          "retry"))
 
     async def answer(self, req: wire.PhoneRequest, *,
-                     observer: Callable[[str, int, Fused, int], None] | None = None
+                     observer: Callable[[str, int, Fused, int], None] | None = None,
+                     text_observer: TextObserver | None = None,
                      ) -> tuple[wire.FinalReply | wire.ErrorReplyPhone, str]:
         """Serve one request in this process (``moe2 eval``): the same generation over MQTT as
         a phone's request, without the phone hop. Returns the final (or error) and the text
-        streamed in chunks."""
+        streamed in chunks. ``observer`` sees each step fused over ids (one family),
+        ``text_observer`` each step fused over texts (across families)."""
         self._n += 1
         out: list[wire.TokenChunk | wire.FinalReply | wire.ErrorReplyPhone] = []
 
         async def emit(msg: wire.TokenChunk | wire.FinalReply | wire.ErrorReplyPhone) -> None:
             out.append(msg)
 
-        ctx = self.ctx if observer is None else replace(self.ctx, observer=observer)
+        ctx = replace(self.ctx, observer=observer or self.ctx.observer,
+                      text_observer=text_observer or self.ctx.text_observer)
         await run_request(req, ctx, self.settings, emit, f"{self._n}{uuid.uuid4().hex[:6]}")
         terminal = out[-1]
         assert isinstance(terminal, (wire.FinalReply, wire.ErrorReplyPhone))

@@ -24,9 +24,12 @@ class TextStream:
 
     def push(self, token: int) -> str:
         """Append a token; return the newly emitted text ('' when held back)."""
+        return self.push_bytes(self._pieces[token] if 0 <= token < len(self._pieces) else b"")
+
+    def push_bytes(self, piece: bytes) -> str:
+        """Append bytes (a token's text, or text fused across tokenizers)."""
         if self.stopped:
             return ""
-        piece = self._pieces[token] if 0 <= token < len(self._pieces) else b""
         self.text += self._decoder.decode(piece)
         if self._stop:
             for s in self._stop:
@@ -48,3 +51,4 @@ class TextStream:
         out = self.text[self._emitted : upto]
         self._emitted = max(self._emitted, upto)
         return out
+

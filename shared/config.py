@@ -117,8 +117,13 @@ class CoordinatorConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=T
     gate: str | None = None
     #: fixed gating values per expert instead of an ONNX gate (tests, manual routing)
     fixed_gates: dict[str, float] = {}
+    #: top tokens per expert per step; 0 = the full vocabulary (exact fusion within one
+    #: family; fusion across families looks at 64 per family at most and asks for 64)
     dist_k: int = 64
     top_k: int | None = None
+    #: "auto": exact over ids within a vocabulary family, over texts across families;
+    #: "token": one family per request (the others listed as dropped); "text": always texts
+    fusion: Literal["auto", "token", "text"] = "auto"
     unknown_expert_weight: float = 0.0
     #: let requests pick experts / uniform weights (``moe2 eval`` only; off in production)
     allow_overrides: bool = False

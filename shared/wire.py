@@ -197,12 +197,18 @@ class ScoreAnswer(_Strict, tag="score", frozen=True):
 
 
 class StepItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
-    """Append ``token`` to ``session_id`` and return the next distribution, tagged ``seq``."""
+    """Append ``token`` to ``session_id`` and return the next distribution, tagged ``seq``.
+
+    Text mode (experts of several tokenizers fused, see :mod:`moe2.agent.textmode`):
+    ``append`` carries the bytes just emitted and ``token`` is the agent's own token whose text
+    is exactly its pending bytes + ``append`` when the coordinator knows one, else -1; the
+    reply is healed by the bytes the agent keeps pending (``Distribution.pending``)."""
 
     session_id: str
     token: int
     seq: int
     k: int
+    append: bytes | None = None
 
 
 class Step(_Strict, tag="step", frozen=True):
@@ -218,7 +224,11 @@ class Step(_Strict, tag="step", frozen=True):
 
 
 class CloseSession(_Strict, tag="close", frozen=True):
+    """End sessions; with ``report`` the agent first replies with each one's context
+    (tests and debugging: what the agent's KV cache holds, as text)."""
+
     session_ids: list[str]
+    report: bool = False
     v: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
@@ -244,6 +254,9 @@ class Distribution(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     n_evaluated: int = 0
     energy_j: float = 0.0
     latency_s: float = 0.0
+    #: text mode: the emitted bytes this agent holds without a token yet (the ids and probs
+    #: are then conditioned on the next token's text beginning with them)
+    pending: bytes = b""
 
     def __post_init__(self) -> None:
         if len(self.probs) % 4 or len(self.ids) % 4:
@@ -276,12 +289,24 @@ class ErrorItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seq: int | None = None
 
 
+class SessionContext(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a session's KV cache holds, as its tokens' texts: the prompt part, the answer part
+    (tokens after the prompt) and the bytes still pending (a ``CloseSession`` with report)."""
+
+    session_id: str
+    prompt: bytes
+    answer: bytes
+    pending: bytes
+    tokens: int
+
+
 class Reply(_Strict, tag="reply", frozen=True):
     """An agent's answer to one Open/Step/Close message: distributions and typed errors."""
 
     agent_id: str
     dists: list[Distribution] = []
     errors: list[ErrorItem] = []
+    contexts: list[SessionContext] = []
     v: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:

@@ -82,7 +82,8 @@ def test_agent_sigkill_and_sigstop_under_load(fleet: ReliabilityFleet) -> None:
     assert _typed(r["errors_by_code"])
     assert r["finals_with_killed_dropped"] >= 1, (r, Counter(o.dropped for o in outcomes))
     assert r["finals_in_flight_at_kill_with_killed_dropped"] >= 1, r
-    assert all("offline" in reason for reason in r["killed_drop_reasons"]), r
+    assert all("offline" in reason for reason in r["killed_drop_reasons"]), \
+        r["killed_drop_reasons"]
     assert r["hung_dropped_by_step_deadline"] >= 1
     assert r["faults_survived"] == 2
     assert r["rejoined_within_s"] is not None

@@ -312,23 +312,27 @@ def test_no_reply_topic_outside_own_prefix(fleet: tuple[LocalBroker, str]) -> No
     asyncio.run(main())
 
 
-def test_experts_with_another_vocabulary_are_never_fused(procs: Any, broker: LocalBroker,
-                                                         experts: list[ExpertFile],
-                                                         ggufs: Ggufs) -> None:
+@pytest.mark.parametrize("fusion", ["token", "auto"])
+def test_experts_of_another_vocabulary_fused_over_texts_or_listed_dropped(
+        procs: Any, broker: LocalBroker, experts: list[ExpertFile], ggufs: Ggufs,
+        fusion: str) -> None:
+    """``fusion = "token"``: one family per request, the other listed dropped with the reason;
+    the default fuses all three (over texts)."""
     from moe2.shared.topics import Topics
     other = ggufs.mismatch
     assert other.fingerprint != experts[0].fingerprint
-    start_agent(procs, broker.url, "same0", experts[0].path, "--root", "mix")
-    start_agent(procs, broker.url, "same1", experts[1].path, "--root", "mix")
-    start_agent(procs, broker.url, "other", other.path, "--root", "mix")
-    start_coordinator(procs, broker.url, "--root", "mix")
+    root = f"mix-{fusion}"
+    start_agent(procs, broker.url, "same0", experts[0].path, "--root", root)
+    start_agent(procs, broker.url, "same1", experts[1].path, "--root", root)
+    start_agent(procs, broker.url, "other", other.path, "--root", root)
+    start_coordinator(procs, broker.url, "--root", root, "--fusion", fusion)
 
     async def main() -> list[wire.FinalReply]:
-        await wait_plan(broker.url, ["other", "same0", "same1"], topics=Topics("mix"))
+        await wait_plan(broker.url, ["other", "same0", "same1"], topics=Topics(root))
         finals = []
         cid = "phonemix"
         async with make_client(parse_broker_url(broker.url), identifier=cid) as c, \
-                PhoneClient(c, cid, topics=Topics("mix")) as phone:
+                PhoneClient(c, cid, topics=Topics(root)) as phone:
             for i in range(3):
                 ans = await phone.ask(wire.PhoneRequest(prompt=f"{PROMPT} {i}", max_tokens=4))
                 assert ans.final is not None, ans.error
@@ -337,6 +341,9 @@ def test_experts_with_another_vocabulary_are_never_fused(procs: Any, broker: Loc
 
     for final in asyncio.run(main()):
         used = {e.id for e in final.experts if not e.dropped}
+        if fusion == "auto":
+            assert used == {"same0", "same1", "other"}, final.experts
+            continue
         # one vocabulary family per request: the larger family wins under uniform gating,
         # and the other family's expert is listed, dropped, with the reason
         assert used == {"same0", "same1"}

@@ -37,12 +37,13 @@ class Observer:
 
 async def _ask_in_process(broker: LocalBroker, root: str, gates: dict[str, float],
                           request: wire.PhoneRequest, *, dist_k: int,
-                          observer: Observer | None = None) -> Answer:
+                          observer: Observer | None = None, fusion: str = "auto") -> Answer:
     """A coordinator in this process (to observe every fused step) and one phone request."""
     url = parse_broker_url(broker.url)
     ident = f"c-{uuid.uuid4().hex[:6]}"
     cfg = CoordinatorConfig(id=ident, root=root, dist_k=dist_k, broker=broker.url,
-                            step_deadline_min_s=30.0, open_deadline_s=60.0)
+                            step_deadline_min_s=30.0, open_deadline_s=60.0,
+                            fusion=fusion)  # type: ignore[arg-type]
     coord = Coordinator(cfg, FixedGate(gates), lambda will: make_client(url, identifier=ident,
                                                                         will=will))
     coord.ctx.observer = observer
@@ -105,10 +106,11 @@ def test_qwen2_pair_with_padded_vocabulary_is_fused_exactly(
         lb.eval([token])
 
 
-def test_a_second_tokenizer_family_is_listed_dropped(
+def test_with_token_fusion_a_second_family_is_listed_dropped(
         procs: Any, broker: LocalBroker, real_ggufs: RealGgufs) -> None:
-    """Qwen2 and Llama 3 experts cannot be fused token by token (yet): every request is
-    answered by one family and the final lists the other expert, dropped, with the reason."""
+    """With ``fusion = "token"`` Qwen2 and Llama 3 experts are not fused together: every
+    request is answered by one family and the final lists the other expert, dropped, with the
+    reason (the default, "auto", fuses them over text: tests/e2e/test_cross_family.py)."""
     start_agent(procs, broker.url, "qwen", real_ggufs.qwen2.path, "--root", "mixed",
                 *REAL_AGENT_ARGS)
     start_agent(procs, broker.url, "llama", real_ggufs.llama3.path, "--root", "mixed",
@@ -117,7 +119,7 @@ def test_a_second_tokenizer_family_is_listed_dropped(
                               ({"qwen": 0.2, "llama": 0.8}, "llama", "qwen")):
         ans = asyncio.run(_ask_in_process(
             broker, "mixed", gates, wire.PhoneRequest(prompt=PROMPT, max_tokens=6, raw=True),
-            dist_k=64))
+            dist_k=64, fusion="token"))
         assert ans.final is not None, ans.error
         by_id = {e.id: e for e in ans.final.experts}
         assert set(by_id) == {"qwen", "llama"}

@@ -14,6 +14,9 @@ Beside it, ``fusion_over_alone_rtts`` compares the fused step with the slowest e
 alone through the same coordinator (an ``experts`` evaluation override): what the second
 expert and the mixing cost, separately from what any request through MQTT costs.
 
+``families``: coordinator CPU per fused token with one tokenizer family versus three (fusion
+across tokenizers), see :mod:`moe2.tools.bench.families`.
+
 Medians over repeated runs. Every process shares this machine's cores, which is the honest
 setting for a single edge box and the pessimistic one for the overhead. To show what that
 costs, the single-request phase also reads every process's CPU time (Linux ``/proc``): CPU
@@ -203,6 +206,9 @@ def run_fusion_bench(*, quick: bool = False, out_dir: str | None = None,
         rtt_before, fused, rtt_after = asyncio.run(main())
     rtt = statistics.median([rtt_before, rtt_after])
     overhead = (fused["per_token_s"] - slowest) / rtt
+    from moe2.tools.bench.families import run_families
+
+    families = run_families(work / "families", quick=quick, seed=seed)
     return {
         "bench": "fusion",
         "experts": {e.name: {"params": e.n_params, "direct_per_token_ms": direct[e.name] * 1e3}
@@ -227,4 +233,6 @@ def run_fusion_bench(*, quick: bool = False, out_dir: str | None = None,
         "cpu_ms_per_token": fused["cpu_ms_per_token"],
         "cpu_floor_ms_per_token": (sum(fused["cpu_ms_per_token"].values()) / (os.cpu_count() or 1)
                                    if fused["cpu_ms_per_token"] else None),
+        # one tokenizer family vs three (tools/bench/families.py)
+        "families": families,
     }

@@ -117,19 +117,28 @@ class EvalCoordinator:
                       s: EvalSettings) -> bool:
         """Whether the fused answer with these experts and weighting gets ``row`` right."""
         first: list[Fused] = []
+        first_texts: list[Sequence[tuple[bytes | None, float]]] = []
 
         def observe(_rid: str, step: int, fused: Fused, _token: int) -> None:
             if step == 0:
                 first.append(fused)
 
+        def observe_texts(_rid: str, step: int, cands: Sequence[tuple[bytes | None, float]],
+                          _chosen: bytes | None) -> None:
+            if step == 0:
+                first_texts.append(cands)
+
         req = row.request(max_tokens=1 if row.multiple_choice else s.max_tokens,
                           experts=list(experts), gating=gating,
                           top_k=s.top_k if gating == "gate" else None)
-        final, _text = await self.coordinator.answer(req, observer=observe)
+        final, _text = await self.coordinator.answer(req, observer=observe,
+                                                     text_observer=observe_texts)
         if not isinstance(final, wire.FinalReply):
             raise RuntimeError(f"eval request failed ({final.code.value}): {final.message}")
         if not row.multiple_choice:
             return exact_match(final.text, row.answer)
+        if first_texts:  # fused across tokenizers: over candidate texts
+            return best_letter_of_texts(first_texts[0], row.letters) == row.answer
         used = next(e.id for e in final.experts if not e.dropped)
         reg = self.coordinator.registry
         pieces = reg.pieces(reg.agents[used].family) or ()
@@ -145,6 +154,19 @@ def best_letter(fused: Fused, pieces: Sequence[bytes], letters: str) -> str | No
             text = pieces[tok].strip()
             if len(text) == 1 and chr(text[0]) in mass:
                 mass[chr(text[0])] += p
+    best = max(mass.items(), key=lambda kv: kv[1])
+    return best[0] if best[1] > 0 else None
+
+
+def best_letter_of_texts(cands: Sequence[tuple[bytes | None, float]], letters: str
+                         ) -> str | None:
+    """:func:`best_letter` for a step fused across tokenizers: each letter's mass is the sum of
+    the scores of the candidate texts that are that letter, with or without a leading space."""
+    mass = dict.fromkeys(letters, 0.0)
+    for text, score in cands:
+        t = (text or b"").strip()
+        if len(t) == 1 and chr(t[0]) in mass:
+            mass[chr(t[0])] += score
     best = max(mass.items(), key=lambda kv: kv[1])
     return best[0] if best[1] > 0 else None
 

@@ -28,6 +28,12 @@ trained on the calib split 0.94 -- for f32 and Q4_0 files alike.
 The vocabulary is trained on the text of every split (it is only a tokenizer; the models see
 the training split alone).
 
+Real tokenizers (``ExpertsConfig.tokenizers``, ``--tokenizers qwen2,llama-bpe,llama-spm`` or
+``mixed``): expert k gets the k-th name, cycled; each real one trains its own base model over the
+ids the corpus uses and is exported into its full vocabulary, exactly
+(:mod:`moe2.tools.offline.real_tokenizers`). A mixed fleet is what ``moe2 reproduce --tokenizers
+mixed`` fuses across tokenizers.
+
 Needs the ``train`` extra (torch, sentencepiece, gguf, scikit-learn, tqdm, llama-cpp-python).
 """
 
@@ -51,6 +57,7 @@ import numpy.typing as npt
 
 from moe2.tools.models import LlamaSpec, SpmVocab, train_spm_tokenizer, write_gguf
 from moe2.tools.offline.corpus import SPLITS, Corpus, Sample, generate_corpus
+from moe2.tools.offline.real_tokenizers import TRAINED, Codec, tokenizer_for
 
 __all__ = [
     "MANIFEST_NAME",
@@ -102,6 +109,9 @@ class ExpertsConfig:
     #: torch threads; 1 is fastest on small models and robust on a busy machine (0 = torch's
     #: default, which can be 10x slower when other processes compete for the cores)
     threads: int = 1
+    #: each expert's tokenizer, cycled: "spm" (trained on the corpus) or a llama.cpp
+    #: vocabulary name (qwen2, llama-bpe, llama-spm, ...; see real_tokenizers)
+    tokenizers: tuple[str, ...] = (TRAINED,)
 
     @classmethod
     def tiny(cls, **overrides: Any) -> ExpertsConfig:
@@ -136,6 +146,8 @@ class ExpertEntry:
     sha256: str
     q4_sha256: str
     final_loss: float
+    tokenizer: str = TRAINED
+    n_vocab: int = 0  # the exported vocabulary (0 in manifests written before tokenizers)
 
 
 @dataclass(frozen=True)
@@ -144,8 +156,8 @@ class Manifest:
 
     root: Path
     experts: tuple[ExpertEntry, ...]
-    spec: LlamaSpec
-    vocab_fingerprint: str
+    spec: LlamaSpec  # the first expert's training spec (the architecture every expert shares)
+    vocab_fingerprint: str  # "" when the experts have different tokenizers
     splits: dict[str, str]
     clusters: dict[str, list[int]]  # split -> cluster id per sample, in file order
     corpus: dict[str, Any]
@@ -270,12 +282,12 @@ def quantize_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], quan
     :func:`choose_quant` for a type that fits the model."""
     import llama_cpp
 
-    from moe2.tools.models import read_gguf
+    from moe2.tools.models.real_vocab import read_gguf_metadata
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, _FTYPES[quant])
     params.nthread = threads
-    if read_gguf(src).spec.dim % 256:
+    if int(read_gguf_metadata(src)["llama.embedding_length"]) % 256:  # type: ignore[call-overload]
         # llama.cpp wants Q6_K for output.weight, which needs rows of 256; say Q8_0 up front
         # instead of letting it fall back with a warning on stderr.
         params.output_tensor_type = llama_cpp.GGML_TYPE_Q8_0
@@ -316,7 +328,7 @@ def _make_experts(out: Path, cfg: ExpertsConfig, *, progress: bool) -> Manifest:
     from tqdm import tqdm
 
     from moe2.tools.offline.embed import Embedder
-    from moe2.tools.offline.torch_llama import LmExample, TorchLlama, TrainConfig, train_lm
+    from moe2.tools.offline.torch_llama import TorchLlama, TrainConfig, train_lm
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -343,60 +355,64 @@ def _make_experts(out: Path, cfg: ExpertsConfig, *, progress: bool) -> Manifest:
     clusters = {name: [remap[int(c)] for c in km.predict(embeddings[name])] for name in SPLITS}
     t = lap("embed_cluster", t)
 
-    # 3. vocabulary
-    texts = [f"{s.prompt} {s.answer}" for s in corpus.all_samples()]
-    vocab = train_spm_tokenizer(texts, cfg.vocab_size, seed=cfg.seed)
-    vocab.save(out / "vocab.model")
-    spec = cfg.spec(vocab.size)
-    quant = choose_quant(spec, cfg.quant)
-    examples = []
-    for s in train:
-        tokens, mask = encode_example(vocab, s, prompt_loss_weight=cfg.prompt_loss_weight)
-        if len(tokens) > spec.n_ctx_train:
-            raise ValueError(f"{len(tokens)} tokens exceed n_ctx_train: {s.prompt!r}")
-        examples.append(LmExample(tokens, mask))
+    # 3. vocabularies: the trained SentencePiece one and/or real tokenizers, compacted
+    vocabs = {name: _Vocab.build(name, cfg, corpus, out) for name in dict.fromkeys(
+        tokenizer_for(cfg.tokenizers, k) for k in range(cfg.n_experts))}
     t = lap("vocab", t)
 
-    # 4. base model
-    base = TorchLlama.initialised(spec, cfg.seed)
-    train_lm(base, examples, TrainConfig(steps=cfg.base_steps, batch_size=cfg.batch_size,
-                                         lr=cfg.base_lr, seed=cfg.seed),
-             desc="base", progress=progress)
-    t = lap("base", t)
+    try:
+        # 4. one base model per vocabulary
+        bases: dict[str, TorchLlama] = {}
+        for name, v in vocabs.items():
+            base = TorchLlama.initialised(v.spec, cfg.seed)
+            base.logit_offset = v.logit_offset
+            train_lm(base, v.examples, TrainConfig(steps=cfg.base_steps,
+                                                   batch_size=cfg.batch_size,
+                                                   lr=cfg.base_lr, seed=cfg.seed),
+                     desc="base" if len(vocabs) == 1 else f"base {name}", progress=progress)
+            bases[name] = base
+        t = lap("base", t)
 
-    # 5 + 6. fine-tune per cluster, write GGUF + quantised GGUF
-    entries: list[ExpertEntry] = []
-    width = len(str(cfg.n_experts - 1))
-    for k in tqdm(range(cfg.n_experts), desc="experts", disable=not progress):
-        idx = [i for i, c in enumerate(clusters["train"]) if c == k]
-        if not idx:
-            raise RuntimeError(f"cluster {k} has no training prompts")
-        model = base.copy()
-        losses = train_lm(model, [examples[i] for i in idx],
-                          TrainConfig(steps=cfg.finetune_steps, batch_size=cfg.batch_size,
-                                      lr=cfg.finetune_lr, seed=cfg.seed * 1000 + k + 1),
-                          desc=f"expert {k}", progress=progress)
-        name = f"expert-{k:0{width}d}"
-        path = out / f"{name}.gguf"
-        write_gguf(path, spec, model.gguf_weights(), vocab, name=name)
-        q_path = out / f"{name}.{quant}.gguf"
-        quantize_gguf(path, q_path, quant, threads=max(1, cfg.threads))
-        fam = Counter(train[i].family for i in idx)
-        entries.append(ExpertEntry(
-            name=name, cluster=k, gguf=path.name, gguf_q4=q_path.name, quant=quant,
-            family_mix=dict(sorted(fam.items())), train_samples=len(idx),
-            size_bytes=path.stat().st_size, q4_size_bytes=q_path.stat().st_size,
-            sha256=file_sha256(path), q4_sha256=file_sha256(q_path),
-            final_loss=round(float(np.mean(losses[-20:])), 5),
-        ))
+        # 5 + 6. fine-tune per cluster, write GGUF + quantised GGUF
+        entries: list[ExpertEntry] = []
+        width = len(str(cfg.n_experts - 1))
+        for k in tqdm(range(cfg.n_experts), desc="experts", disable=not progress):
+            idx = [i for i, c in enumerate(clusters["train"]) if c == k]
+            if not idx:
+                raise RuntimeError(f"cluster {k} has no training prompts")
+            tok_name = tokenizer_for(cfg.tokenizers, k)
+            v = vocabs[tok_name]
+            model = bases[tok_name].copy()
+            losses = train_lm(model, [v.examples[i] for i in idx],
+                              TrainConfig(steps=cfg.finetune_steps, batch_size=cfg.batch_size,
+                                          lr=cfg.finetune_lr, seed=cfg.seed * 1000 + k + 1),
+                              desc=f"expert {k}", progress=progress)
+            name = f"expert-{k:0{width}d}"
+            path = out / f"{name}.gguf"
+            v.write(path, model.gguf_weights(), name)
+            q_path = out / f"{name}.{v.quant}.gguf"
+            quantize_gguf(path, q_path, v.quant, threads=max(1, cfg.threads))
+            fam = Counter(train[i].family for i in idx)
+            entries.append(ExpertEntry(
+                name=name, cluster=k, gguf=path.name, gguf_q4=q_path.name, quant=v.quant,
+                family_mix=dict(sorted(fam.items())), train_samples=len(idx),
+                size_bytes=path.stat().st_size, q4_size_bytes=q_path.stat().st_size,
+                sha256=file_sha256(path), q4_sha256=file_sha256(q_path),
+                final_loss=round(float(np.mean(losses[-20:])), 5), tokenizer=tok_name,
+                n_vocab=v.n_vocab,
+            ))
+    finally:
+        for v in vocabs.values():
+            v.close()
     t = lap("experts", t)
     timings["total"] = round(time.perf_counter() - t0, 3)
 
+    first = vocabs[tokenizer_for(cfg.tokenizers, 0)]
     manifest = Manifest(
         root=out,
         experts=tuple(entries),
-        spec=spec,
-        vocab_fingerprint=vocab.fingerprint(),
+        spec=first.spec,
+        vocab_fingerprint=first.fingerprint if len(vocabs) == 1 else "",
         splits={name: p.name for name, p in split_paths.items()},
         clusters=clusters,
         corpus=corpus.stats(),
@@ -407,6 +423,69 @@ def _make_experts(out: Path, cfg: ExpertsConfig, *, progress: bool) -> Manifest:
     tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out / MANIFEST_NAME)
     return manifest
+
+
+@dataclass
+class _Vocab:
+    """One tokenizer of the fleet: its training examples (train split, in corpus order), the
+    spec the models train with, and how an expert is written."""
+
+    name: str
+    spec: LlamaSpec
+    examples: list[Any]  # LmExample
+    fingerprint: str
+    n_vocab: int  # exported
+    quant: QuantType
+    logit_offset: Any  # torch.Tensor | None
+    spm: SpmVocab | None = None
+    codec: Codec | None = None
+
+    @classmethod
+    def build(cls, name: str, cfg: ExpertsConfig, corpus: Corpus, out: Path) -> _Vocab:
+        import torch
+
+        from moe2.tools.offline.torch_llama import LmExample
+
+        if name == TRAINED:
+            texts = [f"{s.prompt} {s.answer}" for s in corpus.all_samples()]
+            spm = train_spm_tokenizer(texts, cfg.vocab_size, seed=cfg.seed)
+            spm.save(out / "vocab.model")
+            encoded = [encode_example(spm, s, prompt_loss_weight=cfg.prompt_loss_weight)
+                       for s in corpus["train"]]
+            spec = cfg.spec(spm.size)
+            v = cls(name, spec, [], spm.fingerprint(), spm.size, choose_quant(spec, cfg.quant),
+                    None, spm=spm)
+        else:
+            codec = Codec.build(name, [(s.prompt, s.answer) for s in corpus.all_samples()])
+            logger.info("%s: the corpus uses %d of %d ids", name, codec.n_compact - 1,
+                        codec.tok.size)
+            encoded = [codec.encode_example(s.prompt, s.answer,
+                                            prompt_loss_weight=cfg.prompt_loss_weight)
+                       for s in corpus["train"]]
+            spec = cfg.spec(codec.n_compact)
+            full = dataclasses.replace(spec, n_vocab=codec.tok.size)
+            v = cls(name, spec, [], codec.fingerprint(), codec.tok.size,
+                    choose_quant(full, cfg.quant),
+                    torch.from_numpy(codec.logit_offset()), codec=codec)
+        for (tokens, mask), s in zip(encoded, corpus["train"], strict=True):
+            if len(tokens) > spec.n_ctx_train:
+                raise ValueError(f"{len(tokens)} {name} tokens exceed n_ctx_train: "
+                                 f"{s.prompt!r}")
+            v.examples.append(LmExample(tokens, mask))
+        return v
+
+    def write(self, path: Path, weights: dict[str, npt.NDArray[np.float32]], name: str
+              ) -> None:
+        if self.spm is not None:
+            write_gguf(path, self.spec, weights, self.spm, name=name)
+            return
+        assert self.codec is not None
+        write_gguf(path, dataclasses.replace(self.spec, n_vocab=self.n_vocab),
+                   self.codec.export(weights), self.codec.tok, name=name)
+
+    def close(self) -> None:
+        if self.codec is not None:
+            self.codec.close()
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

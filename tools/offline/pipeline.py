@@ -39,6 +39,7 @@ class PipelineSettings:
     calib_limit: int | None = None
     max_tokens: int = 12
     kv_type: str = "f32"
+    tokenizers: tuple[str, ...] = ("spm",)
 
 
 def _say(msg: str) -> None:
@@ -54,14 +55,17 @@ def build_experts(out: Path, s: PipelineSettings, say: Callable[[str], None] = _
         try:
             m = load_manifest(manifest_path)
             if (len(m.experts) == s.experts and m.config.get("seed") == s.seed
+                    and tuple(m.config.get("tokenizers", ("spm",))) == s.tokenizers
                     and all(p.is_file() for p in m.expert_paths().values())):
                 say(f"reusing the experts in {out}")
                 return m
         except (OSError, ValueError, KeyError):
             pass
-    say(f"building {s.experts} experts in {out} (seed {s.seed})")
-    cfg = (ExpertsConfig.tiny(n_experts=s.experts, seed=s.seed) if s.tiny
-           else ExpertsConfig(n_experts=s.experts, seed=s.seed))
+    tokenizers = "" if s.tokenizers == ("spm",) else f", tokenizers {','.join(s.tokenizers)}"
+    say(f"building {s.experts} experts in {out} (seed {s.seed}{tokenizers})")
+    cfg = (ExpertsConfig.tiny(n_experts=s.experts, seed=s.seed, tokenizers=s.tokenizers)
+           if s.tiny else ExpertsConfig(n_experts=s.experts, seed=s.seed,
+                                        tokenizers=s.tokenizers))
     return make_experts(out, cfg, progress=True)
 
 
@@ -94,7 +98,7 @@ def calibrate(fleet: Any, manifest: Any, out: Path, s: PipelineSettings,
               for sp in ("calib", "validation")}
     cal = build_calibration_via_agents(fleet.url, [e.name for e in manifest.experts], splits,
                                        root=fleet.topics.root,
-                                       vocab_fingerprint=manifest.vocab_fingerprint,
+                                       vocab_fingerprint=manifest.vocab_fingerprint or None,
                                        progress=True)
     save_calibration(path, cal)
     return cal

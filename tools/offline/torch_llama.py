@@ -122,6 +122,9 @@ class TorchLlama(nn.Module):
         cos, sin = _rope_tables(spec.head_dim, spec.n_ctx_train, spec.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        #: a fixed offset added to the logits in training (a compacted vocabulary's OTHER
+        #: class, see moe2.tools.offline.real_tokenizers); not a weight, not exported
+        self.logit_offset: torch.Tensor | None = None
 
     @classmethod
     def initialised(cls, spec: LlamaSpec, seed: int) -> TorchLlama:
@@ -196,11 +199,14 @@ class TorchLlama(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, mask)
         out: torch.Tensor = self.output(self.output_norm(x))
+        if self.logit_offset is not None:
+            out = out + self.logit_offset
         return out
 
     def copy(self) -> TorchLlama:
         clone = TorchLlama(self.spec)
         clone.load_state_dict(self.state_dict())
+        clone.logit_offset = self.logit_offset
         return clone
 
 

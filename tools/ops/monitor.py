@@ -286,7 +286,7 @@ def render(state: MonitorState, now_s: float, *, title: str = "moe2 fleet") -> R
             + (f", {age:.0f}s old" if age is not None else "") + "): " + "  ".join(parts)
         ))
         if len(plan.families) > 1:
-            lines.append(Text("tokenizer families (not fused with each other): " + "  ".join(
+            lines.append(Text("tokenizer families: " + "  ".join(
                 f"{fp[:8]}=[{', '.join(m)}]" for fp, m in sorted(plan.families.items()))))
         lines += [Text(f"warning: {w}", style="bold red") for w in plan.warnings]
     if state.coordinators:

@@ -82,9 +82,11 @@ async def phase_agent_faults(fleet: ReliabilityFleet, spec: LoadSpec, *,
     finals = [o for o in run.outcomes if o.kind == "final"]
     dropped_killed = [r for o in finals for a, r in o.dropped if a == killed]
     # the kill's own effect: drops of the killed agent in requests that were in flight when it
-    # died (later ones may drop its restarted successor for lateness on a loaded box)
+    # died and ended before its successor started (a request queued across the restart may
+    # drop the successor for lateness on a loaded box)
     kill_s = times.get("kill", float("inf"))
-    dropped_by_kill = [r for o in finals if o.sent_s < kill_s < o.ended_s
+    restart_s = times.get("restart", float("inf"))
+    dropped_by_kill = [r for o in finals if o.sent_s < kill_s < o.ended_s < restart_s
                        for a, r in o.dropped if a == killed]
     dropped_hung = [r for o in finals for a, r in o.dropped if a == hung]
     out = tally(run.outcomes, run.wall_s)
