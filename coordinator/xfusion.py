@@ -15,8 +15,12 @@ Within a family (same token texts on every id) the exact mixture over ids applie
    ``s_f(c)`` is ``q_f`` of the family's own token for exactly its pending bytes + ``c`` when it
    has one (the exact path's number: fusing two experts of one vocabulary this way picks the
    very tokens the exact path picks); otherwise the mass of its top tokens that begin with ``c``
-   (it would go on past ``c``: ``c`` is a fair first step) or, failing that, of its best top
-   token that ``c`` begins with (it would need more tokens for ``c``); otherwise 0;
+   (it would go on past ``c``: ``c`` is a fair first step) or, failing that, half the mass of
+   its best top token that ``c`` begins with (it would need more tokens for ``c``, and how
+   likely it is to write the rest is unknown: 1/2 is its expectation under a uniform prior, and
+   keeps ``c`` below the family's own token -- with credit 1, as in UniTE, a family sure of
+   "1" would back "11" as much as "1" and a low-weight family's proposal would win the tie);
+   otherwise 0;
 4. greedy takes the best score; sampling draws from the scores (temperature, top-p).
 
 A token with no text (``<unk>``, a control token that renders as nothing) is never a candidate:
@@ -80,6 +84,9 @@ class FamilyStep:
     vocab: FamilyVocabView
 
 
+#: the share of a family's token's mass a longer candidate beginning with it gets
+PREFIX_CREDIT = 0.5
+
 #: candidates a family proposes at most (its top tokens by fused probability), whatever the
 #: members sent: the per-step cost follows k, never the vocabulary
 MAX_CANDIDATES = 64
@@ -134,9 +141,11 @@ def family_mixture(step: FamilyStep) -> _Family:
     top_pos = np.argpartition(-acc, top_n - 1)[:top_n]
     top_pos = top_pos[np.argsort(-acc[top_pos], kind="stable")]
     eog = step.vocab.eog
-    end_mass = 0.0 if step.pending else float(sum(
-        acc[p] for p in np.searchsorted(union, sorted(eog))
-        if p < union.shape[0] and int(union[p]) in eog))
+    end_mass = 0.0
+    if not step.pending and eog:
+        is_end = np.isin(union, np.fromiter(eog, dtype=np.int64, count=len(eog)))
+        # each end token once: those some member returned, the others at the fill
+        end_mass = float(acc[is_end].sum()) + fill * (len(eog) - int(is_end.sum()))
     texts: dict[bytes, float] = {}
     cut = len(step.pending)
     top: list[int] = []
@@ -170,7 +179,7 @@ def _score(fam: _Family, c: bytes) -> float:
         m = texts.get(c[:n])
         if m is not None and m > best:
             best = m
-    return best
+    return PREFIX_CREDIT * best
 
 
 @dataclass(frozen=True)
@@ -230,8 +239,12 @@ def choose(steps: Sequence[FamilyStep], temperature: float, top_p: float,
     would make the answer invalid UTF-8 after it are not taken (``None``: no such filter, as
     on the exact path -- right when one family follows every step by its own tokens)."""
     cands, fams = candidates(steps)
-    cands = [c for c in cands if c.score > 0.0 and math.isfinite(c.score)
-             and (c.text is END or utf8_tail is None or utf8_continues(utf8_tail, c.text))]
+    cands = [c for c in cands if c.score > 0.0 and math.isfinite(c.score)]
+    valid = [c for c in cands
+             if c.text is END or utf8_tail is None or utf8_continues(utf8_tail, c.text)]
+    # no valid candidate (no family's top tokens finish the character): better a replacement
+    # character on the phone than no answer
+    cands = valid or cands
     if not cands:
         raise ValueError("no candidate has any mass")
     if not temperature > 1e-6:
