@@ -25,6 +25,7 @@ import msgspec
 from moe2.agent.engine import DecodeJob, Engine, EngineError, softmax_topk
 from moe2.agent.meters import EnergyMeter, EstimatedMeter
 from moe2.agent.sessions import Session, SessionError, SessionTable
+from moe2.agent.speculation import NO_SPECULATION, Outcome, Speculator, top_token
 from moe2.agent.stats import AgentStats
 from moe2.agent.textsteps import TextJob, TextSteps
 from moe2.shared import __version__, wire
@@ -68,6 +69,7 @@ class _Job:
     seq: int
     k: int
     is_open: bool
+    spec: Outcome = NO_SPECULATION  # the step's speculation: a hit's logits, or a miss's waste
 
 
 class AgentDaemon:
@@ -111,6 +113,7 @@ class AgentDaemon:
         self._status_topic = self.topics.agent_status(cfg.id).topic
         self._reassert = asyncio.Event()
         self.text = TextSteps(cfg.id, engine, meter, self.table, self.stats, clock)
+        self.spec = Speculator(engine, meter, self.table, clock, cfg.speculate_min_p)
 
     # ------------------------------------------------------------------ messages
     def status(self, state: str) -> wire.AgentStatus:
@@ -137,6 +140,8 @@ class AgentDaemon:
             joules_per_token=jpt, step_latency_s=self.stats.step_latency_s(),
             open_sessions=len(self.table.sessions), meter=self.meter.kind,
             latency_by_ctx=self.stats.latency_bins(), temperature_c=self.meter.temperature_c(),
+            spec_hits=self.spec.stats.hits, spec_misses=self.spec.stats.misses,
+            spec_wasted_s=self.spec.stats.wasted_s, spec_wasted_j=self.spec.stats.wasted_j,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -285,6 +290,15 @@ class AgentDaemon:
 
     async def _worker_loop(self) -> None:
         while True:
+            if self._queue.empty() and self.spec.pending() and not self._stopping.is_set():
+                # idle: decode the likely next tokens (agent/speculation.py); a step that
+                # arrives meanwhile waits for this one batched decode at most
+                self._busy = True
+                try:
+                    await asyncio.to_thread(self.spec.round)
+                finally:
+                    self._busy = False
+                continue
             first = await self._queue.get()
             batch = [first]
             while not self._queue.empty():
@@ -402,6 +416,7 @@ class AgentDaemon:
         if isinstance(msg, wire.CloseSession):
             for sid in msg.session_ids:
                 s = self.table.close(sid)
+                self.spec.forget(sid)
                 if s is not None:
                     if msg.report:
                         contexts.append(self.text.context(s))
@@ -421,6 +436,7 @@ class AgentDaemon:
                 )
             s = self.table.open(msg.session_id, len(tokens), msg.k, now)
             s.busy = True
+            s.text_mode = msg.text
             pending.append(_Job(i, s, tokens, 0, msg.k, True))
             return
         for item in msg.items:
@@ -433,10 +449,13 @@ class AgentDaemon:
                 continue
             s.busy = True
             if item.append is not None:
+                s.text_mode = True
+                self.spec.resolve(s, -1)  # opened without ``text``: a speculation is wasted
                 text_jobs.append(TextJob(i, s, item.append, None if item.token < 0
                                           else item.token, item.seq, item.k))
             else:
-                pending.append(_Job(i, s, [item.token], item.seq, item.k, False))
+                pending.append(_Job(i, s, [item.token], item.seq, item.k, False,
+                                    self.spec.resolve(s, item.token)))
 
     def tokenize_request(self, msg: wire.OpenSession | wire.ScoreAnswer,
                          continuation: str = "") -> list[int]:
@@ -521,29 +540,43 @@ class AgentDaemon:
 
     def _decode_round(self, jobs: list[_Job], dists: list[list[wire.Distribution]],
                       errors: list[list[wire.ErrorItem]]) -> None:
-        decode_jobs = [DecodeJob(j.session.seq_id, j.tokens, j.session.n_past) for j in jobs]
+        # steps whose token was speculated on have their logits already (agent/speculation.py)
+        todo = [j for j in jobs if j.spec.hit is None]
+        decode_jobs = [DecodeJob(j.session.seq_id, j.tokens, j.session.n_past) for j in todo]
         e0 = self.meter.read_energy_j()
         t0 = self.clock()
         try:
-            if isinstance(self.meter, EstimatedMeter):
+            if not decode_jobs:
+                decoded = []
+            elif isinstance(self.meter, EstimatedMeter):
                 with self.meter.busy():
-                    logits = self.engine.decode(decode_jobs)
+                    decoded = self.engine.decode(decode_jobs)
             else:
-                logits = self.engine.decode(decode_jobs)
+                decoded = self.engine.decode(decode_jobs)
         except EngineError as exc:
             log.error("agent %s: decode failed: %s", self.cfg.id, exc)
-            for j in jobs:
+            for j in todo:
                 errors[j.work_index].append(wire.ErrorItem(
                     code=wire.ErrorCode.INTERNAL, message=f"decode failed: {exc}",
                     session_id=j.session.session_id, seq=j.seq))
                 self.table.close(j.session.session_id)
                 self.engine.free(j.session.seq_id)
-            return
+            jobs = [j for j in jobs if j.spec.hit is not None]
+            decoded = []
+            todo = []
         latency_s = self.clock() - t0
         energy_j = max(0.0, self.meter.read_energy_j() - e0)
-        n_tokens = sum(len(j.tokens) for j in jobs)
-        for j, lg in zip(jobs, logits, strict=True):
+        n_tokens = sum(len(j.tokens) for j in todo)
+        by_job = dict(zip(map(id, todo), decoded, strict=True))
+        for j in jobs:
             s = j.session
+            hit, missed = j.spec.hit, j.spec.missed
+            if hit is not None:  # decoded while the coordinator decided
+                lg, step_latency_s, share = hit.logits, hit.latency_s, hit.energy_j
+            else:
+                lg, step_latency_s = by_job[id(j)], latency_s
+                share = energy_j * len(j.tokens) / n_tokens if n_tokens else 0.0
+            wasted_j = missed.energy_j if missed is not None else 0.0
             s.tokens.extend(j.tokens)
             if j.is_open:
                 s.n_prompt = len(j.tokens)
@@ -553,16 +586,18 @@ class AgentDaemon:
             s.pending -= len(j.tokens)  # the prompt at open, one token a step
             s.busy = False
             ids, probs, rest = softmax_topk(lg, j.k)
-            share = energy_j * len(j.tokens) / n_tokens if n_tokens else 0.0
             dists[j.work_index].append(wire.Distribution(
                 session_id=s.session_id, seq=j.seq,
                 probs=wire.Distribution.pack_probs(probs),
                 ids=b"" if ids is None else wire.Distribution.pack_ids(ids),
                 rest_mass=rest, n_past=s.n_past, n_evaluated=len(j.tokens),
-                energy_j=share, latency_s=latency_s,
+                energy_j=share + wasted_j, latency_s=step_latency_s,
+                spec=1 if hit is not None else 2 if missed is not None else 0,
+                wasted_j=wasted_j,
             ))
+            self.spec.offer(s, *top_token(probs, ids))
             if not j.is_open:
-                self.stats.record_step(latency_s, s.n_past)
+                self.stats.record_step(step_latency_s, s.n_past)
         self.stats.record_tokens(sum(1 for j in jobs if not j.is_open))
 
     # ------------------------------------------------------------------ periodic loops

@@ -90,6 +90,10 @@ class Engine(Protocol):
 
     def free(self, seq_id: int) -> None: ...
 
+    def remove_from(self, seq_id: int, pos: int) -> None:
+        """Drop the sequence's cached tokens at positions >= ``pos`` (a speculative one)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -324,6 +328,16 @@ class LlamaEngine:
 
     def free(self, seq_id: int) -> None:
         self._L.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+
+    def remove_from(self, seq_id: int, pos: int) -> None:
+        if not self._L.llama_memory_seq_rm(self._mem, seq_id, pos, -1):
+            raise EngineError(f"llama.cpp could not remove positions >= {pos} of sequence "
+                              f"{seq_id}")
+
+    def cached_positions(self, seq_id: int) -> int:
+        """How many positions the sequence holds in the KV cache (tests: no speculative token
+        is left behind)."""
+        return int(self._L.llama_memory_seq_pos_max(self._mem, seq_id)) + 1
 
     def close(self) -> None:
         L = self._L

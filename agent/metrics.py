@@ -150,6 +150,20 @@ class AgentCollector:
                                   "published to", labels=["agent"])
         fam.add_metric([agent], d.dropped_requests)
         yield fam
+        spec = d.spec.stats
+        for name, doc, value in (
+                ("moe2_agent_speculation_hits", "Steps answered from a speculative decode",
+                 spec.hits),
+                ("moe2_agent_speculation_misses", "Speculative decodes thrown away",
+                 spec.misses),
+                ("moe2_agent_speculation_wasted_seconds",
+                 "Decode time of the speculations thrown away", spec.wasted_s),
+                ("moe2_agent_speculation_wasted_joules",
+                 "Energy of the speculations thrown away (in the energy counter too)",
+                 spec.wasted_j)):
+            fam = CounterMetricFamily(name, doc, labels=["agent"])
+            fam.add_metric([agent], value)
+            yield fam
 
 
 def agent_registry(daemon: AgentDaemon) -> CollectorRegistry:

@@ -32,6 +32,8 @@ class Session:
     #: text mode: emitted bytes without a token yet, and the logits they are healed from
     pending_bytes: bytes = b""
     last_logits: Any = None
+    #: follows text (a text-mode step came): never speculated on
+    text_mode: bool = False
 
 
 class SessionError(Exception):

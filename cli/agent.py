@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--estimated-watts", type=float, help="watts while busy, for the estimate")
     p.add_argument("--telemetry-interval", type=float, dest="telemetry_interval_s",
                    help="seconds between telemetry messages")
+    p.add_argument("--speculate-min-p", type=float,
+                   help="decode the likeliest next token while the coordinator decides, when "
+                        "its probability is at least this (0 = off; default 0.3)")
 
 
 def build_config(args: argparse.Namespace) -> AgentConfig:
@@ -37,6 +40,7 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
         cfg, args, id=args.id, model=args.model, n_ctx=args.n_ctx,
         n_gpu_layers=args.n_gpu_layers, n_threads=args.n_threads, max_sessions=args.max_sessions,
         kv_type=args.kv_type, telemetry_interval_s=args.telemetry_interval_s,
+        speculate_min_p=args.speculate_min_p,
     )
     if args.meter or args.estimated_watts is not None:
         cfg = override(cfg, meter=override(cfg.meter, kind=args.meter,

@@ -56,6 +56,9 @@ class ExpertState:
     reason: str | None = None
     n_past: int = 0
     n_ctx: int = 0
+    spec_hits: int = 0
+    spec_misses: int = 0
+    spec_wasted_j: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -323,7 +326,7 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
         else MAX_CANDIDATES
 
     open_msg = {
-        "k": dist_k, "raw": req.raw,
+        "k": dist_k, "raw": req.raw, "text": isinstance(path, _TextPath),
         "prompt": req.prompt if req.messages is None else None,
         "messages": req.messages,
     }
@@ -356,6 +359,9 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
             d = dists[e.agent_id]
             e.energy_j += d.energy_j
             e.n_past = d.n_past
+            e.spec_hits += d.spec == 1
+            e.spec_misses += d.spec == 2
+            e.spec_wasted_j += d.wasted_j
             parts.append((e, weights_now[e.agent_id], d))
         decision = path.decide(parts, req, rng, ctx, request_id, seq)
         n_tokens += 1
@@ -402,7 +408,9 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
         text=stream.text, tokens=n_tokens, finish_reason=finish, ttft_s=ttft_s,
         latency_s=ctx.clock() - t0, energy_j=sum(e.energy_j for e in experts),
         experts=[wire.ExpertUsage(id=e.agent_id, weight=e.weight, tokens=e.tokens,
-                                  energy_j=e.energy_j, dropped=not e.active, reason=e.reason)
+                                  energy_j=e.energy_j, dropped=not e.active, reason=e.reason,
+                                  spec_hits=e.spec_hits, spec_misses=e.spec_misses,
+                                  spec_wasted_j=e.spec_wasted_j)
                  for e in experts],
         app=req.app, coordinator_id=ctx.coordinator_id,
     )
@@ -440,7 +448,8 @@ def invalid_distribution(d: wire.Distribution, n_vocab: int) -> str | None:
     total = mass + d.rest_mass
     if abs(total - 1.0) > _MASS_SLACK:  # an all-zero reply would divide fusion by zero
         return f"probabilities and rest mass sum to {total:.4g}, not 1"
-    if not (0.0 <= d.energy_j < math.inf) or not (0.0 <= d.latency_s < math.inf):
+    if not (0.0 <= d.energy_j < math.inf) or not (0.0 <= d.latency_s < math.inf) \
+            or not (0.0 <= d.wasted_j < math.inf):
         return "energy or latency not finite and non-negative"
     return None
 

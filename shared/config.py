@@ -44,6 +44,10 @@ class MeterSection(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=True):
     sample_interval_s: float = 0.1
 
 
+#: default of ``speculate_min_p`` (see BENCHMARKS.md, "Speculative next step")
+SPECULATE_MIN_P = 0.3
+
+
 class AgentConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=True):
     id: str = ""
     model: str = ""
@@ -64,6 +68,9 @@ class AgentConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=True):
     device: str = "auto"
     metrics_port: int | None = None
     drain_timeout_s: float = 5.0
+    #: speculate on the next token (agent/speculation.py) when the expert's own top
+    #: probability is at least this; 0 turns speculation off
+    speculate_min_p: float = SPECULATE_MIN_P
     meter: MeterSection = MeterSection()
     tls: TlsSection = TlsSection()
 
@@ -81,6 +88,9 @@ class AgentConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=True):
         _positive("idle_timeout_s", self.idle_timeout_s)
         if self.max_prompt_tokens is not None:
             _positive("max_prompt_tokens", self.max_prompt_tokens)
+        if not 0.0 <= self.speculate_min_p <= 1.0:
+            raise ConfigError(f"speculate_min_p must be in [0, 1] (0 = off), got "
+                              f"{self.speculate_min_p}")
         return self
 
 

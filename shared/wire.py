@@ -122,6 +122,11 @@ class Telemetry(_Strict, tag="telemetry", frozen=True):
     meter: str
     latency_by_ctx: list[LatencyBin] = []
     temperature_c: float | None = None
+    #: speculative decodes so far: hits, misses, and the decode time and joules misses wasted
+    spec_hits: int = 0
+    spec_misses: int = 0
+    spec_wasted_s: float = 0.0
+    spec_wasted_j: float = 0.0
     v: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
@@ -153,6 +158,8 @@ class OpenSession(_Strict, tag="open", frozen=True):
 
     Exactly one of ``prompt``, ``messages`` and ``tokens`` is given. ``raw`` skips the chat
     template. ``k`` is how many top tokens to return per step; 0 means the full vocabulary.
+    ``text``: the session will follow text (steps with ``append``), so the agent does not
+    speculate on its tokens.
     """
 
     session_id: str
@@ -161,6 +168,7 @@ class OpenSession(_Strict, tag="open", frozen=True):
     messages: list[ChatMessage] | None = None
     tokens: list[int] | None = None
     raw: bool = False
+    text: bool = False
     v: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
@@ -257,6 +265,10 @@ class Distribution(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: text mode: the emitted bytes this agent holds without a token yet (the ids and probs
     #: are then conditioned on the next token's text beginning with them)
     pending: bytes = b""
+    #: the agent's speculative decode for this step (agent/speculation.py): 0 none, 1 hit (no
+    #: decode waited for), 2 miss; ``energy_j`` includes a miss's wasted decode, ``wasted_j``
+    spec: int = 0
+    wasted_j: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.probs) % 4 or len(self.ids) % 4:
@@ -499,6 +511,11 @@ class ExpertUsage(msgspec.Struct, frozen=True):
     energy_j: float
     dropped: bool
     reason: str | None = None
+    #: the expert's speculative decodes in this request: steps answered from one (hits),
+    #: speculations thrown away (misses) and their joules (included in ``energy_j``)
+    spec_hits: int = 0
+    spec_misses: int = 0
+    spec_wasted_j: float = 0.0
 
 
 class TokenChunk(msgspec.Struct, frozen=True, tag_field="type", tag="token"):

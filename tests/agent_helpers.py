@@ -395,6 +395,12 @@ class FakeEngine:
         self.freed.append(seq_id)
         self.history.pop(seq_id, None)
 
+    def remove_from(self, seq_id: int, pos: int) -> None:
+        del self.history.setdefault(seq_id, [])[pos:]
+
+    def cached_positions(self, seq_id: int) -> int:
+        return len(self.history.get(seq_id, []))
+
     def close(self) -> None:
         pass
 
@@ -441,6 +447,13 @@ class MeteredEngine:
 
     def free(self, seq_id: int) -> None:
         self.inner.free(seq_id)
+
+    def remove_from(self, seq_id: int, pos: int) -> None:
+        self.inner.remove_from(seq_id, pos)
+
+    def cached_positions(self, seq_id: int) -> int:
+        n: int = self.inner.cached_positions(seq_id)
+        return n
 
     def close(self) -> None:
         self.inner.close()

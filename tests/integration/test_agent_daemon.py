@@ -72,7 +72,8 @@ async def test_engine_decodes_one_token_per_step_at_any_history_length(
     """Counted inside the engine (not just the reply's claim): opening decodes the prompt,
     every later step exactly one token; the distributions stay those of llama-cpp-python."""
     n_steps = 40
-    daemon = make_daemon(agent_config("kv0"), llama_engine, broker.url)
+    # speculation off: it decodes ahead, and here every decode is counted
+    daemon = make_daemon(agent_config("kv0", speculate_min_p=0.0), llama_engine, broker.url)
     async with running(daemon), AgentRpcClient(broker.url) as c:
         before = llama_engine.evaluated_tokens
         reply = await c.open("kv0", "s", k=8, prompt=PROMPTS[0])
@@ -112,8 +113,8 @@ async def test_sessions_stepped_together_equal_each_alone_and_share_energy(
     meter = ManualMeter()
     inner = LlamaEngine(str(expert.path), n_ctx=64, max_sessions=8, n_threads=2, kv_type="f32")
     engine = MeteredEngine(inner, meter, joules_per_call=0.5, joules_per_token=0.1)
-    daemon = make_daemon(agent_config("b0", max_sessions=8, n_ctx=64), engine, broker.url,
-                         meter=meter)
+    daemon = make_daemon(agent_config("b0", max_sessions=8, n_ctx=64, speculate_min_p=0.0),
+                         engine, broker.url, meter=meter)
     try:
         async with running(daemon), AgentRpcClient(broker.url) as c:
             # together: open all, then step all 8 in one message per tick

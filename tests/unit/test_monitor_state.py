@@ -109,7 +109,8 @@ def test_plan_membership_is_the_union_over_apps_and_joint() -> None:
 def test_snapshot_and_render() -> None:
     s = mon.MonitorState()
     for ev in (mon.StatusSeen(status("e0")), mon.StatusSeen(status("e1", "offline")),
-               mon.TelemetrySeen(telemetry("e0", energy_j=42.5), 100.0),
+               mon.TelemetrySeen(telemetry("e0", energy_j=42.5, spec_hits=3, spec_misses=1,
+                                           spec_wasted_j=0.25), 100.0),
                mon.PlanSeen(plan({"chat": ["e0"]}, ["e0"])),
                mon.CoordinatorSeen(wire.CoordinatorStatus(coordinator_id="c0", state="online"))):
         s = mon.apply(s, ev)
@@ -121,7 +122,8 @@ def test_snapshot_and_render() -> None:
         "meter": "estimated", "power_w": 10.0, "energy_j": 42.5, "joules_per_token": 0.2,
         "tokens_per_s": 3.5, "tokens_total": 7, "step_latency_s": 0.004, "open_sessions": 1,
         "max_sessions": 4, "temperature_c": None, "n_ctx": 0, "vocab_fp": "", "n_vocab": 0,
-        "version": "",
+        "version": "", "spec_hits": 3, "spec_misses": 1, "spec_wasted_j": 0.25,
+        "spec_hit_rate": 0.75,
         "in_plan": True, "plan_apps": ["chat", "joint"], "telemetry_age_s": 2.5,
     }
     assert e1["online"] is False
@@ -134,7 +136,7 @@ def test_snapshot_and_render() -> None:
     console = Console(record=True, width=220, file=io.StringIO())
     console.print(mon.render(s, 102.5))
     text = console.export_text()
-    for needle in ("e0", "e1", "online", "offline", "42.5", "10.0", "3.5", "4.00", "1/4",
+    for needle in ("e0", "e1", "online", "offline", "42.5", "10.0", "3.5", "4.00", "1/4", "75%",
                    "chat,joint", "plan by c0", "chat=[e0]", "coordinators: c0 online"):
         assert needle in text, needle
     console = Console(record=True, width=220, file=io.StringIO())

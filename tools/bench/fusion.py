@@ -14,8 +14,10 @@ Beside it, ``fusion_over_alone_rtts`` compares the fused step with the slowest e
 alone through the same coordinator (an ``experts`` evaluation override): what the second
 expert and the mixing cost, separately from what any request through MQTT costs.
 
-``families``: coordinator CPU per fused token with one tokenizer family versus three (fusion
-across tokenizers), see :mod:`moe2.tools.bench.families`.
+``large``: two ~51M-parameter experts fused with and without the agents' speculation
+(:mod:`moe2.tools.bench.large`), ``large_ratio`` = fused tokens/s / the slowest expert's direct
+tokens/s. ``families``: coordinator CPU per fused token with one tokenizer family versus
+three (fusion across tokenizers), see :mod:`moe2.tools.bench.families`.
 
 Medians over repeated runs. Every process shares this machine's cores, which is the honest
 setting for a single edge box and the pessimistic one for the overhead. To show what that
@@ -207,8 +209,10 @@ def run_fusion_bench(*, quick: bool = False, out_dir: str | None = None,
     rtt = statistics.median([rtt_before, rtt_after])
     overhead = (fused["per_token_s"] - slowest) / rtt
     from moe2.tools.bench.families import run_families
+    from moe2.tools.bench.large import run_large
 
     families = run_families(work / "families", quick=quick, seed=seed)
+    large = run_large(work / "large", quick=quick, seed=seed)
     return {
         "bench": "fusion",
         "experts": {e.name: {"params": e.n_params, "direct_per_token_ms": direct[e.name] * 1e3}
@@ -235,4 +239,9 @@ def run_fusion_bench(*, quick: bool = False, out_dir: str | None = None,
                                    if fused["cpu_ms_per_token"] else None),
         # one tokenizer family vs three (tools/bench/families.py)
         "families": families,
+        # two ~51M-parameter experts, with and without speculation (tools/bench/large.py)
+        "large": large,
+        "large_ratio": large["large_ratio"],
+        "large_ratio_no_speculation": large["large_ratio_no_speculation"],
+        "large_spec_hit_rate": large["spec_hit_rate"],
     }

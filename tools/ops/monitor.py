@@ -190,6 +190,12 @@ def agent_snapshot(row: AgentRow, in_plan_apps: list[str], now_s: float) -> dict
         "joules_per_token": tel.joules_per_token if tel else None,
         "tokens_per_s": tel.tokens_per_s if tel else None,
         "tokens_total": tel.tokens_total if tel else None,
+        "spec_hits": tel.spec_hits if tel else None,
+        "spec_misses": tel.spec_misses if tel else None,
+        "spec_wasted_j": tel.spec_wasted_j if tel else None,
+        # share of speculative decodes the coordinator's next token confirmed
+        "spec_hit_rate": (tel.spec_hits / (tel.spec_hits + tel.spec_misses)
+                          if tel and tel.spec_hits + tel.spec_misses else None),
         "step_latency_s": tel.step_latency_s if tel else None,
         "open_sessions": tel.open_sessions if tel else None,
         "max_sessions": st.max_sessions if st else None,
@@ -246,7 +252,8 @@ def render(state: MonitorState, now_s: float, *, title: str = "moe2 fleet") -> R
         ("agent", "left"), ("state", "left"), ("model", "left"), ("vocab", "left"),
         ("device", "left"),
         ("meter", "left"), ("power W", "right"), ("energy J", "right"), ("J/tok", "right"),
-        ("tok/s", "right"), ("step ms", "right"), ("sessions", "right"), ("plan", "left"),
+        ("tok/s", "right"), ("step ms", "right"), ("spec hit", "right"),
+        ("sessions", "right"), ("plan", "left"),
         ("age s", "right"),
     ]
     id_width = min(32, max([5, *(len(a["id"]) for a in snap["agents"])]))
@@ -266,7 +273,9 @@ def render(state: MonitorState, now_s: float, *, title: str = "moe2 fleet") -> R
             Text(meter, style="yellow") if meter == "estimated" else meter,
             _num(a["power_w"], ".1f"), _energy(a["energy_j"]),
             _num(a["joules_per_token"], ".3g"), _num(a["tokens_per_s"], ".1f"),
-            _num(step_ms, ".2f"), sessions,
+            _num(step_ms, ".2f"),
+            "-" if a["spec_hit_rate"] is None else f"{100 * a['spec_hit_rate']:.0f}%",
+            sessions,
             Text(",".join(a["plan_apps"]), style="cyan") if a["plan_apps"] else Text("-", "dim"),
             _num(a["telemetry_age_s"], ".1f"),
         )

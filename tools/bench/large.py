@@ -1,0 +1,137 @@
+"""Part of ``moe2 bench fusion``: two large experts fused, with and without speculation.
+
+The case that matters on real fleets: experts whose decode takes longer than the messaging
+(here ~51M parameters, >= 10 ms a token on this machine). Two of them, greedy, ``dist_k`` 64,
+through a coordinator; ``large_ratio`` = fused tokens/s / the slowest expert's direct
+llama-cpp-python tokens/s, measured in the same run. The second expert is the first one's
+weights with Gaussian noise of ``PERTURB`` of each matrix's spread: two fine-tunes of one base,
+which agree on most tokens but not all (random experts of different seeds would disagree on
+almost every token: no fleet fuses those). Two fleets run side by side, requests alternating:
+the agents' default speculation, and ``--speculate-min-p 0``. The hit rate is the share of the
+experts' steps answered from a speculative decode (from the finals' expert entries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moe2.shared import wire
+from moe2.shared.mqtt import make_client, parse_broker_url
+from moe2.shared.topics import Topics
+from moe2.tools.clients.phone import PhoneClient
+from moe2.tools.fleet.harness import Fleet
+
+PROMPT = "What is the capital of France?"
+#: the second expert's weights: the first's plus noise of this share of each matrix's std
+PERTURB = 0.05
+
+
+def _experts(work: Path, seed: int) -> list[Any]:
+    from moe2.tools.models import (
+        ExpertFile,
+        default_vocab,
+        make_large_expert,
+        random_weights,
+        write_gguf,
+    )
+
+    a = make_large_expert(work, seed=3000 + seed, name="large-a")
+    rng = np.random.default_rng(seed + 1)
+    weights = {k: (v + PERTURB * float(v.std()) * rng.standard_normal(v.shape).astype(
+                   np.float32)) if v.ndim == 2 else v
+               for k, v in random_weights(a.spec, a.seed).items()}
+    path = work / "large-b.gguf"
+    vocab = default_vocab(a.spec.n_vocab)
+    write_gguf(path, a.spec, weights, vocab, name="large-b")
+    b = ExpertFile(name="large-b", path=path, spec=a.spec, seed=a.seed, n_params=a.n_params,
+                   fingerprint=a.fingerprint, file_type=a.file_type, chat_template=None)
+    return [a, b]
+
+
+async def _per_token(fleet: Fleet, roots: dict[str, str], agents: dict[str, list[str]],
+                     n_tokens: int, repeats: int) -> dict[str, Any]:
+    u = parse_broker_url(fleet.url)
+    out: dict[str, Any] = {}
+    phones: dict[str, PhoneClient] = {}
+    clients = {side: make_client(u, identifier=f"bench-large-{side}") for side in roots}
+    for side, c in clients.items():
+        await c.__aenter__()
+        phones[side] = PhoneClient(c, f"bench-large-{side}", topics=Topics(roots[side]))
+        await phones[side].__aenter__()
+    try:
+        for side, root in roots.items():
+            await fleet.wait_plan(agents[side], root=root)
+        req = wire.PhoneRequest(prompt=PROMPT, max_tokens=n_tokens, raw=True)
+        per: dict[str, list[float]] = {side: [] for side in roots}
+        hits = dict.fromkeys(roots, 0)
+        misses = dict.fromkeys(roots, 0)
+        for r in range(repeats + 1):  # the first round warms up
+            for side in roots:
+                ans = await phones[side].ask(req, timeout_s=300)
+                f = ans.final
+                if f is None or f.tokens < 2 or f.ttft_s is None:
+                    raise RuntimeError(f"bench request failed: {ans.error}")
+                if any(e.dropped for e in f.experts):
+                    raise RuntimeError(f"an expert was dropped: {f.experts}")
+                if r:
+                    per[side].append((f.latency_s - f.ttft_s) / (f.tokens - 1))
+                    hits[side] += sum(e.spec_hits for e in f.experts)
+                    misses[side] += sum(e.spec_misses for e in f.experts)
+        for side in roots:
+            out[side] = {
+                "fused_per_token_ms": 1e3 * statistics.median(per[side]),
+                "runs_per_token_ms": [1e3 * x for x in per[side]],
+                "spec_hits": hits[side], "spec_misses": misses[side],
+                "spec_hit_rate": (hits[side] / (hits[side] + misses[side])
+                                  if hits[side] + misses[side] else None),
+            }
+    finally:
+        for side in roots:
+            await phones[side].__aexit__(None, None, None)
+            await clients[side].__aexit__(None, None, None)
+    return out
+
+
+def run_large(work: Path, *, quick: bool, seed: int) -> dict[str, Any]:
+    from moe2.tools.bench.fusion import _direct_per_token_s
+
+    n_tokens = 24 if quick else 64
+    repeats = 2 if quick else 5
+    work.mkdir(parents=True, exist_ok=True)
+    experts = _experts(work, seed)
+    direct = {e.name: _direct_per_token_s(e.path, n_tokens, max(2, repeats // 2))
+              for e in experts}
+    slowest_s = max(direct.values())
+    roots = {"speculation": "large-spec", "no_speculation": "large-plain"}
+    agents: dict[str, list[str]] = {}
+    with Fleet(work / "fleet") as fleet:
+        for side, root in roots.items():
+            agents[side] = []
+            for e in experts:
+                aid = f"{e.name}-{side}"
+                extra = ("--speculate-min-p", "0") if side == "no_speculation" else ()
+                fleet.start_agent(aid, e.path, "--max-sessions", "4", "--n-ctx", "256",
+                                  "--meter", "estimated", *extra, root=root,
+                                  log_level="WARNING", name=aid)
+                agents[side].append(aid)
+            fleet.start_coordinator(root=root, log_level="WARNING", name=f"coordinator-{side}",
+                                    coordinator_id=f"c-{side}", config_text="dist_k = 64\n")
+        sides = asyncio.run(_per_token(fleet, roots, agents, n_tokens, repeats))
+    out: dict[str, Any] = {
+        "experts": {e.name: {"params": e.n_params, "direct_per_token_ms": 1e3 * direct[e.name]}
+                    for e in experts},
+        "perturb": PERTURB, "tokens_per_request": n_tokens, "repeats": repeats,
+        "slowest_direct_per_token_ms": 1e3 * slowest_s,
+        **sides,
+    }
+    for side in roots:
+        ratio = 1e3 * slowest_s / sides[side]["fused_per_token_ms"]
+        out["large_ratio" if side == "speculation" else "large_ratio_no_speculation"] = ratio
+    out["spec_hit_rate"] = sides["speculation"]["spec_hit_rate"]
+    out["target_large_ratio"] = 0.85
+    return out
