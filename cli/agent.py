@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between telemetry messages")
     p.add_argument("--speculate-min-p", type=float,
                    help="decode the likeliest next token while the coordinator decides, when "
-                        "its probability is at least this (0 = off; default 0.3)")
+                        "its probability is at least this (0 = off; default 0.1)")
 
 
 def build_config(args: argparse.Namespace) -> AgentConfig:

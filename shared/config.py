@@ -45,7 +45,7 @@ class MeterSection(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=True):
 
 
 #: default of ``speculate_min_p`` (see BENCHMARKS.md, "Speculative next step")
-SPECULATE_MIN_P = 0.3
+SPECULATE_MIN_P = 0.1
 
 
 class AgentConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=True):
