@@ -89,8 +89,14 @@ def gate_text(req: wire.PhoneRequest) -> str:
 
 
 async def run_request(req: wire.PhoneRequest, ctx: RequestContext, settings: GenerationSettings,
-                      emit: Emit, request_id: str) -> None:
-    """Serve one accepted request; always ends with exactly one final or error message."""
+                      emit: Emit, request_id: str, *,
+                      cancelled_by_phone: Callable[[], bool] | None = None) -> None:
+    """Serve one accepted request; always ends with exactly one final or error message.
+
+    Cancelling the task ends it with ``shutting_down`` (the coordinator stops), or with
+    ``cancelled`` when ``cancelled_by_phone()`` says the phone asked for it; then the
+    cancellation is the request's normal end and is not propagated. Either way the agents'
+    sessions are closed."""
     t0 = ctx.clock()
     experts: list[ExpertState] = []
     finished = False
@@ -102,11 +108,15 @@ async def run_request(req: wire.PhoneRequest, ctx: RequestContext, settings: Gen
         finished = True
         await emit(wire.ErrorReplyPhone(code=exc.code, message=exc.message))
     except asyncio.CancelledError:
+        by_phone = cancelled_by_phone is not None and cancelled_by_phone()
         if not finished:
             await _quiet_emit(emit, wire.ErrorReplyPhone(
+                code=wire.ErrorCode.CANCELLED,
+                message="cancelled by the client") if by_phone else wire.ErrorReplyPhone(
                 code=wire.ErrorCode.SHUTTING_DOWN,
                 message="the coordinator stopped before this request finished; retry"))
-        raise
+        if not by_phone:
+            raise
     except Exception as exc:
         log.exception("request %s failed", request_id)
         if not finished:
@@ -206,6 +216,9 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
                                                                   **open_msg))  # type: ignore[arg-type]
             for e in experts if e.active}
     dists = _drop_invalid(await _gather(futs, settings.open_deadline_s, by_id), by_id, n_vocab)
+    # the prompt as the heaviest expert that opened tokenised it (n_past after the prompt)
+    prompt_tokens = next((dists[e.agent_id].n_past for e in experts if e.agent_id in dists),
+                         None)
     stream = TextStream(pieces, req.stop_list())
     rng = np.random.default_rng(req.seed)
     n_tokens = 0
@@ -281,7 +294,7 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
         experts=[wire.ExpertUsage(id=e.agent_id, weight=e.weight, tokens=e.tokens,
                                   energy_j=e.energy_j, dropped=not e.active, reason=e.reason)
                  for e in experts],
-        app=req.app, coordinator_id=ctx.coordinator_id,
+        app=req.app, coordinator_id=ctx.coordinator_id, prompt_tokens=prompt_tokens,
     )
 
 
