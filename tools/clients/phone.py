@@ -58,11 +58,15 @@ from paho.mqtt.properties import Properties
 
 from moe2.shared import wire
 from moe2.shared.mqtt import (
+    AUTH_REFUSALS,
+    MAX_AUTH_REFUSALS,
     Backoff,
+    BrokerRefusedError,
     BrokerUrl,
     cancel_and_wait,
     get_prop,
     payload_bytes,
+    refusal_code,
     response_properties,
 )
 from moe2.shared.topics import Topics
@@ -252,13 +256,26 @@ class PhoneClient:
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await self._reader
 
+    @property
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def until_closed(self) -> None:
+        """Wait while the connection loop runs; raises what ended it (e.g.
+        :class:`~moe2.shared.mqtt.BrokerRefusedError`: credentials refused again and again)."""
+        if self._reader is None:
+            raise RuntimeError("the PhoneClient is not entered")
+        await asyncio.shield(self._reader)
+
     async def _session_loop(self) -> None:
         assert self._factory is not None
         backoff = Backoff()
+        refusals = 0
         while True:
             client = self._factory()
             try:
                 async with client:
+                    refusals = 0
                     self.client = client
                     await self._subscribe(client)
                     self._acks = _PubAcks(client) if self.check_delivery else None
@@ -268,8 +285,13 @@ class PhoneClient:
                     if self._suspect:
                         self._arm_grace()
                     await self._read(client)
-            except aiomqtt.MqttError:
-                pass
+            except aiomqtt.MqttError as exc:
+                if refusal_code(exc) in AUTH_REFUSALS:
+                    refusals += 1
+                    if refusals >= MAX_AUTH_REFUSALS:
+                        raise BrokerRefusedError(
+                            f"the broker refused the credentials {refusals} times ({exc}): "
+                            "check the user name and password in the broker URL") from None
             finally:
                 self._connected.clear()
                 if self._acks is not None:
