@@ -15,7 +15,7 @@ effect on a moe2 answer (``user``, ``metadata``, ``store``, ``service_tier``, ..
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -489,7 +489,3 @@ def error_event(err: ApiError) -> bytes:
     """A failure after the stream began (status 200 is sent): an ``error`` object as the last
     event, which OpenAI's SDKs raise as an APIError; no ``[DONE]`` follows."""
     return sse(err.body())
-
-
-def joined_text(chunks: Sequence[wire.TokenChunk]) -> str:
-    return "".join(c.text for c in chunks)
