@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import openai
 import pytest
 
+from moe2.gateway.keys import add_key
 from moe2.shared import wire
 from moe2.shared.mqtt import TlsOptions, make_client, parse_broker_url, payload_bytes
 from moe2.shared.topics import Topics
@@ -508,8 +510,9 @@ def test_tls_needs_the_generated_ca(secure: SecureBroker, tmp_path: Path) -> Non
 
 
 def test_ask_end_to_end_over_mqtts_with_acls(secure: SecureBroker, procs: Any,
-                                             ggufs: Ggufs) -> None:
-    """A phone, an agent and a coordinator, each with its own account, all over TLS."""
+                                             ggufs: Ggufs, tmp_path: Path) -> None:
+    """A phone, an agent, a coordinator and an HTTP gateway, each with its own account, all
+    over TLS: the gateway's account (``--gateways g0``) lets it ask as its API key's name."""
     expert = ggufs.shared[0]
     ca = str(secure.out / "ca.crt")
     procs.moe2("agent", "--broker", secure.url("e0", tls=True), "--ca-file", ca, "--id", "e0",
@@ -532,3 +535,26 @@ def test_ask_end_to_end_over_mqtts_with_acls(secure: SecureBroker, procs: Any,
     result = json.loads(last.stdout.strip().splitlines()[-1])
     assert result["tokens"] >= 1
     assert [e["id"] for e in result["experts"]] == ["e0"]
+    # the gateway g0 asks as "alice" (its API key's name), which no phone account is
+    keyfile = tmp_path / "gateway.keys"
+    key = add_key(keyfile, "alice")
+    port = free_port()
+    procs.moe2("gateway", "--broker", secure.url("g0", tls=True), "--ca-file", ca, "--id", "g0",
+               "--listen", f"127.0.0.1:{port}", "--api-keys", str(keyfile),
+               log_name="gateway-g0")
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0,
+                       timeout=60) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert [m.id for m in client.models.list()] == ["moe2-default"]
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "the gateway never listened"
+                time.sleep(0.2)
+        whole = client.chat.completions.create(
+            model="moe2-default", max_tokens=5, messages=[{"role": "user", "content": "1+1?"}])
+        assert [e["id"] for e in (whole.model_extra or {})["moe2"]["experts"]] == ["e0"]
+        with client.completions.create(model="moe2-default", prompt="1+1?", max_tokens=5,
+                                       stream=True) as stream:
+            assert "".join(c.choices[0].text for c in stream)
