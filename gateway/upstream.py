@@ -15,6 +15,7 @@ gives it up before the final or error, a ``cancel`` to the coordinator serving i
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from typing import Protocol
 
@@ -50,7 +51,11 @@ class Exchange:
         try:
             msg = self._q.get_nowait()
         except asyncio.QueueEmpty:
-            msg = await asyncio.wait_for(self._q.get(), timeout_s)
+            if sys.version_info >= (3, 11):  # no task per wait (this is once per token)
+                async with asyncio.timeout(timeout_s):
+                    msg = await self._q.get()
+            else:  # pragma: no cover - JetPack 6's Python 3.10
+                msg = await asyncio.wait_for(self._q.get(), timeout_s)
         return self._take(msg)
 
     def ready(self) -> list[wire.PhoneReply]:

@@ -353,15 +353,19 @@ class PhoneClient:
                 self._arm_grace()
 
     async def _read(self, client: aiomqtt.Client) -> None:
+        status_filter = self.topics.all_coordinator_status
+        plan_topic = self.topics.plan.topic
         async for m in client.messages:
-            if m.topic.matches(self.topics.all_coordinator_status):
-                self._on_coordinator_status(m)
-                continue
-            if self.watch_plan and m.topic.matches(self.topics.plan.topic):
-                self._on_plan(m)
-                continue
             corr = get_prop(m, "CorrelationData")
-            q = self._queues.get(bytes(corr)) if corr is not None else None
+            if corr is None:  # replies carry correlation data; statuses and plans do not
+                if m.topic.matches(status_filter):
+                    self._on_coordinator_status(m)
+                elif self.watch_plan and m.topic.value == plan_topic:
+                    self._on_plan(m)
+                else:
+                    self.unmatched += 1
+                continue
+            q = self._queues.get(bytes(corr))
             if q is None:
                 self.unmatched += 1
                 continue
