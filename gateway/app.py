@@ -324,19 +324,19 @@ class Call:
                     out += fmt.end(m)
                 else:
                     out += oa.error_event(oa.error_for_reply(m))
+            if self.ex.ended:  # the last events and the end of the body in one write
+                await send({"type": "http.response.body", "body": out, "more_body": False})
+                return
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 out = b""
-            if self.ex.ended:
-                break
             try:
                 msg = await self.gw.next_reply(self.ex)
             except oa.ApiError as err:
                 await send({"type": "http.response.body", "body": oa.error_event(err),
-                            "more_body": True})
-                break
+                            "more_body": False})
+                return
             self.note(msg)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class EventStream(Response):

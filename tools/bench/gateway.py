@@ -131,33 +131,39 @@ async def _measure(fleet: Fleet, base_url: str, n_tokens: int, repeats: int,
         await _batch_direct(fleet.url, 2, req)
         await _batch_gateway(base_url, 2, body)
     out: dict[str, Any] = {}
-    cpu_gateway = 0.0
-    tokens_gateway = 0
+    me = os.getpid()
     for clients in levels:
-        direct: list[tuple[float, list[Result]]] = []
-        gateway: list[tuple[float, list[Result]]] = []
+        batches: dict[str, list[tuple[float, list[Result]]]] = {"direct": [], "gateway": []}
+        # CPU seconds and tokens: the gateway process; the clients (this process) per path
+        cpu = {"gateway": 0.0, "client_direct": 0.0, "client_gateway": 0.0}
+        tokens = {"direct": 0, "gateway": 0}
         for r in range(repeats):
             order = ("direct", "gateway") if r % 2 == 0 else ("gateway", "direct")
             for path in order:
-                if path == "direct":
-                    direct.append(await _batch_direct(fleet.url, clients, req))
-                    continue
-                before = _cpu_s(gateway_pid)
-                batch = await _batch_gateway(base_url, clients, body)
-                after = _cpu_s(gateway_pid)
-                if before is not None and after is not None:
-                    cpu_gateway += after - before
-                    tokens_gateway += sum(tok for _t, tok in batch[1])
-                gateway.append(batch)
-        d, g = _summary(direct), _summary(gateway)
+                before = _cpu_s(gateway_pid), _cpu_s(me)
+                batch = (await _batch_direct(fleet.url, clients, req) if path == "direct"
+                         else await _batch_gateway(base_url, clients, body))
+                after = _cpu_s(gateway_pid), _cpu_s(me)
+                batches[path].append(batch)
+                tokens[path] += sum(tok for _t, tok in batch[1])
+                if None not in before and None not in after:
+                    cpu[f"client_{path}"] += after[1] - before[1]  # type: ignore[operator]
+                    if path == "gateway":
+                        cpu["gateway"] += after[0] - before[0]  # type: ignore[operator]
+        d, g = _summary(batches["direct"]), _summary(batches["gateway"])
         out[str(clients)] = {
             "direct": d, "gateway": g,
             "ratio_tokens_per_s": g["tokens_per_s"] / d["tokens_per_s"],
             "ttft_ratio": g["ttft_ms"] / d["ttft_ms"],
             "ttft_extra_ms": g["ttft_ms"] - d["ttft_ms"],
+            # what the extra hop costs per token: the gateway process, and the HTTP client
+            # (SSE parsing) against the MQTT phone client, both in this process
+            "cpu_ms_per_token": {
+                "gateway_process": 1e3 * cpu["gateway"] / max(1, tokens["gateway"]),
+                "http_clients": 1e3 * cpu["client_gateway"] / max(1, tokens["gateway"]),
+                "mqtt_clients": 1e3 * cpu["client_direct"] / max(1, tokens["direct"]),
+            },
         }
-    out["gateway_cpu_ms_per_token"] = (1e3 * cpu_gateway / tokens_gateway
-                                       if tokens_gateway else None)
     return out
 
 
@@ -195,6 +201,5 @@ def run_gateway_bench(*, quick: bool = False, out_dir: str | None = None,
         "ratio_tokens_per_s": ratios,
         "target_ratio": TARGET_RATIO,
         "target_met": all(r >= TARGET_RATIO for r in ratios.values()),
-        "gateway_cpu_ms_per_token": measured["gateway_cpu_ms_per_token"],
         "cpu_count": os.cpu_count(),
     }
