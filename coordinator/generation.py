@@ -9,6 +9,7 @@ cancellation at shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -95,21 +96,26 @@ async def run_request(req: wire.PhoneRequest, ctx: RequestContext, settings: Gen
 
     Cancelling the task ends it with ``shutting_down`` (the coordinator stops), or with
     ``cancelled`` when ``cancelled_by_phone()`` says the phone asked for it; then the
-    cancellation is the request's normal end and is not propagated. Either way the agents'
-    sessions are closed."""
+    cancellation is the request's normal end and is not propagated. A cancellation that comes
+    while the final (or error) is on its way does not stop it: that message is the one. Either
+    way the agents' sessions are closed."""
     t0 = ctx.clock()
     experts: list[ExpertState] = []
-    finished = False
+    sending: asyncio.Future[None] | None = None  # the terminal message, once decided
     try:
-        final = await _generate(req, ctx, settings, emit, request_id, t0, experts)
-        finished = True
-        await emit(final)
-    except RequestFailed as exc:
-        finished = True
-        await emit(wire.ErrorReplyPhone(code=exc.code, message=exc.message))
+        try:
+            terminal: wire.FinalReply | wire.ErrorReplyPhone = await _generate(
+                req, ctx, settings, emit, request_id, t0, experts)
+        except RequestFailed as exc:
+            terminal = wire.ErrorReplyPhone(code=exc.code, message=exc.message)
+        sending = asyncio.ensure_future(emit(terminal))
+        await asyncio.shield(sending)
     except asyncio.CancelledError:
         by_phone = cancelled_by_phone is not None and cancelled_by_phone()
-        if not finished:
+        if sending is not None:
+            with contextlib.suppress(Exception):
+                await sending  # finish delivering it
+        else:
             await _quiet_emit(emit, wire.ErrorReplyPhone(
                 code=wire.ErrorCode.CANCELLED,
                 message="cancelled by the client") if by_phone else wire.ErrorReplyPhone(
@@ -119,7 +125,7 @@ async def run_request(req: wire.PhoneRequest, ctx: RequestContext, settings: Gen
             raise
     except Exception as exc:
         log.exception("request %s failed", request_id)
-        if not finished:
+        if sending is None:
             await _quiet_emit(emit, wire.ErrorReplyPhone(
                 code=wire.ErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}"))
     finally:

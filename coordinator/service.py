@@ -477,7 +477,9 @@ class Coordinator:
             log.info("request %s cancelled by %s", task.get_name(), client_id)
             self.counters["cancelled"] += 1
             self._cancelled_by_phone.add(task)
-            task.cancel()
+            # not at once: a task cancelled before its first step never runs its body (no
+            # terminal message, no cleanup); scheduled now, this runs after that first step
+            asyncio.get_running_loop().call_soon(task.cancel)
 
     def _reject(self, emit: PhoneEmitter, code: wire.ErrorCode, message: str) -> None:
         self.counters["rejected"] += 1
