@@ -105,7 +105,8 @@ class Gateway:
                 if phone.done() and not serve.done():
                     self.server.should_exit = True
                     await serve
-                phone.result() if phone.done() else None  # raises what ended the session
+                if phone.done():
+                    phone.result()  # raises what ended the broker session
             finally:
                 self.notifier.stopping()
                 await cancel_and_wait(tasks, grace_s=self.cfg.drain_timeout_s + 3.0)

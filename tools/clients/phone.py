@@ -415,11 +415,13 @@ class PhoneClient:
                     raise AskError("no_coordinator",
                                    "no coordinator is subscribed to requests; nobody will answer")
                 if code == NOT_AUTHORIZED:
-                    raise AskError(
-                        "not_authorized",
+                    raise AskError("not_authorized", (
+                        f"the broker refused the request on {topic} (not authorised): asking "
+                        "as many client ids needs a gateway account (moe2 broker-config "
+                        "--gateways NAME)") if self.on_behalf else (
                         f"the broker refused the request on {topic} (not authorised): a secured "
                         f"broker lets a phone publish only on {self.topics.request('<name>')} "
-                        "with its MQTT username and client id both <name>")
+                        "with its MQTT username and client id both <name>"))
                 if code >= 0x80:
                     raise AskError("refused", f"the broker refused the request on {topic} "
                                               f"(MQTT 5 reason code 0x{code:02x})")
