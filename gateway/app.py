@@ -250,7 +250,7 @@ class GatewayApp:
                 log.info("%s request from %s: %d %s", endpoint, request.client, err.status,
                          err.message)
             return error_response(err)
-        if isinstance(first, wire.TokenChunk):
+        if isinstance(first, wire.TokenChunk):  # (else the first reply is the final)
             self.first_token(endpoint, t0)
         call = Call(self, ex, parsed, client_id, endpoint, t0)
         if parsed.stream:
@@ -271,23 +271,15 @@ class Call:
         self.t0 = t0
         self.cid = oa.new_id(parsed.kind)
         self.created = int(gw.wall())
-        self.seen_token = False
-
-    def note(self, msg: wire.PhoneReply) -> None:
-        if isinstance(msg, wire.TokenChunk) and not self.seen_token:
-            self.seen_token = True
-            self.gw.first_token(self.endpoint, self.t0)
 
     async def _final(self, first: wire.PhoneReply) -> wire.FinalReply:
         msg = first
-        self.seen_token = isinstance(first, wire.TokenChunk)
         while True:
             if isinstance(msg, wire.FinalReply):
                 return msg
             if isinstance(msg, wire.ErrorReplyPhone):
                 raise oa.error_for_reply(msg)
             msg = await self.gw.next_reply(self.ex)
-            self.note(msg)
 
     async def collect(self, request: Request, first: wire.PhoneReply) -> Response:
         """The non-streamed answer (the request is cancelled if the client leaves first)."""
@@ -312,11 +304,9 @@ class Call:
         p = self.parsed
         fmt = oa.ChunkFormatter(p.kind, self.cid, self.created, p.model, p.include_usage)
         out = fmt.start()
-        msg: wire.PhoneReply | None = first
+        msg = first
         while True:
-            batch = [msg] if msg is not None else []
-            batch += self.ex.ready()
-            for m in batch:
+            for m in [msg, *self.ex.ready()]:
                 if isinstance(m, wire.TokenChunk):
                     out += fmt.text(m.text)
                 elif isinstance(m, wire.FinalReply):
@@ -336,7 +326,6 @@ class Call:
                 await send({"type": "http.response.body", "body": oa.error_event(err),
                             "more_body": False})
                 return
-            self.note(msg)
 
 
 class EventStream(Response):
