@@ -1,4 +1,4 @@
-"""``moe2 bench {agent,fusion,planner,reliability}``: measurements, side by side in one run.
+"""``moe2 bench {agent,fusion,planner,reliability,gateway}``: measurements, side by side in one run.
 
 Each bench returns a plain dict (medians over repeated runs, ratios computed from figures taken
 in the same run); this module only parses flags and prints. Figures go into BENCHMARKS.md
@@ -14,7 +14,7 @@ from typing import Any
 
 from moe2.cli._common import emit_json, fail
 
-HELP = "measure agent, fusion, planner and reliability figures (see BENCHMARKS.md)"
+HELP = "measure agent, fusion, planner, reliability and gateway figures (see BENCHMARKS.md)"
 
 # bench name -> (module, function, help)
 BENCHES: dict[str, tuple[str, str, str]] = {
@@ -26,6 +26,9 @@ BENCHES: dict[str, tuple[str, str, str]] = {
                 "planner time and evaluations vs 2^N"),
     "reliability": ("moe2.tools.bench.reliability", "run_reliability_bench",
                     "load, faults, broker restart, coordinator kill, fuzzing"),
+    "gateway": ("moe2.tools.bench.gateway", "run_gateway_bench",
+                "time to first token and tokens/s through the HTTP gateway vs direct MQTT at "
+                "1 and 16 clients"),
 }
 
 

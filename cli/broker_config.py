@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="coordinator ids")
     p.add_argument("--monitors", type=_names, default=(), metavar="M0",
                    help="read-only accounts for `moe2 monitor` (status, telemetry, plan)")
+    p.add_argument("--gateways", type=_names, default=(), metavar="G0",
+                   help="HTTP gateways (`moe2 gateway --id G0`): may ask as any client id "
+                        "and read replies to their own level")
     p.add_argument("--root", default="moe2", help="topic root (default moe2)")
     p.add_argument("--port", type=int, default=1883,
                    help="plain MQTT listener on 127.0.0.1 (default 1883; 0 = none)")
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.iterations < 1:
         fail("--iterations must be >= 1")
     fleet = Fleet(phones=args.phones, agents=args.agents, coordinators=args.coordinators,
-                  monitors=args.monitors)
+                  monitors=args.monitors, gateways=args.gateways)
     spec = BrokerSpec(conf_dir=conf_dir, port=args.port, tls_port=args.tls_port,
                       tls_bind=args.tls_bind, hostnames=args.hostname,
                       broker_user=args.broker_user, root=args.root)

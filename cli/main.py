@@ -29,6 +29,7 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("bench", "bench"),
     ("broker-config", "broker_config"),
     ("demo", "demo"),
+    ("gateway", "gateway"),
 )
 
 

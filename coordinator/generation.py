@@ -9,6 +9,7 @@ cancellation at shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -114,27 +115,42 @@ def gate_text(req: wire.PhoneRequest) -> str:
 
 
 async def run_request(req: wire.PhoneRequest, ctx: RequestContext, settings: GenerationSettings,
-                      emit: Emit, request_id: str) -> None:
-    """Serve one accepted request; always ends with exactly one final or error message."""
+                      emit: Emit, request_id: str, *,
+                      cancelled_by_phone: Callable[[], bool] | None = None) -> None:
+    """Serve one accepted request; always ends with exactly one final or error message.
+
+    Cancelling the task ends it with ``shutting_down`` (the coordinator stops), or with
+    ``cancelled`` when ``cancelled_by_phone()`` says the phone asked for it; then the
+    cancellation is the request's normal end and is not propagated. A cancellation that comes
+    while the final (or error) is on its way does not stop it: that message is the one. Either
+    way the agents' sessions are closed."""
     t0 = ctx.clock()
     experts: list[ExpertState] = []
-    finished = False
+    sending: asyncio.Future[None] | None = None  # the terminal message, once decided
     try:
-        final = await _generate(req, ctx, settings, emit, request_id, t0, experts)
-        finished = True
-        await emit(final)
-    except RequestFailed as exc:
-        finished = True
-        await emit(wire.ErrorReplyPhone(code=exc.code, message=exc.message))
+        try:
+            terminal: wire.FinalReply | wire.ErrorReplyPhone = await _generate(
+                req, ctx, settings, emit, request_id, t0, experts)
+        except RequestFailed as exc:
+            terminal = wire.ErrorReplyPhone(code=exc.code, message=exc.message)
+        sending = asyncio.ensure_future(emit(terminal))
+        await asyncio.shield(sending)
     except asyncio.CancelledError:
-        if not finished:
+        by_phone = cancelled_by_phone is not None and cancelled_by_phone()
+        if sending is not None:
+            with contextlib.suppress(Exception):
+                await sending  # finish delivering it
+        else:
             await _quiet_emit(emit, wire.ErrorReplyPhone(
+                code=wire.ErrorCode.CANCELLED,
+                message="cancelled by the client") if by_phone else wire.ErrorReplyPhone(
                 code=wire.ErrorCode.SHUTTING_DOWN,
                 message="the coordinator stopped before this request finished; retry"))
-        raise
+        if not by_phone:
+            raise
     except Exception as exc:
         log.exception("request %s failed", request_id)
-        if not finished:
+        if sending is None:
             await _quiet_emit(emit, wire.ErrorReplyPhone(
                 code=wire.ErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}"))
     finally:
@@ -334,6 +350,9 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
                                                                   **open_msg))  # type: ignore[arg-type]
             for e in experts if e.active}
     dists = _drop_invalid(await _gather(futs, settings.open_deadline_s, by_id), by_id, path)
+    # the prompt as the heaviest expert that opened tokenised it (n_past after the prompt)
+    prompt_tokens = next((dists[e.agent_id].n_past for e in experts if e.agent_id in dists),
+                         None)
     stream = TextStream(stream_pieces, req.stop_list())
     rng = np.random.default_rng(req.seed)
     n_tokens = 0
@@ -412,7 +431,7 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
                                   spec_hits=e.spec_hits, spec_misses=e.spec_misses,
                                   spec_wasted_j=e.spec_wasted_j)
                  for e in experts],
-        app=req.app, coordinator_id=ctx.coordinator_id,
+        app=req.app, coordinator_id=ctx.coordinator_id, prompt_tokens=prompt_tokens,
     )
 
 

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import aiomqtt
 
+from moe2.coordinator.cancels import EarlyCancels, RequestKey
 from moe2.coordinator.fleetcheck import fleet_warnings
 from moe2.coordinator.fusion import Fused
 from moe2.coordinator.gating import Gate
@@ -166,12 +167,16 @@ class Coordinator:
         )
         self._accepting = True
         self._requests: dict[asyncio.Task[None], str] = {}
+        #: requests with correlation data, as their phone names them (for cancels)
+        self._serving: dict[RequestKey, asyncio.Task[None]] = {}
+        self._cancelled_by_phone: set[asyncio.Task[None]] = set()
+        self._early_cancels = EarlyCancels()
         self._ready_sent = False
         self._n = 0
         self._warned: set[str] = set()
         self.counters: dict[str, int] = {"accepted": 0, "rejected": 0, "finals": 0, "errors": 0,
                                          "malformed": 0, "dropped_no_reply_topic": 0,
-                                         "taken_over": 0}
+                                         "taken_over": 0, "cancelled": 0}
         self.ctx = RequestContext(
             rpc=self.rpc, registry=lambda: self.registry, gate_values=self._gate_values,
             gate_is_uniform=gate.kind == "uniform",
@@ -302,6 +307,9 @@ class Coordinator:
         await client.subscribe(tp.all_agent_telemetry, qos=0)
         await client.subscribe(tp.all_coordinator_status, qos=1)
         await client.subscribe(tp.inflight_filter(self.cfg.id), qos=1)
+        if not self.cfg.ephemeral:
+            # not shared: a cancel must reach whichever coordinator serves its request
+            await client.subscribe(tp.all_cancels, qos=1)
         if self._accepting and not self.cfg.ephemeral:
             await client.subscribe(tp.requests_shared(self.cfg.group), qos=1)
         st = tp.coordinator_status(self.cfg.id)
@@ -333,6 +341,9 @@ class Coordinator:
             return
         if message.topic.matches(tp.all_requests):
             self._on_request(message, topic, data)
+            return
+        if message.topic.matches(tp.all_cancels):
+            self._on_cancel(message, topic, data)
             return
         if message.topic.matches(tp.all_coordinator_status):
             self.inflight.on_status(topic, data, retained=bool(message.retain))
@@ -454,6 +465,11 @@ class Coordinator:
         if problem is not None:
             self._reject(emit, wire.ErrorCode.BAD_REQUEST, problem)
             return
+        key = (client_id, corr) if corr is not None else None
+        if key is not None and self._early_cancels.take(key, self.clock()):
+            self._reject(emit, wire.ErrorCode.CANCELLED,
+                         "cancelled by the client before it started")
+            return
         refusal = self.limits.admit(client_id, self.clock())
         if refusal is not None:
             self._reject(emit, refusal.code, refusal.message)
@@ -465,20 +481,54 @@ class Coordinator:
         request_id = f"{self._n}{uuid.uuid4().hex[:6]}"
         marker = self.inflight.open(request_id, client_id, rt, corr, ct)
         emit = PhoneEmitter(self, rt, corr, ct, marker)
-        task = asyncio.create_task(self._serve(req, emit, request_id, client_id, marker),
+        task = asyncio.create_task(self._serve(req, emit, request_id, client_id, marker, key),
                                    name=f"request-{request_id}")
         self._requests[task] = client_id
+        if key is not None:
+            self._serving[key] = task
 
     async def _serve(self, req: wire.PhoneRequest, emit: Emit, request_id: str,
-                     client_id: str, marker: str) -> None:
+                     client_id: str, marker: str, key: RequestKey | None) -> None:
+        task = asyncio.current_task()
         try:
-            await run_request(req, self.ctx, self.settings, emit, request_id)
+            await run_request(req, self.ctx, self.settings, emit, request_id,
+                              cancelled_by_phone=lambda: task in self._cancelled_by_phone)
         finally:
             self.inflight.close(marker)  # normally cleared with the terminal message already
             self.limits.release(client_id)
-            task = asyncio.current_task()
             if task is not None:
                 self._requests.pop(task, None)
+                self._cancelled_by_phone.discard(task)
+                if key is not None and self._serving.get(key) is task:
+                    del self._serving[key]
+
+    def _on_cancel(self, message: aiomqtt.Message, topic: str, data: bytes) -> None:
+        """A phone no longer wants a request: stop the one this coordinator serves (its task
+        ends with one ``cancelled`` error and closes the agents' sessions), or remember the
+        cancel for a while in case its request is still on the way here."""
+        client_id = self.topics.client_of_cancel(topic)
+        corr = get_prop(message, "CorrelationData")
+        ct = get_prop(message, "ContentType")
+        if client_id is None or not isinstance(corr, (bytes, bytearray)):
+            return
+        try:
+            wire.decode_phone_cancel(data, ct if isinstance(ct, str) else None)
+        except wire.DecodeError as exc:
+            log.debug("malformed cancel from %s dropped: %s", client_id, exc)
+            return
+        key = (client_id, bytes(corr))
+        task = self._serving.get(key)
+        if task is None:
+            if self._accepting:
+                self._early_cancels.add(key, self.clock())
+            return
+        if task not in self._cancelled_by_phone and not task.done():
+            log.info("request %s cancelled by %s", task.get_name(), client_id)
+            self.counters["cancelled"] += 1
+            self._cancelled_by_phone.add(task)
+            # not at once: a task cancelled before its first step never runs its body (no
+            # terminal message, no cleanup); scheduled now, this runs after that first step
+            asyncio.get_running_loop().call_soon(task.cancel)
 
     def _reject(self, emit: PhoneEmitter, code: wire.ErrorCode, message: str) -> None:
         self.counters["rejected"] += 1

@@ -23,7 +23,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip wheel
-EXTRAS=${MOE2_EXTRAS:-agent,coordinator,train,dev}
+EXTRAS=${MOE2_EXTRAS:-agent,coordinator,gateway,train,dev}
 echo "==> pip install -e .[$EXTRAS] (llama-cpp-python compiles from source the first time)"
 .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
 # llama.cpp's vocabulary-only GGUFs (real tokenizers: qwen2, llama-bpe, llama-spm, phi-3, ...)

@@ -7,6 +7,6 @@ bash scripts/install.sh
 if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
 fi
-.venv/bin/ruff check agent coordinator shared cli tools tests
+.venv/bin/ruff check agent coordinator shared cli tools gateway tests
 .venv/bin/mypy
 exec .venv/bin/pytest "$@"

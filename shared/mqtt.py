@@ -85,8 +85,11 @@ def make_client(
     keepalive_s: int = 10,
     clean_start: bool = True,
     max_queued_outgoing: int | None = 10000,
+    session_expiry_s: int | None = None,
 ) -> Client:
-    """An MQTT 5 client for ``url``; TLS from the URL scheme with an optional private CA."""
+    """An MQTT 5 client for ``url``; TLS from the URL scheme with an optional private CA.
+    ``session_expiry_s`` (with ``clean_start=False``): a persistent session, so that what the
+    broker has for this client while it reconnects is kept for it."""
     tls_context: ssl.SSLContext | None = None
     if url.tls:
         tls_context = ssl.create_default_context(cafile=tls.ca_file if tls else None)
@@ -102,6 +105,10 @@ def make_client(
     }
     if max_queued_outgoing is not None:
         kwargs["max_queued_outgoing_messages"] = max_queued_outgoing
+    if session_expiry_s is not None:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = session_expiry_s
+        kwargs["properties"] = props
     client = Client(
         hostname=url.host,
         port=url.port,

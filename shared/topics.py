@@ -174,6 +174,31 @@ class Topics:
     def response_prefix(self, client_id: str) -> str:
         return f"{self.root}/responses/{client_id}/"
 
+    def response(self, client_id: str, level: str = "r") -> str:
+        """A phone's response topic: one ``level`` below its own prefix."""
+        return f"{self.response_prefix(client_id)}{level}"
+
+    def responses_of_every_client(self, level: str) -> str:
+        """Every client's response topic ending in ``level``: a gateway asks on behalf of many
+        client ids (one per API key) and reads all their replies on one subscription."""
+        return f"{self.root}/responses/+/{level}"
+
+    def cancel(self, client_id: str) -> str:
+        """Where a phone cancels one of its requests (same correlation data as the request).
+        Not shared: every coordinator reads every cancel and acts on the requests it serves."""
+        return f"{self.root}/cancel/{client_id}"
+
+    @property
+    def all_cancels(self) -> str:
+        return f"{self.root}/cancel/+"
+
+    def client_of_cancel(self, topic: str) -> str | None:
+        prefix = f"{self.root}/cancel/"
+        if not topic.startswith(prefix):
+            return None
+        rest = topic[len(prefix):]
+        return rest if rest and "/" not in rest else None
+
     def client_of_request(self, topic: str) -> str | None:
         prefix = f"{self.root}/requests/"
         if not topic.startswith(prefix):

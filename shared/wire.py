@@ -55,6 +55,8 @@ class ErrorCode(str, enum.Enum):
     SHUTTING_DOWN = "shutting_down"
     TIMEOUT = "timeout"
     INTERNAL = "internal"
+    #: the phone cancelled its request (a ``cancel`` message): the coordinator stopped
+    CANCELLED = "cancelled"
 
 
 class _Strict(
@@ -533,11 +535,22 @@ class FinalReply(msgspec.Struct, frozen=True, tag_field="type", tag="final"):
     experts: list[ExpertUsage]
     app: str = "default"
     coordinator_id: str = ""
+    #: tokens of the prompt as the first (heaviest) expert tokenised it, chat template and
+    #: BOS included (its first distribution's ``n_past``); None when no expert reported it
+    prompt_tokens: int | None = None
 
 
 class ErrorReplyPhone(msgspec.Struct, frozen=True, tag_field="type", tag="error"):
     code: ErrorCode
     message: str
+
+
+class PhoneCancel(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type",
+                  tag="cancel"):
+    """What a phone publishes on ``cancel/{client_id}`` (same MQTT 5 Correlation Data as the
+    request, JSON or MessagePack by content type) to stop a request it no longer wants: the
+    coordinator serving it stops stepping, closes the agents' sessions and answers with one
+    ``cancelled`` error. A cancel for nothing being served is ignored."""
 
 
 PhoneReply = TokenChunk | FinalReply | ErrorReplyPhone
@@ -546,6 +559,8 @@ _phone_req_json = msgspec.json.Decoder(PhoneRequest)
 _phone_req_mp = msgspec.msgpack.Decoder(PhoneRequest)
 _phone_reply_json = msgspec.json.Decoder(PhoneReply)
 _phone_reply_mp = msgspec.msgpack.Decoder(PhoneReply)
+_phone_cancel_json = msgspec.json.Decoder(PhoneCancel)
+_phone_cancel_mp = msgspec.msgpack.Decoder(PhoneCancel)
 _json_encoder = msgspec.json.Encoder()
 
 
@@ -559,6 +574,17 @@ def decode_phone_request(data: bytes, content_type: str | None) -> PhoneRequest:
         if is_msgpack(content_type):
             return _phone_req_mp.decode(data)
         return _phone_req_json.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
+            RecursionError, OverflowError) as exc:
+        raise _wrap(exc) from None
+
+
+def decode_phone_cancel(data: bytes, content_type: str | None) -> PhoneCancel:
+    """Decode a phone's cancel message; JSON unless the content type names MessagePack."""
+    try:
+        if is_msgpack(content_type):
+            return _phone_cancel_mp.decode(data)
+        return _phone_cancel_json.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
             RecursionError, OverflowError) as exc:
         raise _wrap(exc) from None

@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import openai
 import pytest
 
+from moe2.gateway.keys import add_key
 from moe2.shared import wire
 from moe2.shared.mqtt import TlsOptions, make_client, parse_broker_url, payload_bytes
 from moe2.shared.topics import Topics
@@ -78,7 +80,8 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
     out = tmp_path_factory.mktemp("broker") / "conf"
     port, tls_port = free_port(), free_port()
     proc = run_cli("--out", str(out), "--phones", "a,b", "--agents", "e0,e1",
-                   "--coordinators", "c0", "--monitors", "m0", "--port", str(port),
+                   "--coordinators", "c0", "--monitors", "m0", "--gateways", "g0",
+                   "--port", str(port),
                    "--tls-port", str(tls_port), "--hostname", "broker.example",
                    "--broker-user", me(), "--json")
     assert proc.returncode == 0, proc.stderr
@@ -149,7 +152,8 @@ def test_acl_rules_per_role_use_the_topic_root() -> None:
     phone = bc.role_acl("phone", "p1", topics)
     assert phone == [("write", "site1/moe2/requests/p1"),
                      ("read", "site1/moe2/responses/p1/#"),
-                     ("read", "site1/moe2/coordinators/+/status")]
+                     ("read", "site1/moe2/coordinators/+/status"),
+                     ("write", "site1/moe2/cancel/p1")]
     agent = {t: a for a, t in bc.role_acl("agent", "e0", topics)}
     assert agent == {
         "site1/moe2/agents/e0/status": "readwrite", "site1/moe2/agents/e0/telemetry": "write",
@@ -162,7 +166,12 @@ def test_acl_rules_per_role_use_the_topic_root() -> None:
     assert ("write", "site1/moe2/responses/+/#") in coord
     assert ("readwrite", "site1/moe2/coordinators/+/inflight/+") in coord
     assert not any("$share" in t for _a, t in coord)
+    assert ("read", "site1/moe2/cancel/+") in coord
     assert all(a == "read" for a, _t in bc.role_acl("monitor", "m0", topics))
+    assert bc.role_acl("gateway", "g0", topics) == [
+        ("write", "site1/moe2/requests/+"), ("write", "site1/moe2/cancel/+"),
+        ("read", "site1/moe2/responses/+/g0"), ("read", "site1/moe2/coordinators/+/status"),
+        ("read", "site1/moe2/plan")]
 
 
 def test_fleet_rejects_bad_and_duplicate_names() -> None:
@@ -324,7 +333,7 @@ def test_files_permissions_and_contents(secure: SecureBroker) -> None:
     accounts = secure.accounts
     assert {n: a["role"] for n, a in accounts.items()} == {
         "a": "phone", "b": "phone", "e0": "agent", "e1": "agent", "c0": "coordinator",
-        "m0": "monitor"}
+        "m0": "monitor", "g0": "gateway"}
     assert all(a["username"] == n for n, a in accounts.items())
     assert len({a["password"] for a in accounts.values()}) == len(accounts)
     lines = (out / "passwd").read_text().splitlines()
@@ -442,6 +451,33 @@ async def test_monitor_reads_status_but_cannot_publish_a_plan(secure: SecureBrok
         assert await receive_until(m0, status) == [(status, b"online")]
 
 
+async def test_gateway_asks_as_any_client_and_reads_only_its_own_replies(
+    secure: SecureBroker,
+) -> None:
+    """A gateway account publishes requests and cancels as any client id (one per API key)
+    and reads replies to its own level below any client's response prefix -- not the phones'
+    own replies, and it cannot publish what coordinators publish."""
+    g0, c0 = secure.client("g0"), secure.client("c0")
+    async with connected(g0, c0):
+        await c0.subscribe(TOPICS.all_requests, qos=1)
+        await c0.subscribe(TOPICS.all_cancels, qos=1)
+        await c0.subscribe(TOPICS.plan.topic, qos=1)
+        await g0.subscribe(TOPICS.responses_of_every_client("g0"), qos=1)
+        await g0.subscribe(TOPICS.response_prefix("a") + "#", qos=1)
+        await g0.publish(TOPICS.plan.topic, b"forged plan", qos=1)
+        await g0.publish(TOPICS.request("alice"), b"as alice", qos=1)
+        await g0.publish(TOPICS.cancel("bob"), b"cancel as bob", qos=1)
+        fence = TOPICS.request("key-3")
+        await g0.publish(fence, b"as key-3", qos=1)
+        assert await receive_until(c0, fence) == [
+            (TOPICS.request("alice"), b"as alice"), (TOPICS.cancel("bob"), b"cancel as bob"),
+            (fence, b"as key-3")]
+        await c0.publish(TOPICS.response("a", "r"), b"the phone's own", qos=1)
+        mine = TOPICS.response("alice", "g0")
+        await c0.publish(mine, b"for the gateway", qos=1)
+        assert await receive_until(g0, mine) == [(mine, b"for the gateway")]
+
+
 async def test_tls_shared_subscription_round_trip(secure: SecureBroker) -> None:
     """A coordinator's $share subscription over mqtts receives a phone's request (the ACL names
     the plain topic), and the phone gets the answer on its response topic."""
@@ -474,8 +510,9 @@ def test_tls_needs_the_generated_ca(secure: SecureBroker, tmp_path: Path) -> Non
 
 
 def test_ask_end_to_end_over_mqtts_with_acls(secure: SecureBroker, procs: Any,
-                                             ggufs: Ggufs) -> None:
-    """A phone, an agent and a coordinator, each with its own account, all over TLS."""
+                                             ggufs: Ggufs, tmp_path: Path) -> None:
+    """A phone, an agent, a coordinator and an HTTP gateway, each with its own account, all
+    over TLS: the gateway's account (``--gateways g0``) lets it ask as its API key's name."""
     expert = ggufs.shared[0]
     ca = str(secure.out / "ca.crt")
     procs.moe2("agent", "--broker", secure.url("e0", tls=True), "--ca-file", ca, "--id", "e0",
@@ -498,3 +535,26 @@ def test_ask_end_to_end_over_mqtts_with_acls(secure: SecureBroker, procs: Any,
     result = json.loads(last.stdout.strip().splitlines()[-1])
     assert result["tokens"] >= 1
     assert [e["id"] for e in result["experts"]] == ["e0"]
+    # the gateway g0 asks as "alice" (its API key's name), which no phone account is
+    keyfile = tmp_path / "gateway.keys"
+    key = add_key(keyfile, "alice")
+    port = free_port()
+    procs.moe2("gateway", "--broker", secure.url("g0", tls=True), "--ca-file", ca, "--id", "g0",
+               "--listen", f"127.0.0.1:{port}", "--api-keys", str(keyfile),
+               log_name="gateway-g0")
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0,
+                       timeout=60) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert [m.id for m in client.models.list()] == ["moe2-default"]
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "the gateway never listened"
+                time.sleep(0.2)
+        whole = client.chat.completions.create(
+            model="moe2-default", max_tokens=5, messages=[{"role": "user", "content": "1+1?"}])
+        assert [e["id"] for e in (whole.model_extra or {})["moe2"]["experts"]] == ["e0"]
+        with client.completions.create(model="moe2-default", prompt="1+1?", max_tokens=5,
+                                       stream=True) as stream:
+            assert "".join(c.choices[0].text for c in stream)

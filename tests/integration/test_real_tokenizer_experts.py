@@ -82,7 +82,7 @@ def test_tokenizer_lists() -> None:
     assert parse_tokenizers("mixed") == MIXED
     assert parse_tokenizers("spm, qwen2") == ("spm", "qwen2")
     assert [tokenizer_for(MIXED, k) for k in range(4)] == [*MIXED, MIXED[0]]
-    with pytest.raises(VocabMissingError, match="install.sh"):
+    with pytest.raises(VocabMissingError, match=r"install\.sh"):
         parse_tokenizers("no-such-vocab")
     with pytest.raises(ValueError, match="empty"):
         parse_tokenizers(" , ")

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from moe2.agent.meters.rapl import RAPL_UDEV_RULE
-from moe2.tools.fleet.localbroker import LocalBroker
+from moe2.tools.fleet.localbroker import LocalBroker, free_port
 from tests.conftest import REPO, Procs, log_of
 
 SYSTEMD = REPO / "systemd"
-UNITS = ("moe2-agent@.service", "moe2-coordinator.service")
+UNITS = ("moe2-agent@.service", "moe2-coordinator.service", "moe2-gateway.service")
 INSTALLED_EXE = "/usr/local/bin/moe2"
 
 
@@ -114,11 +114,13 @@ def test_agent_unit_keeps_the_gpu_reachable() -> None:
     assert {"video", "render", "jtop"} <= set(groups)
 
 
-def test_coordinator_unit_needs_no_devices() -> None:
-    unit = parse_unit(SYSTEMD / "moe2-coordinator.service")
-    assert one(unit, "Service", "ExecStart").split()[1] == "coordinator"
+@pytest.mark.parametrize("role", ["coordinator", "gateway"])
+def test_coordinator_and_gateway_units_need_no_devices(role: str) -> None:
+    unit = parse_unit(SYSTEMD / f"moe2-{role}.service")
+    assert one(unit, "Service", "ExecStart").split()[1] == role
     assert one(unit, "Service", "PrivateDevices") == "yes"
     assert "DeviceAllow" not in unit["Service"]
+    assert one(unit, "Service", "CapabilityBoundingSet") == ""
 
 
 def test_every_group_and_user_the_units_name_is_created_by_sysusers() -> None:
@@ -317,5 +319,19 @@ def test_coordinator_sends_ready_then_watchdog_pings(
                    env={"NOTIFY_SOCKET": notify_socket.path, "WATCHDOG_USEC": "400000"},
                    log_name="coordinator")
     _ready_then_watchdogs(notify_socket, p, "coordinator")
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 0, log_of(p)
+
+
+def test_gateway_sends_ready_then_watchdog_pings(
+    broker: LocalBroker, procs: Procs, notify_socket: NotifySocket
+) -> None:
+    """READY once the broker session is up and the HTTP socket listens; SIGTERM: exit 0."""
+    p = procs.moe2("gateway", "--broker", broker.url, "--id", "sdg",
+                   "--listen", f"127.0.0.1:{free_port()}",
+                   env={"NOTIFY_SOCKET": notify_socket.path, "WATCHDOG_USEC": "400000"},
+                   log_name="gateway")
+    states = _ready_then_watchdogs(notify_socket, p, "gateway")
+    assert any(s.startswith("READY=1\nSTATUS=serving on port") for s in states), states
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=60) == 0, log_of(p)

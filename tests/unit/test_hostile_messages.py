@@ -71,6 +71,9 @@ def _status(agent: str, state: str) -> bytes:
 COORDINATOR_SAMPLES: list[tuple[str, bytes]] = [
     (TP.request(PHONE), REQUEST_BODIES[0]),
     (TP.request(PHONE), REQUEST_BODIES[2]),
+    # a cancel before, during or after its request: still exactly one terminal message
+    (TP.cancel(PHONE), wire.encode_phone(wire.PhoneCancel(), None)),
+    (TP.cancel(PHONE), wire.encode_phone(wire.PhoneCancel(), wire.CONTENT_TYPE_MSGPACK)),
     (TP.coordinator_inbox("c0").topic, wire.encode(wire.Reply(agent_id="a0", dists=[
         wire.Distribution(session_id="nope", seq=1, probs=wire.Distribution.pack_probs([1.0]))]))),
     (TP.coordinator_inbox("c0").topic, wire.encode(wire.Reply(agent_id="ghost", errors=[
@@ -373,3 +376,26 @@ def test_tally_counts_lost_as_sent_without_reply() -> None:
     assert t["not_sent"] == {"no_coordinator": 1}
     assert t["errors_by_code"] == {"timeout": 1}
     assert t["throughput_rps"] == 0.5
+
+
+def test_a_cancel_right_behind_its_request_still_gives_exactly_one_terminal() -> None:
+    """The cancel arrives in the same loop iteration as its request (before the request's task
+    ran at all): the request still ends with one terminal message, and its bookkeeping goes."""
+
+    async def main() -> None:
+        coord = Coordinator(CoordinatorConfig(id="c0"), UniformGate(), _no_client)
+        rt = TP.response_prefix(PHONE) + "r"
+        for corr in (b"a", b"b"):
+            coord._on_message(_message(TP.request(PHONE), REQUEST_BODIES[0], rt, corr, None,
+                                       False))
+            coord._on_message(_message(TP.cancel(PHONE), b'{"type":"cancel"}', None, corr, None,
+                                       False))
+        while coord._requests:
+            await asyncio.gather(*list(coord._requests))
+        terminals = [wire.decode_phone_reply(m.payload, None) for m in coord.outbox.pending()]
+        assert len(terminals) == 2
+        assert all(isinstance(t, wire.ErrorReplyPhone) for t in terminals)
+        assert not coord._serving and not coord._cancelled_by_phone
+        assert coord.inflight.open_markers == 0 and not coord.limits.active
+
+    asyncio.run(main())

@@ -204,3 +204,42 @@ async def test_a_dead_coordinators_phone_is_told_by_the_survivor() -> None:
             g.open.set()
         assert ans.error is not None and ans.error.code == wire.ErrorCode.SHUTTING_DOWN
         assert f"coordinator {serving.cfg.id} went offline" in ans.error.message
+
+
+async def test_a_cancelled_request_ends_with_one_error_and_frees_the_sessions() -> None:
+    async with memory_fleet() as f, f.phone() as phone, f.broker.client("watch") as watch:
+        await watch.subscribe(TP.response_prefix("phone") + "#")
+        f.gates["e1"].open.clear()  # e1 hangs: the request stays in flight
+        req = wire.PhoneRequest(prompt="hi", max_tokens=200, raw=True)
+        stream = phone.stream(req, timeout_s=TIMEOUT_S)
+        first = asyncio.ensure_future(anext_message(stream))  # type: ignore[arg-type]
+        coord = f.coordinators["c0"]
+        await wait_until(lambda: coord.rpc.waiting > 0, TIMEOUT_S, "a step in flight")
+        first.cancel()  # the caller gives up: the stream publishes a cancel
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        await stream.aclose()  # type: ignore[attr-defined]
+        replies = [wire.decode_phone_reply(bytes(m.payload), None)  # type: ignore[arg-type]
+                   async for m in _take(watch, 1)]
+        assert isinstance(replies[-1], wire.ErrorReplyPhone)
+        assert replies[-1].code == wire.ErrorCode.CANCELLED
+        f.gates["e1"].open.set()
+        for d in f.agents.values():
+            await wait_until(lambda d=d: not d.table.sessions, TIMEOUT_S, "sessions closed")
+        assert coord.counters["cancelled"] == 1
+        assert coord.in_flight == 0 and phone.cancels_sent == 1
+
+
+async def test_a_cancel_that_overtakes_its_request_refuses_it() -> None:
+    async with memory_fleet() as f, f.phone() as phone:
+        phone.cancel(b"early")
+        await wait_until(lambda: phone.cancels_sent == 1, TIMEOUT_S, "cancel sent")
+        coord = f.coordinators["c0"]
+        await wait_until(lambda: len(coord._early_cancels) == 1, TIMEOUT_S, "cancel kept")
+        q = await phone.send_raw(
+            wire.encode_phone(wire.PhoneRequest(prompt="x", max_tokens=4, raw=True), None),
+            correlation=b"early", content_type=None)
+        reply = await asyncio.wait_for(q.get(), TIMEOUT_S)
+        assert isinstance(reply, wire.ErrorReplyPhone)
+        assert reply.code == wire.ErrorCode.CANCELLED
+        assert coord.counters["accepted"] == 0

@@ -104,7 +104,7 @@ def test_what_is_never_speculated_on() -> None:
     d.process([_work(wire.OpenSession(session_id="t", k=4, tokens=[1, 5], text=True))])
     assert not d.spec.pending()
     # no room left in the context
-    d, engine, _m = _daemon(n_ctx=4)
+    d, _e, _m = _daemon(n_ctx=4)
     d.process([_work(wire.OpenSession(session_id="s", k=4, tokens=[1, 5, 6]))])
     assert not d.spec.pending()
 

@@ -24,6 +24,12 @@ How a phone learns that its request failed (the rules this client follows, and a
   through the persistent session).
 - Silence: nothing at all arrives for ``timeout_s``: ``asyncio.TimeoutError``.
 
+A request the caller abandons before its final or error (it stops reading
+:meth:`PhoneClient.stream`, is cancelled, or times out) is cancelled upstream: the client
+publishes a ``cancel`` message on ``{root}/cancel/{client_id}`` with the request's correlation
+data, and the coordinator serving it stops stepping the agents, closes their sessions and
+answers ``cancelled`` (read by nobody).
+
 Stop reading at the first final or error; anything later with the same correlation data is a
 duplicate (QoS 1 is at-least-once) and is counted in :attr:`PhoneClient.unmatched`.
 
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -50,8 +57,21 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from moe2.shared import wire
-from moe2.shared.mqtt import Backoff, BrokerUrl, get_prop, payload_bytes, response_properties
+from moe2.shared.mqtt import (
+    AUTH_REFUSALS,
+    MAX_AUTH_REFUSALS,
+    Backoff,
+    BrokerRefusedError,
+    BrokerUrl,
+    cancel_and_wait,
+    get_prop,
+    payload_bytes,
+    refusal_code,
+    response_properties,
+)
 from moe2.shared.topics import Topics
+
+_log = logging.getLogger(__name__)
 
 #: MQTT 5 PUBACK reason code: the broker had no subscriber for the message
 NO_MATCHING_SUBSCRIBERS = 0x10
@@ -155,12 +175,21 @@ class PhoneClient:
     ``client`` is either a client the caller connects and owns, or a factory of clients: then
     the PhoneClient connects, re-subscribes and reconnects by itself (see the module docstring)
     and a request made while it is disconnected raises :class:`AskError` ``not_connected``.
+
+    ``on_behalf=True`` makes it a phone with many users (the HTTP gateway): each request may
+    name its own client id (``client_id=`` of :meth:`stream`, one per API key, so that the
+    coordinators' per-client limits apply per user), its replies come to
+    ``responses/{that id}/{reply_level}``, and one subscription reads them all. A secured
+    broker must let this connection publish ``requests/+`` and ``cancel/+`` and read
+    ``responses/+/{reply_level}`` (``moe2 broker-config --gateways NAME``).
+    ``watch_plan=True`` keeps the coordinators' retained plan in :attr:`plan`.
     """
 
     def __init__(self, client: aiomqtt.Client | Callable[[], aiomqtt.Client], client_id: str,
                  topics: Topics | None = None, msgpack: bool = False, *,
                  check_delivery: bool = False, watch_coordinators: bool = False,
-                 grace_s: float = 10.0) -> None:
+                 grace_s: float = 10.0, reply_level: str = "r", on_behalf: bool = False,
+                 watch_plan: bool = False) -> None:
         if isinstance(client, aiomqtt.Client):
             self.client: aiomqtt.Client | None = client
             self._factory: Callable[[], aiomqtt.Client] | None = None
@@ -172,8 +201,15 @@ class PhoneClient:
         self.msgpack = msgpack
         self.check_delivery = check_delivery
         self.watch_coordinators = watch_coordinators
-        self.response_topic = f"{self.topics.response_prefix(client_id)}r"
+        self.watch_plan = watch_plan
+        self.reply_level = reply_level
+        self.on_behalf = on_behalf
+        self.response_topic = self.topics.response(client_id, reply_level)
         self.grace_s = grace_s
+        #: the coordinators' retained plan (``watch_plan``); None until one arrives
+        self.plan: wire.PlanMsg | None = None
+        self._cancels: set[asyncio.Task[None]] = set()
+        self.cancels_sent = 0
         self._queues: dict[bytes, asyncio.Queue[wire.PhoneReply | AskError]] = {}
         self._answered: set[bytes] = set()  # requests that got at least one reply
         self._suspect: dict[bytes, str] = {}  # unanswered at a loss event -> the AskError code
@@ -212,18 +248,34 @@ class PhoneClient:
     async def __aexit__(self, *exc: object) -> None:
         if self._grace is not None:
             self._grace.cancel()
+        if self._cancels:  # the cancels of abandoned requests get a moment to go out
+            await asyncio.wait(list(self._cancels), timeout=2.0)
+            await cancel_and_wait(list(self._cancels))
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await self._reader
 
+    @property
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def until_closed(self) -> None:
+        """Wait while the connection loop runs; raises what ended it (e.g.
+        :class:`~moe2.shared.mqtt.BrokerRefusedError`: credentials refused again and again)."""
+        if self._reader is None:
+            raise RuntimeError("the PhoneClient is not entered")
+        await asyncio.shield(self._reader)
+
     async def _session_loop(self) -> None:
         assert self._factory is not None
         backoff = Backoff()
+        refusals = 0
         while True:
             client = self._factory()
             try:
                 async with client:
+                    refusals = 0
                     self.client = client
                     await self._subscribe(client)
                     self._acks = _PubAcks(client) if self.check_delivery else None
@@ -233,8 +285,13 @@ class PhoneClient:
                     if self._suspect:
                         self._arm_grace()
                     await self._read(client)
-            except aiomqtt.MqttError:
-                pass
+            except aiomqtt.MqttError as exc:
+                if refusal_code(exc) in AUTH_REFUSALS:
+                    refusals += 1
+                    if refusals >= MAX_AUTH_REFUSALS:
+                        raise BrokerRefusedError(
+                            f"the broker refused the credentials {refusals} times ({exc}): "
+                            "check the user name and password in the broker URL") from None
             finally:
                 self._connected.clear()
                 if self._acks is not None:
@@ -247,9 +304,12 @@ class PhoneClient:
             await asyncio.sleep(backoff.next_delay_s())
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
-        await client.subscribe(self.response_topic, qos=1)
+        await client.subscribe(self.topics.responses_of_every_client(self.reply_level)
+                               if self.on_behalf else self.response_topic, qos=1)
         if self.watch_coordinators:
             await client.subscribe(self.topics.all_coordinator_status, qos=1)
+        if self.watch_plan:
+            await client.subscribe(self.topics.plan.topic, qos=1)
 
     def _mark_suspects(self, code: str) -> None:
         for corr in self._queues:
@@ -293,12 +353,19 @@ class PhoneClient:
                 self._arm_grace()
 
     async def _read(self, client: aiomqtt.Client) -> None:
+        status_filter = self.topics.all_coordinator_status
+        plan_topic = self.topics.plan.topic
         async for m in client.messages:
-            if m.topic.matches(self.topics.all_coordinator_status):
-                self._on_coordinator_status(m)
-                continue
             corr = get_prop(m, "CorrelationData")
-            q = self._queues.get(bytes(corr)) if corr is not None else None
+            if corr is None:  # replies carry correlation data; statuses and plans do not
+                if m.topic.matches(status_filter):
+                    self._on_coordinator_status(m)
+                elif self.watch_plan and m.topic.value == plan_topic:
+                    self._on_plan(m)
+                else:
+                    self.unmatched += 1
+                continue
+            q = self._queues.get(bytes(corr))
             if q is None:
                 self.unmatched += 1
                 continue
@@ -309,18 +376,38 @@ class PhoneClient:
                 continue
             self._answered.add(bytes(corr))
 
+    def _on_plan(self, m: aiomqtt.Message) -> None:
+        data = payload_bytes(m)
+        if not data:
+            self.plan = None  # cleared
+            return
+        try:
+            self.plan = self.topics.plan.decode(data)
+        except wire.DecodeError:
+            return
+
+    def _client_for(self, client_id: str | None) -> str:
+        if client_id is None or client_id == self.client_id:
+            return self.client_id
+        if not self.on_behalf:
+            raise ValueError("a request on behalf of another client id needs on_behalf=True")
+        return client_id
+
     async def send_raw(self, payload: bytes, *, correlation: bytes, content_type: str | None,
-                       response_topic: str | None = None
+                       response_topic: str | None = None, client_id: str | None = None
                        ) -> asyncio.Queue[wire.PhoneReply | AskError]:
-        """Publish one request; its replies (and a local :class:`AskError`) come on the queue."""
+        """Publish one request; its replies (and a local :class:`AskError`) come on the queue.
+        ``client_id``: ask as that client (``on_behalf`` only)."""
+        cid = self._client_for(client_id)
         client = self.client
         if client is None or not self._connected.is_set():
             raise AskError("not_connected", "the phone is not connected to the broker")
         q: asyncio.Queue[wire.PhoneReply | AskError] = asyncio.Queue()
         self._queues[correlation] = q
-        props = response_properties(response_topic or self.response_topic, correlation,
-                                    content_type)
-        topic = self.topics.request(self.client_id)
+        props = response_properties(
+            response_topic or self.topics.response(cid, self.reply_level), correlation,
+            content_type)
+        topic = self.topics.request(cid)
         try:
             if self._acks is not None:
                 code = await self._acks.publish(topic, payload, props)
@@ -328,11 +415,13 @@ class PhoneClient:
                     raise AskError("no_coordinator",
                                    "no coordinator is subscribed to requests; nobody will answer")
                 if code == NOT_AUTHORIZED:
-                    raise AskError(
-                        "not_authorized",
+                    raise AskError("not_authorized", (
+                        f"the broker refused the request on {topic} (not authorised): asking "
+                        "as many client ids needs a gateway account (moe2 broker-config "
+                        "--gateways NAME)") if self.on_behalf else (
                         f"the broker refused the request on {topic} (not authorised): a secured "
                         f"broker lets a phone publish only on {self.topics.request('<name>')} "
-                        "with its MQTT username and client id both <name>")
+                        "with its MQTT username and client id both <name>"))
                 if code >= 0x80:
                     raise AskError("refused", f"the broker refused the request on {topic} "
                                               f"(MQTT 5 reason code 0x{code:02x})")
@@ -343,23 +432,63 @@ class PhoneClient:
             raise
         return q
 
-    async def stream(self, request: wire.PhoneRequest, timeout_s: float = 120.0
-                     ) -> AsyncIterator[wire.PhoneReply]:
+    def done_with(self, correlation: bytes) -> None:
+        """Forget a request (after its final or error, or when abandoning it)."""
+        self._queues.pop(correlation, None)
+        self._answered.discard(correlation)
+        self._suspect.pop(correlation, None)
+
+    def cancel(self, correlation: bytes, client_id: str | None = None) -> None:
+        """Tell the coordinators that the request with ``correlation`` is no longer wanted
+        (published at QoS 1 by a task this client owns; callable from any cleanup path,
+        including a cancelled task's). Replies still arriving for it are counted unmatched."""
+        cid = self._client_for(client_id)
+        self.done_with(correlation)
+        client = self.client
+        if client is None or not self._connected.is_set():
+            return  # the coordinator's step deadline and max_tokens still end it
+        ct = wire.CONTENT_TYPE_MSGPACK if self.msgpack else wire.CONTENT_TYPE_JSON
+        payload = wire.encode_phone(wire.PhoneCancel(), ct)
+        props = response_properties(correlation_data=correlation, content_type=ct)
+        task = asyncio.get_running_loop().create_task(
+            self._publish_cancel(client, self.topics.cancel(cid), payload, props),
+            name=f"cancel-{cid}")
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _publish_cancel(self, client: aiomqtt.Client, topic: str, payload: bytes,
+                              props: Properties) -> None:
+        try:
+            await client.publish(topic, payload, qos=1, properties=props)
+            self.cancels_sent += 1
+        except aiomqtt.MqttError as exc:
+            _log.info("cancel on %s not sent: %s", topic, exc)
+
+    async def stream(self, request: wire.PhoneRequest, timeout_s: float = 120.0, *,
+                     client_id: str | None = None) -> AsyncIterator[wire.PhoneReply]:
+        """Send ``request`` and yield its replies up to the final or error; ``timeout_s`` is
+        the longest wait for each one. Leaving early (the caller stops reading, is
+        cancelled, or the wait times out) cancels the request upstream."""
         corr = uuid.uuid4().bytes
         ct = wire.CONTENT_TYPE_MSGPACK if self.msgpack else wire.CONTENT_TYPE_JSON
-        q = await self.send_raw(wire.encode_phone(request, ct), correlation=corr, content_type=ct)
+        q = await self.send_raw(wire.encode_phone(request, ct), correlation=corr, content_type=ct,
+                                client_id=client_id)
+        ended = False
         try:
             while True:
                 msg = await asyncio.wait_for(q.get(), timeout_s)
                 if isinstance(msg, AskError):
-                    raise msg
-                yield msg
+                    raise msg  # given up on: cancelled below in case a coordinator has it
                 if isinstance(msg, (wire.FinalReply, wire.ErrorReplyPhone)):
+                    ended = True
+                yield msg
+                if ended:
                     return
         finally:
-            self._queues.pop(corr, None)
-            self._answered.discard(corr)
-            self._suspect.pop(corr, None)
+            if ended:
+                self.done_with(corr)
+            else:
+                self.cancel(corr, client_id)
 
     async def ask(self, request: wire.PhoneRequest, timeout_s: float = 120.0,
                   on_chunk: Callable[[str], None] | None = None) -> Answer:

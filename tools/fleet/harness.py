@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -18,11 +19,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import aiomqtt
 import psutil
@@ -31,7 +34,7 @@ from moe2.shared import wire
 from moe2.shared.mqtt import MessageReader, make_client, parse_broker_url, payload_bytes
 from moe2.shared.topics import Topics
 from moe2.tools.clients.phone import AskError, PhoneClient, session_client
-from moe2.tools.fleet.localbroker import LocalBroker
+from moe2.tools.fleet.localbroker import LocalBroker, free_port
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,14 @@ def spawn_moe2(args: Sequence[str], log_path: Path | None = None,
     with log_path.open("ab") as logf:
         return subprocess.Popen(moe2_argv(*args), stdout=logf, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=full_env)
+
+
+def _get_json(url: str, api_key: str | None = None, timeout_s: float = 5.0) -> Any:
+    """GET ``url`` (stdlib only: the harness needs no HTTP client library)."""
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"}
+                                 if api_key else {})
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        return json.loads(resp.read())
 
 
 def _log_args(level: str | None) -> list[str]:
@@ -142,6 +153,44 @@ class Fleet:
             cfg.write_text(config_text)
             args += ["--config", str(cfg)]
         return self.spawn(name or f"coordinator-{coordinator_id}", [*args, *extra])
+
+    def start_gateway(self, *extra: str, gateway_id: str = "gateway",
+                      config_text: str | None = None, root: str | None = None,
+                      name: str | None = None, log_level: str | None = None,
+                      port: int | None = None) -> str:
+        """``moe2 gateway`` on a free loopback port; returns its base URL (``.../v1``)."""
+        port = port or free_port()
+        args = [*_log_args(log_level), "gateway", "--broker", self.url, "--id", gateway_id,
+                "--root", root or self.topics.root, "--listen", f"127.0.0.1:{port}"]
+        if config_text is not None:
+            cfg = self.workdir / f"{gateway_id}.toml"
+            cfg.write_text(config_text)
+            args += ["--config", str(cfg)]
+        self.spawn(name or f"gateway-{gateway_id}", [*args, *extra])
+        return f"http://127.0.0.1:{port}/v1"
+
+    async def wait_models(self, base_url: str, models: Sequence[str], *,
+                          api_key: str | None = None, timeout_s: float = 90.0,
+                          name: str | None = None) -> dict[str, Any]:
+        """Until the gateway at ``base_url`` answers ``GET /models`` listing ``models``; the
+        list. ``name``: the gateway's process (its death fails the wait at once)."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if name is not None:
+                self.check_alive([name])
+            try:
+                listed: dict[str, Any] = await asyncio.to_thread(
+                    _get_json, f"{base_url}/models", api_key)
+            except (OSError, ValueError) as exc:
+                last = str(exc)
+            else:
+                ids = {m.get("id") for m in listed.get("data", [])}
+                if set(models) <= ids:
+                    return listed
+                last = f"models {sorted(map(str, ids))}"
+            await asyncio.sleep(0.2)
+        raise FleetError(f"gateway {base_url} never listed {sorted(models)}; last: {last}")
 
     def restart(self, name: str) -> None:
         """Start ``name`` again with the same arguments (after it died or was killed)."""

@@ -48,8 +48,8 @@ from moe2.shared.topics import Topics, check_name
 
 log = logging.getLogger(__name__)
 
-Role = Literal["phone", "agent", "coordinator", "monitor"]
-ROLES: tuple[Role, ...] = ("phone", "agent", "coordinator", "monitor")
+Role = Literal["phone", "agent", "coordinator", "monitor", "gateway"]
+ROLES: tuple[Role, ...] = ("phone", "agent", "coordinator", "monitor", "gateway")
 Access = Literal["read", "write", "readwrite"]
 
 #: mosquitto_passwd's defaults (mosquitto 2.0): PBKDF2-SHA512, 101 iterations, 12-byte salt.
@@ -131,6 +131,8 @@ class Fleet:
     agents: tuple[str, ...] = ()
     coordinators: tuple[str, ...] = ()
     monitors: tuple[str, ...] = ()
+    #: HTTP gateways (``moe2 gateway``): phones with many users, one client id per API key
+    gateways: tuple[str, ...] = ()
 
     def members(self) -> list[tuple[str, Role]]:
         out: list[tuple[str, Role]] = []
@@ -138,6 +140,7 @@ class Fleet:
         out += [(n, "agent") for n in self.agents]
         out += [(n, "coordinator") for n in self.coordinators]
         out += [(n, "monitor") for n in self.monitors]
+        out += [(n, "gateway") for n in self.gateways]
         return out
 
     def validate(self) -> Fleet:
@@ -150,7 +153,7 @@ class Fleet:
             if name in seen:
                 raise BrokerConfigError(
                     f"name {name!r} is given twice ({seen[name]} and {role}); usernames must be "
-                    "unique across phones, agents, coordinators and monitors"
+                    "unique across phones, agents, coordinators, monitors and gateways"
                 )
             seen[name] = role
         if not self.members():
@@ -182,6 +185,18 @@ def role_acl(role: Role, name: str, topics: Topics) -> list[tuple[Access, str]]:
             ("read", topics.response_prefix(name) + "#"),
             # which coordinators are alive (their Last Will tells a waiting phone to give up)
             ("read", topics.all_coordinator_status),
+            ("write", topics.cancel(name)),
+        ]
+    if role == "gateway":
+        # A phone with many users: it asks as any client id (one per API key, so that the
+        # coordinators' per-client limits apply per key) and reads the replies addressed to
+        # its own level below every client's response prefix; and the plan (its models).
+        return [
+            ("write", topics.request("+")),
+            ("write", topics.cancel("+")),
+            ("read", topics.responses_of_every_client(name)),
+            ("read", topics.all_coordinator_status),
+            ("read", topics.plan.topic),
         ]
     if role == "agent":
         return [
@@ -197,6 +212,7 @@ def role_acl(role: Role, name: str, topics: Topics) -> list[tuple[Access, str]]:
         return [
             # Delivery through $share/<group>/... is checked against the plain topic.
             ("read", topics.all_requests),
+            ("read", topics.all_cancels),
             ("read", topics.all_agent_status),
             ("read", topics.all_agent_telemetry),
             ("read", topics.agent_vocab("+").topic),

@@ -221,6 +221,17 @@ def fuzz_messages(t: FuzzTargets, n_per_family: int, rng: random.Random, batch: 
                                    tp.response_prefix(t.victim) + "stolen", c, ct))
         else:
             out.append(FuzzMessage("phone_requests", tp.request(t.phone), payload, None, c, ct))
+    # -- phone cancels: every coordinator reads them; none names a request in flight (a real
+    # one would end that request with its one `cancelled` error), so none is answered
+    cancels = [wire.encode_phone(wire.PhoneCancel(), None),
+               wire.encode_phone(wire.PhoneCancel(), wire.CONTENT_TYPE_MSGPACK)]
+    for _ in range(n_per_family):
+        r = rng.random()
+        ct = rng.choice((None, wire.CONTENT_TYPE_JSON, wire.CONTENT_TYPE_MSGPACK))
+        payload = (rng.randbytes(rng.randint(0, 60)) if r < 0.3
+                   else mutate(rng.choice(cancels), rng) if r < 0.7 else rng.choice(cancels))
+        out.append(FuzzMessage("phone_cancels", tp.cancel(t.phone), payload, None,
+                               corr() if rng.random() < 0.9 else None, ct))
     # -- coordinator control: peer statuses and in-flight markers
     st_valid = wire.encode(wire.CoordinatorStatus(coordinator_id="phantom", state="offline"))
     for i in range(n_per_family):
