@@ -81,8 +81,8 @@ def test_agent_sigkill_and_sigstop_under_load(fleet: ReliabilityFleet) -> None:
     assert r["sent"] == FAULTS.total
     assert _typed(r["errors_by_code"])
     assert r["finals_with_killed_dropped"] >= 1, (r, Counter(o.dropped for o in outcomes))
-    assert r["finals_in_flight_at_kill_with_killed_dropped"] >= 1, r
-    assert all("offline" in reason for reason in r["killed_drop_reasons"]), \
+    # the kill is seen through the agent's Last Will, not a deadline
+    assert r["finals_in_flight_at_kill_with_killed_dropped_offline"] >= 1, \
         r["killed_drop_reasons"]
     assert r["hung_dropped_by_step_deadline"] >= 1
     assert r["faults_survived"] == 2
@@ -110,7 +110,7 @@ def test_coordinator_sigkill_phones_are_told(fleet: ReliabilityFleet) -> None:
     assert r["in_flight_at_kill"] >= 1
     assert r["told_by_survivor"] >= 1
     assert "went offline before this request finished" in r["told_how"]
-    assert r["finals_after_kill_by"].get(r["survivor"], 0) >= 1
+    assert r["finals_ended_after_kill_by"].get(r["survivor"], 0) >= 1, r
     assert r["finals_after_kill_by"].get(r["killed"], 0) == 0
     assert _typed(r["errors_by_code"])
     assert set(r["phone_errors"]) <= {"coordinator_lost"}

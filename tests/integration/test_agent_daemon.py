@@ -344,8 +344,9 @@ async def test_idle_sessions_expire_and_free_their_sequence(broker: LocalBroker)
 async def test_telemetry_reports_tokens_sessions_and_meter(broker: LocalBroker) -> None:
     meter = ManualMeter("manual-test", power_w=12.5, temperature_c=41.0)
     engine = FakeEngine(on_decode=lambda jobs: meter.add_energy(1.0))
-    daemon = make_daemon(agent_config("tel0", telemetry_interval_s=0.05), engine, broker.url,
-                         meter=meter)
+    # speculation off: its decodes would add energy (tests/unit/test_speculation.py)
+    daemon = make_daemon(agent_config("tel0", telemetry_interval_s=0.05, speculate_min_p=0.0),
+                         engine, broker.url, meter=meter)
     topic = Topics().agent_telemetry("tel0")
     async with running(daemon), AgentRpcClient(broker.url) as c, \
             make_client(parse_broker_url(broker.url)) as sub:

@@ -82,11 +82,10 @@ async def phase_agent_faults(fleet: ReliabilityFleet, spec: LoadSpec, *,
     finals = [o for o in run.outcomes if o.kind == "final"]
     dropped_killed = [r for o in finals for a, r in o.dropped if a == killed]
     # the kill's own effect: drops of the killed agent in requests that were in flight when it
-    # died and ended before its successor started (a request queued across the restart may
-    # drop the successor for lateness on a loaded box)
+    # died (one queued across the restart may drop its successor for lateness on a loaded box:
+    # the offline ones are the kill's, seen through its Last Will)
     kill_s = times.get("kill", float("inf"))
-    restart_s = times.get("restart", float("inf"))
-    dropped_by_kill = [r for o in finals if o.sent_s < kill_s < o.ended_s < restart_s
+    dropped_by_kill = [r for o in finals if o.sent_s < kill_s < o.ended_s
                        for a, r in o.dropped if a == killed]
     dropped_hung = [r for o in finals for a, r in o.dropped if a == hung]
     out = tally(run.outcomes, run.wall_s)
@@ -96,6 +95,8 @@ async def phase_agent_faults(fleet: ReliabilityFleet, spec: LoadSpec, *,
         finals_with_hung_dropped=len(dropped_hung),
         hung_dropped_by_step_deadline=sum("deadline" in r for r in dropped_hung),
         finals_in_flight_at_kill_with_killed_dropped=len(dropped_by_kill),
+        finals_in_flight_at_kill_with_killed_dropped_offline=sum(
+            "offline" in r for r in dropped_by_kill),
         killed_drop_reasons=sorted(set(dropped_by_kill))[:3],
         hung_drop_reasons=sorted(set(dropped_hung))[:3],
         finals_using_restarted_agent=sum(killed in o.experts for o in finals
@@ -204,6 +205,10 @@ async def phase_coordinator_kill(fleet: ReliabilityFleet, spec: LoadSpec, *, res
         lost_in_flight=sum(o.kind == "lost" for o in in_flight),
         lost_sent_before_kill_s=[_r(kill - o.sent_s, 3) for o in in_flight if o.kind == "lost"],
         finals_after_kill_by=dict(Counter(o.coordinator for o in after if o.kind == "final")),
+        # the survivor carries on: its finals that ended after the kill (a loaded box may have
+        # sent every request before the kill, so none was *sent* after it)
+        finals_ended_after_kill_by=dict(Counter(
+            o.coordinator for o in run.outcomes if o.kind == "final" and o.ended_s > kill)),
         unmatched_replies=run.unmatched,
         faults_survived=1,
     )
