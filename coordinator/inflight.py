@@ -218,27 +218,34 @@ class InflightTracker:
             await asyncio.gather(*[self._publish_marker(t) for t in list(self._dirty)])
 
     # ------------------------------------------------------------------ messages
-    def on_status(self, topic: str, data: bytes, *, retained: bool) -> None:
+    def on_status(self, topic: str, data: bytes, *, retained: bool) -> str | None:
+        """A coordinator's status; returns the peer's id when this is its Last Will arriving
+        live (it died just now), else None."""
         cid = self.topics.coordinator_of(topic)
         if cid is None:
-            return
+            return None
         try:
             st = self.topics.coordinator_status(cid).decode(data) if data else None
         except wire.DecodeError as exc:
             log.debug("malformed coordinator status on %s dropped: %s", topic, exc)
-            return
+            return None
         if st is not None and st.coordinator_id != cid:
-            return
+            return None
         online = st is not None and st.state == "online"
         if cid == self.self_id:
             if not online and not self._stopping():
                 self._reassert = True  # a stale will or a forged status: we are alive
                 self._event.set()
-            return
+            return None
         before = self.peers
         self.peers = peer_status(before, cid, online, retained=retained, now_s=self._clock())
         if self.peers.due != before.due or (online and cid in self.peers.taking_over):
             self._event.set()  # a takeover to schedule, or one to stop
+        return cid if not online and not retained else None
+
+    async def publish_now(self, topic: str) -> None:
+        """Publish one marker's current state now (before the request's claim goes out)."""
+        await self._publish_marker(topic)
 
     def on_marker(self, topic: str, data: bytes) -> None:
         cid = self.topics.coordinator_of(topic)

@@ -2,13 +2,14 @@
 
 The :class:`Coordinator` owns one task group of named loops (STYLE.md): the MQTT session with
 its reconnect loop, the phone outbox (:mod:`.outbox`), the in-flight markers and takeovers
-(:mod:`.inflight`), the planner and the watchdog; plus one task per accepted request, tracked and
-awaited -- never fire-and-forget. Steps to agents are written from the request tasks themselves
+(:mod:`.inflight`), exactly-once serving across brokers (:mod:`.once`: heartbeats, claims, held
+copies), the planner and the watchdog; plus one task per accepted request, tracked and awaited --
+never fire-and-forget. Steps to agents are written from the request tasks themselves
 (:meth:`Coordinator._send_rpc_now`). What it decides is decided by pure functions elsewhere:
 admission (:func:`.limits.request_problem`, :class:`.limits.Limits`), the fleet view
 (:func:`.registry.apply`), expert selection and fusion (:mod:`.generation`, :mod:`.fusion`),
-takeovers (:mod:`.inflight`). Gate, client factory, clock, planner and metrics are injected;
-``cli/coordinator`` wires the real ones.
+takeovers (:mod:`.inflight`), which copy of a request is answered (:mod:`.once`). Gate, client
+factory, clock, planner and metrics are injected; ``cli/coordinator`` wires the real ones.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ import aiomqtt
 from moe2.coordinator.fleetcheck import fleet_warnings
 from moe2.coordinator.fusion import Fused
 from moe2.coordinator.gating import Gate
-from moe2.coordinator.generation import Emit, GenerationSettings, RequestContext, run_request
+from moe2.coordinator.generation import GenerationSettings, RequestContext, run_request
 from moe2.coordinator.inflight import InflightTracker
 from moe2.coordinator.limits import Limits, request_problem
 from moe2.coordinator.link import BrokerLink
 from moe2.coordinator.liveplan import Planner
+from moe2.coordinator.once import ExactlyOnce, default_node, request_key
 from moe2.coordinator.outbox import PhoneMessage, PhoneOutbox
 from moe2.coordinator.registry import (
     Event,
@@ -90,6 +92,11 @@ class PhoneEmitter:
         self._correlation = correlation
         self._content_type = content_type
         self._marker = marker
+        #: something went to the phone (a copy that loses to another claim after this is a
+        #: late conflict, not an abort)
+        self.sent = False
+        #: another coordinator answers this request: nothing more goes out
+        self.muted = False
 
     def pack(self, msg: wire.TokenChunk | wire.FinalReply | wire.ErrorReplyPhone
              ) -> PhoneMessage:
@@ -102,6 +109,9 @@ class PhoneEmitter:
     async def __call__(self, msg: wire.TokenChunk | wire.FinalReply | wire.ErrorReplyPhone
                        ) -> None:
         c = self._c
+        if self.muted:
+            return
+        self.sent = True
         if isinstance(msg, wire.FinalReply):
             c.counters["finals"] += 1
         elif isinstance(msg, wire.ErrorReplyPhone):
@@ -165,6 +175,11 @@ class Coordinator:
         self.counters: dict[str, int] = {"accepted": 0, "rejected": 0, "finals": 0, "errors": 0,
                                          "malformed": 0, "dropped_no_reply_topic": 0,
                                          "taken_over": 0}
+        self.node = cfg.node or default_node(cfg.broker)
+        self.once = ExactlyOnce(
+            self.topics, cfg.id, self.node, self.incarnation, self.link, clock=clock, wall=wall,
+            fallback_s=cfg.fallback_s, claim_ttl_s=cfg.claim_ttl_s, heartbeat_s=cfg.heartbeat_s,
+            counters=self.counters, accepting=lambda: self._accepting and not cfg.ephemeral)
         self.ctx = RequestContext(
             rpc=self.rpc, registry=lambda: self.registry, gate_values=self._gate_values,
             gate_is_uniform=gate.kind == "uniform",
@@ -214,6 +229,8 @@ class Coordinator:
             asyncio.create_task(self.outbox.run(), name="outbox"),
             asyncio.create_task(self.inflight.run(), name="inflight"),
         ]
+        if not self.cfg.ephemeral:
+            tasks.append(asyncio.create_task(self.once.run(), name="exactly-once"))
         if self.notifier.enabled:
             tasks.append(asyncio.create_task(self._watchdog_loop(), name="watchdog"))
         if self.planner is not None:
@@ -233,6 +250,7 @@ class Coordinator:
 
     async def _drain(self) -> None:
         self._accepting = False
+        self.once.heartbeat()  # peers re-rank without us now, not after our heartbeats expire
         with contextlib.suppress(aiomqtt.MqttError):
             await self.link.unsubscribe(self.topics.requests_shared(self.cfg.group))
         deadline = self.clock() + self.cfg.drain_timeout_s
@@ -279,6 +297,9 @@ class Coordinator:
         await client.subscribe(tp.all_agent_telemetry, qos=0)
         await client.subscribe(tp.all_coordinator_status, qos=1)
         await client.subscribe(tp.inflight_filter(self.cfg.id), qos=1)
+        if not self.cfg.ephemeral:
+            await client.subscribe(tp.all_coordinator_claims, qos=1)
+            await client.subscribe(tp.all_coordinator_heartbeats, qos=0)
         if self._accepting and not self.cfg.ephemeral:
             await client.subscribe(tp.requests_shared(self.cfg.group), qos=1)
         st = tp.coordinator_status(self.cfg.id)
@@ -287,8 +308,9 @@ class Coordinator:
         # The finals and errors that waited in the outbox, then the markers.
         await self.outbox.flush()
         await self.inflight.on_connect()
-        log.info("coordinator %s: online (gate %s, dist_k %d)", self.cfg.id, self.gate.kind,
-                 self.cfg.dist_k)
+        self.once.on_connect()
+        log.info("coordinator %s: online (gate %s, dist_k %d, node %s)", self.cfg.id,
+                 self.gate.kind, self.cfg.dist_k, self.node)
         if not self._ready_sent:
             self._ready_sent = True
             self.notifier.ready("accepting requests")
@@ -311,8 +333,16 @@ class Coordinator:
         if message.topic.matches(tp.all_requests):
             self._on_request(message, topic, data)
             return
+        if message.topic.matches(tp.all_coordinator_claims):
+            self.once.on_claim_message(topic, data)
+            return
+        if message.topic.matches(tp.all_coordinator_heartbeats):
+            self.once.on_heartbeat_message(topic, data)
+            return
         if message.topic.matches(tp.all_coordinator_status):
-            self.inflight.on_status(topic, data, retained=bool(message.retain))
+            gone = self.inflight.on_status(topic, data, retained=bool(message.retain))
+            if gone is not None:
+                self.once.on_peer_gone(gone)
             return
         if message.topic.matches(tp.inflight_filter()):
             self.inflight.on_marker(topic, data)
@@ -376,6 +406,8 @@ class Coordinator:
 
     # ------------------------------------------------------------------ phones
     def _on_request(self, message: aiomqtt.Message, topic: str, data: bytes) -> None:
+        """A copy of a phone's request: answerable at all? Then :mod:`.once` decides whether
+        it is answered here, now (:meth:`_admit`), later or never."""
         client_id = self.topics.client_of_request(topic)
         rt = get_prop(message, "ResponseTopic")
         corr = get_prop(message, "CorrelationData")
@@ -391,48 +423,80 @@ class Coordinator:
             return
         corr = bytes(corr) if isinstance(corr, (bytes, bytearray)) else None
         ct = ct if isinstance(ct, str) else None
+        key = request_key(client_id, rt, corr, ct, data)
+
+        def admit(rank: int) -> None:
+            self._admit(key, rank, client_id, rt, corr, ct, data)
+
+        self.once.on_copy(key, admit, len(data))
+
+    def _admit(self, key: str, rank: int, client_id: str, rt: str, corr: bytes | None,
+               ct: str | None, data: bytes) -> None:
+        """Answer a request here: a refusal (claimed at once), or a served request (claimed
+        once its in-flight marker is out)."""
         emit = PhoneEmitter(self, rt, corr, ct)
         if not self._accepting:
-            self._reject(emit, wire.ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down")
+            self._reject(emit, wire.ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down",
+                         key, rank)
             return
         try:
             req = wire.decode_phone_request(data, ct)
         except wire.DecodeError as exc:
             self.counters["malformed"] += 1
-            self._reject(emit, wire.ErrorCode.BAD_REQUEST, f"bad request: {exc}")
+            self._reject(emit, wire.ErrorCode.BAD_REQUEST, f"bad request: {exc}", key, rank)
             return
         problem = request_problem(req, self.cfg)
         if problem is not None:
-            self._reject(emit, wire.ErrorCode.BAD_REQUEST, problem)
+            self._reject(emit, wire.ErrorCode.BAD_REQUEST, problem, key, rank)
             return
         refusal = self.limits.admit(client_id, self.clock())
         if refusal is not None:
-            self._reject(emit, refusal.code, refusal.message)
+            self._reject(emit, refusal.code, refusal.message, key, rank)
             return
         self._n += 1
         self.counters["accepted"] += 1
         if self.metrics is not None:
             self.metrics.observe_request(req.app)
-        request_id = f"{self._n}{uuid.uuid4().hex[:6]}"
+        request_id = f"{key[:16]}-{self._n}"  # agents' session ids carry it (tests count them)
         marker = self.inflight.open(request_id, client_id, rt, corr, ct)
         emit = PhoneEmitter(self, rt, corr, ct, marker)
-        task = asyncio.create_task(self._serve(req, emit, request_id, client_id, marker),
+        task = asyncio.create_task(self._serve(req, emit, request_id, client_id, marker, key),
                                    name=f"request-{request_id}")
         self._requests[task] = client_id
 
-    async def _serve(self, req: wire.PhoneRequest, emit: Emit, request_id: str,
-                     client_id: str, marker: str) -> None:
+        def abort() -> None:
+            emit.muted = True  # whatever the task still tries to send, nothing goes out
+            task.cancel()
+
+        self.once.claim(key, rank, sent=lambda: emit.sent, abort=abort)
+
+    async def _serve(self, req: wire.PhoneRequest, emit: PhoneEmitter, request_id: str,
+                     client_id: str, marker: str, key: str) -> None:
+        announce = asyncio.create_task(self._announce(marker, key), name=f"claim-{request_id}")
         try:
             await run_request(req, self.ctx, self.settings, emit, request_id)
         finally:
+            if not announce.done():  # ended before its marker was out: no marker to wait for
+                announce.cancel()
+                if not emit.muted:
+                    self.once.announce(key)
             self.inflight.close(marker)  # normally cleared with the terminal message already
             self.limits.release(client_id)
+            self.once.finished(key)
             task = asyncio.current_task()
             if task is not None:
                 self._requests.pop(task, None)
 
-    def _reject(self, emit: PhoneEmitter, code: wire.ErrorCode, message: str) -> None:
+    async def _announce(self, marker: str, key: str) -> None:
+        """The request's in-flight marker, then its claim: whoever sees the claim can count on
+        the marker (a survivor tells the phone if we die)."""
+        await self.inflight.publish_now(marker)
+        self.once.announce(key)
+
+    def _reject(self, emit: PhoneEmitter, code: wire.ErrorCode, message: str, key: str,
+                rank: int) -> None:
         self.counters["rejected"] += 1
+        self.once.claim(key, rank)
         self.outbox.put(emit.pack(wire.ErrorReplyPhone(code=code, message=message)))
 
     async def _tell_orphan(self, m: wire.InflightMarker) -> None:
