@@ -67,6 +67,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiomqtt
+import msgspec
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -84,7 +85,7 @@ CLAIM_SKEW_S = 0.25
 #: a peer whose heartbeats stopped for this many of its periods has left the view
 HEARTBEAT_MISSES = 3
 #: bounds of the bookkeeping (a hostile flood of heartbeats, claims or requests cannot grow it)
-MAX_PEERS = 1024
+MAX_PEERS = 256
 MAX_CLAIMS = 100_000
 MAX_HELD = 10_000
 MAX_HELD_BYTES = 64 << 20
@@ -210,6 +211,12 @@ def precedes(a: wire.RequestClaim, b: wire.RequestClaim) -> bool:
     return claim_order(a) < claim_order(b)
 
 
+def better(a: wire.RequestClaim, b: wire.RequestClaim) -> bool:
+    """Whether ``a`` replaces ``b`` as the claim a coordinator remembers for their key: an
+    answered (``done``) claim first -- the phone has its answer -- then :func:`precedes`."""
+    return a.done and not b.done if a.done != b.done else precedes(a, b)
+
+
 class Reaction(enum.Enum):
     """What a claim from another coordinator means here."""
 
@@ -217,20 +224,23 @@ class Reaction(enum.Enum):
     DROP_HELD = "drop_held"  # the copy we held is answered elsewhere
     ABORT = "abort"  # we lost before our first token: stop, emit nothing
     STOP_LATE = "stop_late"  # we lost after our first token: stop, emit nothing more
-    CONFLICT_DONE = "conflict_done"  # we lost but had answered already: count it
-    RESEND = "resend"  # we win: send our claim again, so that the other side learns
+    CONFLICT_DONE = "conflict_done"  # both of us answered already: count it
+    RESEND = "resend"  # we win, or answered already: send our claim again, so they stop
 
 
 def on_claim(theirs: wire.RequestClaim, *, mine: wire.RequestClaim | None, serving: bool,
              sent: bool, held: bool) -> Reaction:
-    """React to ``theirs`` given our own claim of the key (if we answer or answered it),
-    whether that serve is still running and has sent anything, and whether we hold a copy."""
+    """React to ``theirs`` given our own claim of the key (``mine``: while we serve it, or
+    ``done`` once we answered), whether our serve has sent the phone anything, and whether we
+    hold a copy. A serve stops for a preceding claim or for an answered one (the phone has a
+    final already: a stale copy, served again after a partition, whatever the order says); an
+    answered claim is sent again to whoever claims the key after it."""
     if mine is not None:
-        if not precedes(theirs, mine):
-            return Reaction.RESEND
         if serving:
-            return Reaction.STOP_LATE if sent else Reaction.ABORT
-        return Reaction.CONFLICT_DONE
+            if theirs.done or precedes(theirs, mine):
+                return Reaction.STOP_LATE if sent else Reaction.ABORT
+            return Reaction.RESEND
+        return Reaction.CONFLICT_DONE if theirs.done else Reaction.RESEND
     return Reaction.DROP_HELD if held else Reaction.RECORD
 
 
@@ -374,7 +384,8 @@ class ExactlyOnce:
         :meth:`announce` once its in-flight marker is out; without (an error answered at
         once), the claim goes out now."""
         c = wire.RequestClaim(key=key, coordinator_id=self.self_id, node=self.node,
-                              incarnation=self.incarnation, ts=self._wall(), rank=rank)
+                              incarnation=self.incarnation, ts=self._wall(), rank=rank,
+                              done=abort is None)
         self._record(c)
         if abort is not None:
             self._serving[key] = Serving(c, sent or (lambda: False), abort)
@@ -388,8 +399,13 @@ class ExactlyOnce:
         self._event.set()
 
     def finished(self, key: str) -> None:
-        """A request this coordinator served has ended (answered, or stopped)."""
-        self._serving.pop(key, None)
+        """A request this coordinator served has ended: answered (our claim is ``done`` now),
+        or stopped for another claim."""
+        serving = self._serving.pop(key, None)
+        e = self._entry(key)
+        if serving is not None and not serving.aborted and e is not None \
+                and self._is_mine(e.claim):
+            e.claim = msgspec.structs.replace(e.claim, done=True)
 
     def _record(self, c: wire.RequestClaim) -> None:
         now = self._clock()
@@ -401,7 +417,7 @@ class ExactlyOnce:
                 if len(self._claims) <= MAX_CLAIMS and now - first.seen_s <= self.claim_ttl_s:
                     break
                 del self._claims[key]
-        elif precedes(c, e.claim):
+        elif better(c, e.claim):
             e.claim = c
 
     def on_claim_message(self, topic: str, data: bytes) -> None:
@@ -443,8 +459,8 @@ class ExactlyOnce:
             serving.abort()
         elif reaction is Reaction.CONFLICT_DONE:
             self.counters["late_conflicts"] += 1
-            log.warning("request %s was answered here and by %s of %s (a claim came too late)",
-                        key[:12], theirs.coordinator_id, theirs.node)
+            log.warning("request %s was answered here and by %s of %s (their claim came too "
+                        "late)", key[:12], theirs.coordinator_id, theirs.node)
         elif reaction is Reaction.RESEND:
             self.counters["claims_resent"] += 1
             self.announce(key)
@@ -480,12 +496,13 @@ class ExactlyOnce:
             del self.peers[cid]
 
     def _view_changed(self) -> None:
-        """Held copies are rescheduled by their rank in the new view (a first node that left
-        makes the next one serve now)."""
+        """When a node leaves the view (or loses coordinators), held copies are rescheduled by
+        their rank in the new view: a first node that left makes the next one serve now. A
+        node that joins changes nothing for copies already held (it never got them)."""
         weights = self.weights()
-        if weights == self._weights:
+        before, self._weights = self._weights, weights
+        if all(weights.get(n, 0) >= w for n, w in before.items()):
             return
-        self._weights = weights
         for key, h in self._held.items():
             until = h.since_s + rank_of(key, self.node, weights) * self.fallback_s
             if until != h.until_s:

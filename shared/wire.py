@@ -401,7 +401,9 @@ class RequestClaim(_Strict, tag="claim", frozen=True):
     ``coordinators/{id}/claims`` when a coordinator answers a phone request: ``key`` names the
     request (:func:`moe2.coordinator.once.request_key`) whichever broker's copy it came from.
     ``ts`` is the claimer's wall clock, ``rank`` the position of its node in its ranking for
-    this key (0: it served at once; more: a fallback). Coordinator-to-coordinator only."""
+    this key (0: it served at once; more: a fallback); ``done``: the claimer has answered
+    already (a refusal, or a claim sent again after the final). Coordinator-to-coordinator
+    only."""
 
     key: str
     coordinator_id: str
@@ -409,6 +411,7 @@ class RequestClaim(_Strict, tag="claim", frozen=True):
     incarnation: str
     ts: float
     rank: int = 0
+    done: bool = False
     v: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:

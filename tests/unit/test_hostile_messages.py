@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 
 from moe2.agent.daemon import AgentDaemon, Work
 from moe2.agent.meters import ManualMeter
+from moe2.coordinator import once
 from moe2.coordinator import registry as reg
 from moe2.coordinator.gating import UniformGate
-from moe2.coordinator import once
 from moe2.coordinator.inflight import MAX_PEERS, takeover_handler
 from moe2.coordinator.outbox import PhoneMessage
 from moe2.coordinator.service import Coordinator
