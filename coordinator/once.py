@@ -314,6 +314,7 @@ class ExactlyOnce:
         self._pending: deque[str] = deque(maxlen=MAX_CLAIMS)  # keys whose claim must go out
         self._weights: dict[str, int] = {}
         self._warned_nodes: set[str] = set()
+        self._greeted_s = -math.inf
         self._event = asyncio.Event()
 
     # ------------------------------------------------------------------ the view
@@ -482,8 +483,20 @@ class ExactlyOnce:
             if len(self.peers) >= MAX_PEERS:
                 return
         period = min(MAX_PERIOD_S, max(MIN_PERIOD_S, hb.interval_s))
-        self.peers[cid] = PeerView(hb.node, hb.accepting, hb.incarnation, self._clock(), period)
+        now = self._clock()
+        before = self.peers.get(cid)
+        self.peers[cid] = PeerView(hb.node, hb.accepting, hb.incarnation, now, period)
+        if before is None or not peer_alive(before, now):
+            self.greet()  # a peer (re)joins -- a partition healed: it learns of us now too
         self._view_changed()
+
+    def greet(self) -> None:
+        """Send a heartbeat now (at most one per quarter period): a peer that joins, or a
+        bridge that connects again, should not wait a whole period to see us."""
+        now = self._clock()
+        if now - self._greeted_s >= self.heartbeat_s / 4:
+            self._greeted_s = now
+            self.heartbeat()
 
     def on_peer_gone(self, cid: str) -> None:
         """A peer's Last Will arrived live: it is out of the view now, not in a few seconds."""

@@ -300,6 +300,7 @@ class Coordinator:
         if not self.cfg.ephemeral:
             await client.subscribe(tp.all_coordinator_claims, qos=1)
             await client.subscribe(tp.all_coordinator_heartbeats, qos=0)
+            await client.subscribe(tp.bridge_state("+"), qos=0)
         if self._accepting and not self.cfg.ephemeral:
             await client.subscribe(tp.requests_shared(self.cfg.group), qos=1)
         st = tp.coordinator_status(self.cfg.id)
@@ -338,6 +339,10 @@ class Coordinator:
             return
         if message.topic.matches(tp.all_coordinator_heartbeats):
             self.once.on_heartbeat_message(topic, data)
+            return
+        if message.topic.matches(tp.bridge_state("+")):
+            if data == b"1" and not message.retain:
+                self.once.greet()  # a bridge (re)connected: the far side learns of us now
             return
         if message.topic.matches(tp.all_coordinator_status):
             gone = self.inflight.on_status(topic, data, retained=bool(message.retain))
@@ -460,9 +465,18 @@ class Coordinator:
         request_id = f"{key[:16]}-{self._n}"  # agents' session ids carry it (tests count them)
         marker = self.inflight.open(request_id, client_id, rt, corr, ct)
         emit = PhoneEmitter(self, rt, corr, ct, marker)
-        task = asyncio.create_task(self._serve(req, emit, request_id, client_id, marker, key),
+        task = asyncio.create_task(self._serve(req, emit, request_id, marker, key),
                                    name=f"request-{request_id}")
         self._requests[task] = client_id
+
+        def done(_t: asyncio.Task[None]) -> None:
+            # here, not in _serve: a task aborted before it ever ran never enters _serve
+            self.inflight.close(marker)  # normally cleared with the terminal message already
+            self.limits.release(client_id)
+            self.once.finished(key)
+            self._requests.pop(task, None)
+
+        task.add_done_callback(done)
 
         def abort() -> None:
             emit.muted = True  # whatever the task still tries to send, nothing goes out
@@ -471,7 +485,7 @@ class Coordinator:
         self.once.claim(key, rank, sent=lambda: emit.sent, abort=abort)
 
     async def _serve(self, req: wire.PhoneRequest, emit: PhoneEmitter, request_id: str,
-                     client_id: str, marker: str, key: str) -> None:
+                     marker: str, key: str) -> None:
         announce = asyncio.create_task(self._announce(marker, key), name=f"claim-{request_id}")
         try:
             await run_request(req, self.ctx, self.settings, emit, request_id)
@@ -480,12 +494,6 @@ class Coordinator:
                 announce.cancel()
                 if not emit.muted:
                     self.once.announce(key)
-            self.inflight.close(marker)  # normally cleared with the terminal message already
-            self.limits.release(client_id)
-            self.once.finished(key)
-            task = asyncio.current_task()
-            if task is not None:
-                self._requests.pop(task, None)
 
     async def _announce(self, marker: str, key: str) -> None:
         """The request's in-flight marker, then its claim: whoever sees the claim can count on
