@@ -125,17 +125,19 @@ class Fleet:
 
     def start_agent(self, agent_id: str, model: str | Path, *extra: str, threads: int = 1,
                     root: str | None = None, name: str | None = None,
-                    log_level: str | None = None) -> subprocess.Popen[bytes]:
+                    log_level: str | None = None,
+                    broker: str | None = None) -> subprocess.Popen[bytes]:
+        """``broker``: another broker's URL than the fleet's own (a bridged site's)."""
         return self.spawn(name or f"agent-{agent_id}", [
-            *_log_args(log_level), "agent", "--broker", self.url, "--id", agent_id,
+            *_log_args(log_level), "agent", "--broker", broker or self.url, "--id", agent_id,
             "--model", str(model), "--root", root or self.topics.root,
             "--threads", str(threads), *extra])
 
     def start_coordinator(self, *extra: str, coordinator_id: str = "coordinator",
                           config_text: str | None = None, root: str | None = None,
-                          name: str | None = None,
-                          log_level: str | None = None) -> subprocess.Popen[bytes]:
-        args = [*_log_args(log_level), "coordinator", "--broker", self.url,
+                          name: str | None = None, log_level: str | None = None,
+                          broker: str | None = None) -> subprocess.Popen[bytes]:
+        args = [*_log_args(log_level), "coordinator", "--broker", broker or self.url,
                 "--id", coordinator_id, "--root", root or self.topics.root]
         if config_text is not None:
             cfg = self.workdir / f"{coordinator_id}.toml"

@@ -51,6 +51,8 @@ class RequestRecord:
     chunks: Counter[int] = field(default_factory=Counter)
     finals: list[str] = field(default_factory=list)  # the coordinator of each final
     errors: list[str] = field(default_factory=list)  # the code of each error
+    #: experts of the finals: (id, dropped, reason)
+    experts: list[tuple[str, bool, str]] = field(default_factory=list)
 
     @property
     def terminals(self) -> int:
@@ -99,13 +101,16 @@ class ReplyLedger:
                 rec.first_chunk_s = self.clock()
         elif isinstance(msg, wire.FinalReply):
             rec.finals.append(msg.coordinator_id)
+            rec.experts += [(e.id, e.dropped, e.reason or "") for e in msg.experts]
             if rec.first_chunk_s is None:  # an answer without chunks: its first token is now
                 rec.first_chunk_s = self.clock()
         else:
             rec.errors.append(wire.ErrorCode(msg.code).value)
         self._changed.set()
 
-    async def _until(self, done: Callable[[], bool], timeout_s: float, what: str) -> None:
+    async def until(self, done: Callable[[], bool], timeout_s: float, what: str) -> None:
+        """Until ``done()`` holds (checked whenever a reply arrives); TimeoutError after
+        ``timeout_s``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while not done():
@@ -122,14 +127,14 @@ class ReplyLedger:
         none after ``timeout_s`` (they count as lost)."""
         want = list(self.records if correlations is None else correlations)
         try:
-            await self._until(lambda: all(self.records[c].terminals for c in want), timeout_s,
+            await self.until(lambda: all(self.records[c].terminals for c in want), timeout_s,
                               "unanswered requests")
         except asyncio.TimeoutError:
             return False
         return True
 
     async def fenced(self, token: str, timeout_s: float) -> None:
-        await self._until(lambda: token in self.fences, timeout_s, f"fence {token}")
+        await self.until(lambda: token in self.fences, timeout_s, f"fence {token}")
 
     def summary(self, records: Iterable[RequestRecord] | None = None) -> dict[str, Any]:
         recs = list(self.records.values() if records is None else records)
@@ -209,6 +214,7 @@ class AgentLedger:
         self.agents = set(agents)
         self.opened: dict[str, Counter[str]] = {}
         self.steps: dict[str, Counter[str]] = {}
+        self.opened_on: Counter[str] = Counter()  # sessions opened, by agent
         self.other = 0  # sessions that name no request (probes of other tools)
 
     @staticmethod
@@ -228,6 +234,7 @@ class AgentLedger:
         except wire.DecodeError:
             return
         if isinstance(msg, wire.OpenSession):
+            self.opened_on[agent] += 1
             self._count(self.opened, msg.session_id)
         elif isinstance(msg, wire.Step):
             for item in msg.items:
