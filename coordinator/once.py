@@ -563,11 +563,12 @@ class ExactlyOnce:
             if first and first[0] != self.node and first[0] not in self._warned_nodes \
                     and len(self._warned_nodes) < MAX_PEERS:
                 self._warned_nodes.add(first[0])
-                log.warning("coordinator %s: node %s ranked first for a request but never "
-                            "claimed it within %.2fs, so it was served here (node %s). If %s "
-                            "is this very broker (one broker under two names, or a clustered "
-                            "broker), give every coordinator the same `node`", self.self_id,
-                            first[0], waited, self.node, first[0])
+                log.warning("coordinator %s: node %s ranked first for a request but did not "
+                            "claim it within %.2fs, so it was served here (node %s): the link "
+                            "to %s is down, or its coordinators never get requests -- if it is "
+                            "this very broker (one broker under two names, a clustered broker), "
+                            "give every coordinator the same `node`", self.self_id, first[0],
+                            waited, self.node, first[0])
             h.admit(rank_of(key, self.node, self.weights()))
 
     async def _publish_pending(self) -> bool:
