@@ -10,18 +10,12 @@ Everything listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-import aiomqtt
-
-from moe2.shared import wire
 from moe2.shared.mqtt import MessageReader, make_client, parse_broker_url, payload_bytes
-from moe2.tools.clients.phone import AskError, PhoneClient
 from moe2.tools.fleet.harness import Fleet, FleetError
 from moe2.tools.fleet.linkproxy import LinkProxy
 from moe2.tools.fleet.localbroker import LocalBroker
@@ -73,6 +67,7 @@ class BridgedFleet(Fleet):
         self.proxy.close()
 
     def url_of(self, site: str) -> str:
+        """Broker A (the hub) or B (the site broker)."""
         return self.url if site == "A" else self.site.url
 
     # ------------------------------------------------------------------ the link
@@ -100,40 +95,3 @@ class BridgedFleet(Fleet):
                 m = await reader.next(timeout_s=left)
                 if m is not None and payload_bytes(m) == want:
                     return time.time()
-
-    # ------------------------------------------------------------------ readiness
-    async def wait_sites(self, expect: Mapping[str, set[str]], timeout_s: float = 120.0,
-                         site: str = "A") -> float:
-        """Until each coordinator has answered a probe (from a phone on ``site``) fusing
-        exactly the agents ``expect`` names for it; seconds."""
-        t0 = time.monotonic()
-        deadline = t0 + timeout_s
-        ok: set[str] = set()
-        last = "no answer"
-        cid = f"probe-{uuid.uuid4().hex[:8]}"
-        url = parse_broker_url(self.url_of(site))
-        while not set(expect) <= ok:
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise FleetError(f"bridged fleet not ready: ok {sorted(ok)}; last: {last}")
-            try:
-                async with make_client(url, identifier=cid) as c, \
-                        PhoneClient(c, cid, self.topics) as ph:
-                    while not set(expect) <= ok and time.monotonic() < deadline:
-                        ans = await ph.ask(wire.PhoneRequest(prompt="ping", max_tokens=1,
-                                                             raw=True), timeout_s=10)
-                        if ans.final is None:
-                            last = f"error {ans.error}"
-                            await asyncio.sleep(0.2)
-                            continue
-                        used = {e.id for e in ans.final.experts if not e.dropped}
-                        who = ans.final.coordinator_id
-                        if expect.get(who) == used:
-                            ok.add(who)
-                        else:
-                            last = f"{who} fused {sorted(used)}"
-                            await asyncio.sleep(0.1)
-            except (AskError, asyncio.TimeoutError, aiomqtt.MqttError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-                await asyncio.sleep(0.3)
-        return time.monotonic() - t0

@@ -250,6 +250,44 @@ class Fleet:
                            Topics(root or self.topics.root), check_delivery=check_delivery,
                            watch_coordinators=True)
 
+    async def wait_sites(self, expect: Mapping[str, set[str]], timeout_s: float = 120.0,
+                         broker: str | None = None) -> float:
+        """Until each coordinator named in ``expect`` has answered a probe fusing exactly the
+        agents named for it (coordinators with gates of their own, sites of a bridged fleet);
+        probes go through ``broker`` (default: the fleet's own). Seconds."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        ok: set[str] = set()
+        last = "no answer"
+        cid = f"probe-{uuid.uuid4().hex[:8]}"
+        url = parse_broker_url(broker or self.url)
+        while not set(expect) <= ok:
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise FleetError(f"fleet not ready after {timeout_s:.0f}s: ok {sorted(ok)} of "
+                                 f"{sorted(expect)}; last: {last}")
+            try:
+                async with make_client(url, identifier=cid) as c, \
+                        PhoneClient(c, cid, self.topics) as ph:
+                    while not set(expect) <= ok and time.monotonic() < deadline:
+                        ans = await ph.ask(wire.PhoneRequest(prompt="ping", max_tokens=1,
+                                                             raw=True), timeout_s=10)
+                        if ans.final is None:
+                            last = f"error {ans.error}"
+                            await asyncio.sleep(0.2)
+                            continue
+                        used = {e.id for e in ans.final.experts if not e.dropped}
+                        who = ans.final.coordinator_id
+                        if expect.get(who) == used:
+                            ok.add(who)
+                        else:
+                            last = f"{who} fused {sorted(used)}"
+                            await asyncio.sleep(0.1)
+            except (AskError, asyncio.TimeoutError, aiomqtt.MqttError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                await asyncio.sleep(0.3)
+        return time.monotonic() - t0
+
     async def wait_ready(self, agents: Sequence[str], coordinators: Sequence[str], *,
                          root: str | None = None, timeout_s: float = 90.0,
                          required: Iterable[str] = ()) -> float:
