@@ -92,7 +92,10 @@ MAX_HELD_BYTES = 64 << 20
 #: a claim that could not be published is tried again after this (or at the reconnect)
 RETRY_S = 0.2
 #: a peer's heartbeat period is believed within these bounds
-MIN_PERIOD_S, MAX_PERIOD_S = 0.05, 60.0
+MIN_PERIOD_S, MAX_PERIOD_S = 0.05, 10.0
+#: a copy waits at most this many fallback periods, however many nodes rank before its own
+#: (many nodes, or forged heartbeats, cannot delay a request without bound)
+MAX_HOLD_RANKS = 3
 
 
 # --------------------------------------------------------------------------- decisions (pure)
@@ -192,11 +195,11 @@ CopyAction = Serve | Hold | Drop
 def on_copy(key: str, *, known: bool, node: str, weights: Mapping[str, int], now_s: float,
             fallback_s: float) -> CopyAction:
     """What to do with a copy of a request: drop a known key, serve when this node ranks
-    first, else hold it ``rank * fallback_s``."""
+    first, else hold it ``rank * fallback_s`` (at most :data:`MAX_HOLD_RANKS` periods)."""
     if known:
         return Drop()
     r = rank_of(key, node, weights)
-    return Serve(0) if r == 0 else Hold(r, now_s + r * fallback_s)
+    return Serve(0) if r == 0 else Hold(r, now_s + min(r, MAX_HOLD_RANKS) * fallback_s)
 
 
 def claim_order(c: wire.RequestClaim) -> tuple[int, int, float, str, str]:
@@ -517,7 +520,8 @@ class ExactlyOnce:
         if all(weights.get(n, 0) >= w for n, w in before.items()):
             return
         for key, h in self._held.items():
-            until = h.since_s + rank_of(key, self.node, weights) * self.fallback_s
+            until = h.since_s + min(rank_of(key, self.node, weights),
+                                    MAX_HOLD_RANKS) * self.fallback_s
             if until != h.until_s:
                 h.until_s = until
                 self._schedule(key, until)

@@ -149,7 +149,8 @@ class CoordinatorConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=T
     #: how long a claim is remembered (a copy arriving later is served again): also its MQTT
     #: Message Expiry; phones' requests should expire sooner
     claim_ttl_s: float = 120.0
-    #: how often a coordinator says which node it is on (peers expire after 3 missed ones)
+    #: how often a coordinator says which node it is on (peers expire after 3 missed ones;
+    #: at most 10 s)
     heartbeat_s: float = 1.0
     apps: dict[str, AppSection] = {}
     planner: PlannerSection = PlannerSection()
@@ -176,6 +177,8 @@ class CoordinatorConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=T
             _positive(name, value)
             if not math.isfinite(value):
                 raise ConfigError(f"{name} must be finite, got {value!r}")
+        if self.heartbeat_s > 10:
+            raise ConfigError("heartbeat_s must be at most 10 (peers believe no longer period)")
         if len(self.node) > 255 or any(ord(c) < 0x20 or c in "+#/" for c in self.node):
             raise ConfigError("node must be at most 255 characters, without '/', '+', '#' or "
                               "control characters")

@@ -327,3 +327,22 @@ def test_floods_stay_bounded() -> None:
     clock.now += 1000  # the claims expire
     eo.claim("d" * 32, 0)
     assert eo.claims == 1
+
+
+def test_a_copy_waits_a_bounded_time_however_many_nodes_rank_first() -> None:
+    weights = {f"n{i}": 1 for i in range(40)}
+    last = once.ranking(KEY, weights)[-1]
+    action = once.on_copy(KEY, known=False, node=last, weights=weights, now_s=0.0,
+                          fallback_s=0.3)
+    assert action == Hold(39, pytest.approx(once.MAX_HOLD_RANKS * 0.3))
+
+
+@pytest.mark.parametrize("bad", [{"fallback_s": 0.0}, {"fallback_s": math.inf},
+                                 {"claim_ttl_s": -1.0}, {"heartbeat_s": 11.0},
+                                 {"node": "a/b"}, {"node": "x" * 256}])
+def test_exactly_once_knobs_are_checked(bad: dict[str, object]) -> None:
+    from moe2.shared.config import ConfigError, CoordinatorConfig
+
+    CoordinatorConfig(node="site-a", fallback_s=0.5, claim_ttl_s=60, heartbeat_s=2).validate()
+    with pytest.raises(ConfigError):
+        CoordinatorConfig(**bad).validate()  # type: ignore[arg-type]
