@@ -159,12 +159,13 @@ class InflightTracker:
 
     # ------------------------------------------------------------------ requests
     def open(self, request_id: str, client_id: str, response_topic: str,
-             correlation: bytes | None, content_type: str | None) -> str:
+             correlation: bytes | None, content_type: str | None, request_key: str = "") -> str:
         """Mark a request as in flight; returns its marker topic."""
         t = self.topics.coordinator_inflight(self.self_id, request_id)
         self._markers[t.topic] = t.encode(wire.InflightMarker(
             coordinator_id=self.self_id, incarnation=self.incarnation, client_id=client_id,
-            response_topic=response_topic, correlation=correlation, content_type=content_type))
+            response_topic=response_topic, correlation=correlation, content_type=content_type,
+            request_key=request_key))
         self._dirty.add(t.topic)
         self._event.set()
         return t.topic

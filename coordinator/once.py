@@ -343,6 +343,10 @@ class ExactlyOnce:
             return None
         return e
 
+    def holds(self, key: str) -> bool:
+        """Whether a copy of ``key`` waits here for its fallback."""
+        return key in self._held
+
     def known(self, key: str) -> bool:
         """Whether ``key`` is claimed (by anyone), held or served here."""
         return key in self._serving or key in self._held or self._entry(key) is not None

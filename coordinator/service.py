@@ -463,7 +463,7 @@ class Coordinator:
         if self.metrics is not None:
             self.metrics.observe_request(req.app)
         request_id = f"{key[:16]}-{self._n}"  # agents' session ids carry it (tests count them)
-        marker = self.inflight.open(request_id, client_id, rt, corr, ct)
+        marker = self.inflight.open(request_id, client_id, rt, corr, ct, key)
         emit = PhoneEmitter(self, rt, corr, ct, marker)
         task = asyncio.create_task(self._serve(req, emit, request_id, marker, key),
                                    name=f"request-{request_id}")
@@ -508,7 +508,12 @@ class Coordinator:
         self.outbox.put(emit.pack(wire.ErrorReplyPhone(code=code, message=message)))
 
     async def _tell_orphan(self, m: wire.InflightMarker) -> None:
-        """A request whose coordinator died: tell its phone to retry."""
+        """A request whose coordinator died: tell its phone to retry -- unless this coordinator
+        holds a copy of it (the dead one died before its claim went out), which it answers."""
+        if m.request_key and self.once.holds(m.request_key):
+            log.info("%s died serving %s's request, which this coordinator holds a copy of: "
+                     "answering that", m.coordinator_id, m.client_id)
+            return
         self.counters["taken_over"] += 1
         who = ("a previous run of this coordinator" if m.coordinator_id == self.cfg.id
                else f"coordinator {m.coordinator_id}")

@@ -346,6 +346,9 @@ class InflightMarker(_Strict, tag="inflight", frozen=True):
     response_topic: str
     correlation: bytes | None = None
     content_type: str | None = None
+    #: the request's key (see RequestClaim): a survivor that holds a copy of it answers that
+    #: copy instead of telling the phone to retry
+    request_key: str = ""
     v: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:

@@ -15,14 +15,17 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import aiomqtt
 import pytest
 
 from moe2.agent.daemon import AgentDaemon
 from moe2.agent.meters import ManualMeter
-from moe2.coordinator.gating import FixedGate
+from moe2.coordinator.gating import FixedGate, UniformGate
+from moe2.coordinator.once import ranking, request_key
 from moe2.coordinator.service import Coordinator
 from moe2.shared import wire
 from moe2.shared.config import CoordinatorConfig, PlannerSection
+from moe2.shared.mqtt import response_properties
 from moe2.shared.topics import Topics
 from moe2.tools.bench.reliability.ledger import (
     AgentLedger,
@@ -286,3 +289,34 @@ async def test_a_copy_held_for_a_node_that_never_claims_is_served(first_dies: bo
         assert f.ledger.summary([f.ledger.records[c] for c in sent])["finals_by"] == {"c1": 8}
         if not first_dies:
             assert f.coordinators["c1"].counters["fallback_serves"] >= 1
+
+
+async def test_a_survivor_holding_a_copy_answers_it_rather_than_telling_the_phone() -> None:
+    """The far coordinator died after its in-flight marker went out but before its claim: the
+    survivor still holds its own copy of the request, so it answers that copy (once its view
+    drops the dead node) instead of sending the phone shutting_down -- one terminal reply."""
+    broker = MemoryBroker()
+    coord = Coordinator(CoordinatorConfig(id="c0", node="A", planner=PlannerSection(
+        enabled=False)), UniformGate(), lambda will: broker.client("c0", will=will))
+    hb = TP.coordinator_heartbeat("c9")
+    coord.once.on_heartbeat_message(hb.topic, hb.encode(wire.CoordinatorHeartbeat(
+        coordinator_id="c9", node="B", incarnation="x")))
+    rt = TP.response_prefix("p") + "r"
+    bodies = [wire.encode_phone(wire.PhoneRequest(prompt=f"q{i}"), None) for i in range(64)]
+    body = next(b for b in bodies  # a request whose first node is c9's
+                if ranking(request_key("p", rt, b"c", None, b), {"A": 1, "B": 1})[0] == "B")
+    key = request_key("p", rt, b"c", None, body)
+    coord._on_message(aiomqtt.Message(TP.request("p"), body, 1, False, 1,
+                                      response_properties(rt, b"c")))
+    assert coord.once.holds(key)
+    await coord._tell_orphan(wire.InflightMarker(coordinator_id="c9", incarnation="x",
+                                                 client_id="p", response_topic=rt,
+                                                 correlation=b"c", request_key=key))
+    assert coord.outbox.pending() == [] and coord.counters["taken_over"] == 0
+    coord.once.on_peer_gone("c9")
+    coord.once.serve_due(coord.clock())
+    while coord._requests:
+        await asyncio.gather(*list(coord._requests), return_exceptions=True)
+    [reply] = coord.outbox.pending()
+    msg = wire.decode_phone_reply(reply.payload, None)
+    assert isinstance(msg, wire.ErrorReplyPhone) and msg.code == wire.ErrorCode.NO_EXPERTS
