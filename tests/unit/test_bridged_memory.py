@@ -3,7 +3,8 @@
 Two :class:`MemoryBroker` s joined by a :class:`MemoryBridge` (B runs it, as a spoke would),
 the production :class:`Coordinator` and :class:`AgentDaemon` (fake engines), phones on both
 brokers that keep reading after their final (:class:`LedgerPhone`), and the agents' RPC topics
-read on their own broker (:class:`AgentLedger`). The same cases run on real bridged mosquittos
+read on their own broker (:class:`AgentLedger`). Heartbeats every 0.5 s: a peer is out of the
+view after 1.5 s of silence, longer than this process's event loop stalls on a loaded box. The same cases run on real bridged mosquittos
 in ``tests/e2e/test_bridged.py``; here they take milliseconds and the partition is exact.
 """
 
@@ -107,7 +108,7 @@ async def bridged(agents: Mapping[str, str], coordinators: Mapping[str, tuple[st
     coords = {c: Coordinator(
         CoordinatorConfig(id=c, node=b, dist_k=0, planner=PlannerSection(enabled=False),
                           step_deadline_min_s=TIMEOUT_S, step_deadline_max_s=TIMEOUT_S,
-                          heartbeat_s=0.05, fallback_s=fallback_s),
+                          heartbeat_s=0.5, fallback_s=fallback_s),
         FixedGate(dict.fromkeys(experts, 1.0)),
         lambda will, c=c, b=b: brokers[b].client(c, will=will), wall=wall)
         for c, (b, experts) in coordinators.items()}
