@@ -4,8 +4,9 @@ Two :class:`MemoryBroker` s joined by a :class:`MemoryBridge` (B runs it, as a s
 the production :class:`Coordinator` and :class:`AgentDaemon` (fake engines), phones on both
 brokers that keep reading after their final (:class:`LedgerPhone`), and the agents' RPC topics
 read on their own broker (:class:`AgentLedger`). Heartbeats every 0.5 s: a peer is out of the
-view after 1.5 s of silence, longer than this process's event loop stalls on a loaded box. The same cases run on real bridged mosquittos
-in ``tests/e2e/test_bridged.py``; here they take milliseconds and the partition is exact.
+view after 1.5 s of silence, longer than this process's event loop stalls on a loaded box. The
+same cases run on real bridged mosquittos in ``tests/e2e/test_bridged.py``; here they take
+milliseconds and the partition is exact.
 """
 
 from __future__ import annotations

@@ -24,6 +24,11 @@ How a phone learns that its request failed (the rules this client follows, and a
   through the persistent session).
 - Silence: nothing at all arrives for ``timeout_s``: ``asyncio.TimeoutError``.
 
+Each request carries fresh correlation data (a retry too: coordinators take a request with the
+correlation data and payload of one answered in the last two minutes for a copy of it, see
+:mod:`moe2.coordinator.once`); ``request_expiry_s`` gives requests a Message Expiry Interval, so
+that brokers and bridge queues drop copies nobody waits for.
+
 Stop reading at the first final or error; anything later with the same correlation data is a
 duplicate (QoS 1 is at-least-once) and is counted in :attr:`PhoneClient.unmatched`.
 
@@ -160,7 +165,7 @@ class PhoneClient:
     def __init__(self, client: aiomqtt.Client | Callable[[], aiomqtt.Client], client_id: str,
                  topics: Topics | None = None, msgpack: bool = False, *,
                  check_delivery: bool = False, watch_coordinators: bool = False,
-                 grace_s: float = 10.0) -> None:
+                 grace_s: float = 10.0, request_expiry_s: int | None = None) -> None:
         if isinstance(client, aiomqtt.Client):
             self.client: aiomqtt.Client | None = client
             self._factory: Callable[[], aiomqtt.Client] | None = None
@@ -174,6 +179,9 @@ class PhoneClient:
         self.watch_coordinators = watch_coordinators
         self.response_topic = f"{self.topics.response_prefix(client_id)}r"
         self.grace_s = grace_s
+        #: MQTT 5 Message Expiry of each request: brokers (and bridge queues) drop a copy
+        #: nobody waits for any more
+        self.request_expiry_s = request_expiry_s
         self._queues: dict[bytes, asyncio.Queue[wire.PhoneReply | AskError]] = {}
         self._answered: set[bytes] = set()  # requests that got at least one reply
         self._suspect: dict[bytes, str] = {}  # unanswered at a loss event -> the AskError code
@@ -320,6 +328,8 @@ class PhoneClient:
         self._queues[correlation] = q
         props = response_properties(response_topic or self.response_topic, correlation,
                                     content_type)
+        if self.request_expiry_s is not None:
+            props.MessageExpiryInterval = self.request_expiry_s
         topic = self.topics.request(self.client_id)
         try:
             if self._acks is not None:
