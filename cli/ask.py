@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 import uuid
 
@@ -56,8 +57,11 @@ def run(args: argparse.Namespace) -> int:
         try:
             # check_delivery: an ACL refusal or "no matching subscribers" (no coordinator) is
             # reported by the broker's PUBACK at once, instead of a silent wait
+            # a request still undelivered when this phone would give up is dropped on the way
             async with client, PhoneClient(client, client_id, Topics(args.root),
-                                           msgpack=args.msgpack, check_delivery=True) as phone:
+                                           msgpack=args.msgpack, check_delivery=True,
+                                           request_expiry_s=max(1, math.ceil(args.timeout))
+                                           ) as phone:
                 def show(text: str) -> None:
                     if not args.json:
                         sys.stdout.write(text)

@@ -28,6 +28,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gateways", type=_names, default=(), metavar="G0",
                    help="HTTP gateways (`moe2 gateway --id G0`): may ask as any client id "
                         "and read replies to their own level")
+    p.add_argument("--bridges", type=_names, default=(), metavar="SITE1,SITE2",
+                   help="accounts for the bridges of site brokers below this one (a hub): each "
+                        "site runs `moe2 broker-config --bridge-to` with its entry's URL")
+    p.add_argument("--bridge-to", metavar="URL",
+                   help="this broker's one uplink: mqtts://NAME:SECRET@hub:8883 (the entry "
+                        "NAME of the hub's credentials.json); bridges must form a tree")
+    p.add_argument("--bridge-ca-file", metavar="FILE",
+                   help="the hub's CA certificate (its ca.crt), copied next to the config")
+    p.add_argument("--bridge-name",
+                   help="the bridge's name (default: the user name in --bridge-to)")
+    p.add_argument("--bridge-agents", action="store_true",
+                   help="agents' topics cross the bridge too (coordinators then fuse experts "
+                        "of the other side: ~40 ms per token on mosquitto 2.0's bridge); give "
+                        "it on both sides")
+    p.add_argument("--bridge-queue", type=int, default=10_000, metavar="N",
+                   help="messages queued here while the uplink is down (default 10000)")
     p.add_argument("--root", default="moe2", help="topic root (default moe2)")
     p.add_argument("--port", type=int, default=1883,
                    help="plain MQTT listener on 127.0.0.1 (default 1883; 0 = none)")
@@ -51,7 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moe2.tools.ops.bridgeconf import BridgeConfigError, spec_from_url
     from moe2.tools.ops.brokerconf import (
+        BRIDGE_CA_NAME,
         BrokerConfigError,
         BrokerSpec,
         Fleet,
@@ -65,13 +83,24 @@ def run(args: argparse.Namespace) -> int:
     if args.iterations < 1:
         fail("--iterations must be >= 1")
     fleet = Fleet(phones=args.phones, agents=args.agents, coordinators=args.coordinators,
-                  monitors=args.monitors, gateways=args.gateways)
+                  monitors=args.monitors, gateways=args.gateways, bridges=args.bridges,
+                  bridge_agents=args.bridge_agents)
+    bridge_ca = Path(args.bridge_ca_file).expanduser() if args.bridge_ca_file else None
+    if bridge_ca is not None and not bridge_ca.is_file():
+        fail(f"--bridge-ca-file {args.bridge_ca_file!r} is not a file")
+    try:
+        bridge = None if args.bridge_to is None else spec_from_url(
+            args.bridge_to, name=args.bridge_name, agents=args.bridge_agents,
+            ca_file=conf_dir / BRIDGE_CA_NAME if bridge_ca is not None else None,
+            queue=args.bridge_queue)
+    except BridgeConfigError as exc:
+        fail(str(exc))
     spec = BrokerSpec(conf_dir=conf_dir, port=args.port, tls_port=args.tls_port,
                       tls_bind=args.tls_bind, hostnames=args.hostname,
-                      broker_user=args.broker_user, root=args.root)
+                      broker_user=args.broker_user, root=args.root, bridge=bridge)
     try:
         files = write_broker_config(out, fleet, spec, iterations=args.iterations,
-                                    rotate=args.rotate)
+                                    rotate=args.rotate, bridge_ca=bridge_ca)
     except BrokerConfigError as exc:
         fail(str(exc))
     except OSError as exc:
@@ -96,6 +125,11 @@ def run(args: argparse.Namespace) -> int:
         "broker_group": files.broker_group,
         "unreachable": str(files.unreachable) if files.unreachable else None,
         "start": f"mosquitto -c {files.conf}",
+        "bridge": None if bridge is None else {
+            "name": bridge.name, "to": f"{bridge.host}:{bridge.port}", "tls": bridge.tls,
+            "agents": bridge.agents, "queue": bridge.queue,
+            "notification_topic": f"{args.root}/bridges/{bridge.name}/state"},
+        "bridges": list(args.bridges),
     }
     if args.json:
         emit_json(summary)
@@ -119,5 +153,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"  warning: {args.broker_user!r} cannot enter {files.unreachable}, so mosquitto "
               f"could not open its password file after dropping root: choose another --out "
               f"(e.g. /etc/mosquitto/moe2) or let that user in", file=sys.stderr)
+    if bridge is not None:
+        print(f"  bridge {bridge.name}: uplink to {bridge.host}:{bridge.port} "
+              f"({'TLS' if bridge.tls else 'plain MQTT: the password crosses in clear'}), "
+              f"MQTT 5, {'agents shared' if bridge.agents else 'agents stay on this site'}; "
+              f"state on {args.root}/bridges/{bridge.name}/state")
+    if args.bridges:
+        agents = " --bridge-agents" if args.bridge_agents else ""
+        print(f"  bridge accounts {', '.join(args.bridges)}: each site broker runs "
+              f"`moe2 broker-config --bridge-to <its url in credentials.json> "
+              f"--bridge-ca-file {files.tls.ca_cert}{agents}`")
     print(f"  start: mosquitto -c {files.conf}   (or include it from /etc/mosquitto/conf.d/)")
     return 0

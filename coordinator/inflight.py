@@ -159,12 +159,13 @@ class InflightTracker:
 
     # ------------------------------------------------------------------ requests
     def open(self, request_id: str, client_id: str, response_topic: str,
-             correlation: bytes | None, content_type: str | None) -> str:
+             correlation: bytes | None, content_type: str | None, request_key: str = "") -> str:
         """Mark a request as in flight; returns its marker topic."""
         t = self.topics.coordinator_inflight(self.self_id, request_id)
         self._markers[t.topic] = t.encode(wire.InflightMarker(
             coordinator_id=self.self_id, incarnation=self.incarnation, client_id=client_id,
-            response_topic=response_topic, correlation=correlation, content_type=content_type))
+            response_topic=response_topic, correlation=correlation, content_type=content_type,
+            request_key=request_key))
         self._dirty.add(t.topic)
         self._event.set()
         return t.topic
@@ -218,27 +219,34 @@ class InflightTracker:
             await asyncio.gather(*[self._publish_marker(t) for t in list(self._dirty)])
 
     # ------------------------------------------------------------------ messages
-    def on_status(self, topic: str, data: bytes, *, retained: bool) -> None:
+    def on_status(self, topic: str, data: bytes, *, retained: bool) -> str | None:
+        """A coordinator's status; returns the peer's id when this is its Last Will arriving
+        live (it died just now), else None."""
         cid = self.topics.coordinator_of(topic)
         if cid is None:
-            return
+            return None
         try:
             st = self.topics.coordinator_status(cid).decode(data) if data else None
         except wire.DecodeError as exc:
             log.debug("malformed coordinator status on %s dropped: %s", topic, exc)
-            return
+            return None
         if st is not None and st.coordinator_id != cid:
-            return
+            return None
         online = st is not None and st.state == "online"
         if cid == self.self_id:
             if not online and not self._stopping():
                 self._reassert = True  # a stale will or a forged status: we are alive
                 self._event.set()
-            return
+            return None
         before = self.peers
         self.peers = peer_status(before, cid, online, retained=retained, now_s=self._clock())
         if self.peers.due != before.due or (online and cid in self.peers.taking_over):
             self._event.set()  # a takeover to schedule, or one to stop
+        return cid if not online and not retained else None
+
+    async def publish_now(self, topic: str) -> None:
+        """Publish one marker's current state now (before the request's claim goes out)."""
+        await self._publish_marker(topic)
 
     def on_marker(self, topic: str, data: bytes) -> None:
         cid = self.topics.coordinator_of(topic)

@@ -2,13 +2,14 @@
 
 The :class:`Coordinator` owns one task group of named loops (STYLE.md): the MQTT session with
 its reconnect loop, the phone outbox (:mod:`.outbox`), the in-flight markers and takeovers
-(:mod:`.inflight`), the planner and the watchdog; plus one task per accepted request, tracked and
-awaited -- never fire-and-forget. Steps to agents are written from the request tasks themselves
+(:mod:`.inflight`), exactly-once serving across brokers (:mod:`.once`: heartbeats, claims, held
+copies), the planner and the watchdog; plus one task per accepted request, tracked and awaited --
+never fire-and-forget. Steps to agents are written from the request tasks themselves
 (:meth:`Coordinator._send_rpc_now`). What it decides is decided by pure functions elsewhere:
 admission (:func:`.limits.request_problem`, :class:`.limits.Limits`), the fleet view
 (:func:`.registry.apply`), expert selection and fusion (:mod:`.generation`, :mod:`.fusion`),
-takeovers (:mod:`.inflight`). Gate, client factory, clock, planner and metrics are injected;
-``cli/coordinator`` wires the real ones.
+takeovers (:mod:`.inflight`), which copy of a request is answered (:mod:`.once`). Gate, client
+factory, clock, planner and metrics are injected; ``cli/coordinator`` wires the real ones.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from moe2.coordinator.fleetcheck import fleet_warnings
 from moe2.coordinator.fusion import Fused
 from moe2.coordinator.gating import Gate
 from moe2.coordinator.generation import (
-    Emit,
     GenerationSettings,
     RequestContext,
     TextObserver,
@@ -39,6 +39,7 @@ from moe2.coordinator.inflight import InflightTracker
 from moe2.coordinator.limits import Limits, request_problem
 from moe2.coordinator.link import BrokerLink
 from moe2.coordinator.liveplan import Planner
+from moe2.coordinator.once import ExactlyOnce, default_node, request_key
 from moe2.coordinator.outbox import PhoneMessage, PhoneOutbox
 from moe2.coordinator.registry import (
     Event,
@@ -98,6 +99,11 @@ class PhoneEmitter:
         self._correlation = correlation
         self._content_type = content_type
         self._marker = marker
+        #: something went to the phone (a copy that loses to another claim after this is a
+        #: late conflict, not an abort)
+        self.sent = False
+        #: another coordinator answers this request: nothing more goes out
+        self.muted = False
 
     def pack(self, msg: wire.TokenChunk | wire.FinalReply | wire.ErrorReplyPhone
              ) -> PhoneMessage:
@@ -110,6 +116,9 @@ class PhoneEmitter:
     async def __call__(self, msg: wire.TokenChunk | wire.FinalReply | wire.ErrorReplyPhone
                        ) -> None:
         c = self._c
+        if self.muted:
+            return
+        self.sent = True
         if isinstance(msg, wire.FinalReply):
             c.counters["finals"] += 1
         elif isinstance(msg, wire.ErrorReplyPhone):
@@ -167,16 +176,17 @@ class Coordinator:
         )
         self._accepting = True
         self._requests: dict[asyncio.Task[None], str] = {}
-        #: requests with correlation data, as their phone names them (for cancels)
-        self._serving: dict[RequestKey, asyncio.Task[None]] = {}
-        self._cancelled_by_phone: set[asyncio.Task[None]] = set()
-        self._early_cancels = EarlyCancels()
         self._ready_sent = False
         self._n = 0
         self._warned: set[str] = set()
         self.counters: dict[str, int] = {"accepted": 0, "rejected": 0, "finals": 0, "errors": 0,
                                          "malformed": 0, "dropped_no_reply_topic": 0,
                                          "taken_over": 0, "cancelled": 0}
+        self.node = cfg.node or default_node(cfg.broker)
+        self.once = ExactlyOnce(
+            self.topics, cfg.id, self.node, self.incarnation, self.link, clock=clock, wall=wall,
+            fallback_s=cfg.fallback_s, claim_ttl_s=cfg.claim_ttl_s, heartbeat_s=cfg.heartbeat_s,
+            counters=self.counters, accepting=lambda: self._accepting and not cfg.ephemeral)
         self.ctx = RequestContext(
             rpc=self.rpc, registry=lambda: self.registry, gate_values=self._gate_values,
             gate_is_uniform=gate.kind == "uniform",
@@ -187,6 +197,10 @@ class Coordinator:
         )
         self._vocab_views: dict[str, FamilyVocabView] = {}
         self._views_pending: dict[str, asyncio.Task[None]] = {}
+        #: requests with correlation data, as their phone names them (for cancels)
+        self._serving: dict[RequestKey, asyncio.Task[None]] = {}
+        self._cancelled_by_phone: set[asyncio.Task[None]] = set()
+        self._early_cancels = EarlyCancels()
 
     # ------------------------------------------------------------------ decisions
     def plan_for(self, app: str) -> Sequence[str] | None:
@@ -242,6 +256,8 @@ class Coordinator:
             asyncio.create_task(self.outbox.run(), name="outbox"),
             asyncio.create_task(self.inflight.run(), name="inflight"),
         ]
+        if not self.cfg.ephemeral:
+            tasks.append(asyncio.create_task(self.once.run(), name="exactly-once"))
         if self.notifier.enabled:
             tasks.append(asyncio.create_task(self._watchdog_loop(), name="watchdog"))
         if self.planner is not None:
@@ -261,6 +277,7 @@ class Coordinator:
 
     async def _drain(self) -> None:
         self._accepting = False
+        self.once.heartbeat()  # peers re-rank without us now, not after our heartbeats expire
         with contextlib.suppress(aiomqtt.MqttError):
             await self.link.unsubscribe(self.topics.requests_shared(self.cfg.group))
         deadline = self.clock() + self.cfg.drain_timeout_s
@@ -310,6 +327,9 @@ class Coordinator:
         if not self.cfg.ephemeral:
             # not shared: a cancel must reach whichever coordinator serves its request
             await client.subscribe(tp.all_cancels, qos=1)
+            await client.subscribe(tp.all_coordinator_claims, qos=1)
+            await client.subscribe(tp.all_coordinator_heartbeats, qos=0)
+            await client.subscribe(tp.bridge_state("+"), qos=0)
         if self._accepting and not self.cfg.ephemeral:
             await client.subscribe(tp.requests_shared(self.cfg.group), qos=1)
         st = tp.coordinator_status(self.cfg.id)
@@ -318,8 +338,9 @@ class Coordinator:
         # The finals and errors that waited in the outbox, then the markers.
         await self.outbox.flush()
         await self.inflight.on_connect()
-        log.info("coordinator %s: online (gate %s, dist_k %d)", self.cfg.id, self.gate.kind,
-                 self.cfg.dist_k)
+        self.once.on_connect()
+        log.info("coordinator %s: online (gate %s, dist_k %d, node %s)", self.cfg.id,
+                 self.gate.kind, self.cfg.dist_k, self.node)
         if not self._ready_sent:
             self._ready_sent = True
             self.notifier.ready("accepting requests")
@@ -345,8 +366,20 @@ class Coordinator:
         if message.topic.matches(tp.all_cancels):
             self._on_cancel(message, topic, data)
             return
+        if message.topic.matches(tp.all_coordinator_claims):
+            self.once.on_claim_message(topic, data)
+            return
+        if message.topic.matches(tp.all_coordinator_heartbeats):
+            self.once.on_heartbeat_message(topic, data)
+            return
+        if message.topic.matches(tp.bridge_state("+")):
+            if data == b"1" and not message.retain:
+                self.once.greet()  # a bridge (re)connected: the far side learns of us now
+            return
         if message.topic.matches(tp.all_coordinator_status):
-            self.inflight.on_status(topic, data, retained=bool(message.retain))
+            gone = self.inflight.on_status(topic, data, retained=bool(message.retain))
+            if gone is not None:
+                self.once.on_peer_gone(gone)
             return
         if message.topic.matches(tp.inflight_filter()):
             self.inflight.on_marker(topic, data)
@@ -436,6 +469,8 @@ class Coordinator:
 
     # ------------------------------------------------------------------ phones
     def _on_request(self, message: aiomqtt.Message, topic: str, data: bytes) -> None:
+        """A copy of a phone's request: answerable at all? Then :mod:`.once` decides whether
+        it is answered here, now (:meth:`_admit`), later or never."""
         client_id = self.topics.client_of_request(topic)
         rt = get_prop(message, "ResponseTopic")
         corr = get_prop(message, "CorrelationData")
@@ -451,56 +486,84 @@ class Coordinator:
             return
         corr = bytes(corr) if isinstance(corr, (bytes, bytearray)) else None
         ct = ct if isinstance(ct, str) else None
+        key = request_key(client_id, rt, corr, ct, data)
+
+        def admit(rank: int) -> None:
+            self._admit(key, rank, client_id, rt, corr, ct, data)
+
+        self.once.on_copy(key, admit, len(data))
+
+    def _admit(self, key: str, rank: int, client_id: str, rt: str, corr: bytes | None,
+               ct: str | None, data: bytes) -> None:
+        """Answer a request here: a refusal (claimed at once), or a served request (claimed
+        once its in-flight marker is out)."""
         emit = PhoneEmitter(self, rt, corr, ct)
         if not self._accepting:
-            self._reject(emit, wire.ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down")
+            self._reject(emit, wire.ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down",
+                         key, rank)
             return
         try:
             req = wire.decode_phone_request(data, ct)
         except wire.DecodeError as exc:
             self.counters["malformed"] += 1
-            self._reject(emit, wire.ErrorCode.BAD_REQUEST, f"bad request: {exc}")
+            self._reject(emit, wire.ErrorCode.BAD_REQUEST, f"bad request: {exc}", key, rank)
             return
         problem = request_problem(req, self.cfg)
         if problem is not None:
-            self._reject(emit, wire.ErrorCode.BAD_REQUEST, problem)
+            self._reject(emit, wire.ErrorCode.BAD_REQUEST, problem, key, rank)
             return
-        key = (client_id, corr) if corr is not None else None
-        if key is not None and self._early_cancels.take(key, self.clock()):
+        phone_key = (client_id, corr) if corr is not None else None  # as cancels name it
+        if phone_key is not None and self._early_cancels.take(phone_key, self.clock()):
             self._reject(emit, wire.ErrorCode.CANCELLED,
-                         "cancelled by the client before it started")
+                         "cancelled by the client before it started", key, rank)
             return
         refusal = self.limits.admit(client_id, self.clock())
         if refusal is not None:
-            self._reject(emit, refusal.code, refusal.message)
+            self._reject(emit, refusal.code, refusal.message, key, rank)
             return
         self._n += 1
         self.counters["accepted"] += 1
         if self.metrics is not None:
             self.metrics.observe_request(req.app)
-        request_id = f"{self._n}{uuid.uuid4().hex[:6]}"
-        marker = self.inflight.open(request_id, client_id, rt, corr, ct)
+        request_id = f"{key[:16]}-{self._n}"  # agents' session ids carry it (tests count them)
+        marker = self.inflight.open(request_id, client_id, rt, corr, ct, key)
         emit = PhoneEmitter(self, rt, corr, ct, marker)
-        task = asyncio.create_task(self._serve(req, emit, request_id, client_id, marker, key),
+        task = asyncio.create_task(self._serve(req, emit, request_id, marker, key),
                                    name=f"request-{request_id}")
         self._requests[task] = client_id
-        if key is not None:
-            self._serving[key] = task
+        if phone_key is not None:
+            self._serving[phone_key] = task
 
-    async def _serve(self, req: wire.PhoneRequest, emit: Emit, request_id: str,
-                     client_id: str, marker: str, key: RequestKey | None) -> None:
+        def done(_t: asyncio.Task[None]) -> None:
+            # here, not in _serve: a task aborted before it ever ran never enters _serve
+            self.inflight.close(marker)  # normally cleared with the terminal message already
+            self.limits.release(client_id)
+            self.once.finished(key)
+            self._requests.pop(task, None)
+            self._cancelled_by_phone.discard(task)
+            if phone_key is not None and self._serving.get(phone_key) is task:
+                del self._serving[phone_key]
+
+        task.add_done_callback(done)
+
+        def abort() -> None:
+            emit.muted = True  # whatever the task still tries to send, nothing goes out
+            task.cancel()
+
+        self.once.claim(key, rank, sent=lambda: emit.sent, abort=abort)
+
+    async def _serve(self, req: wire.PhoneRequest, emit: PhoneEmitter, request_id: str,
+                     marker: str, key: str) -> None:
+        announce = asyncio.create_task(self._announce(marker, key), name=f"claim-{request_id}")
         task = asyncio.current_task()
         try:
             await run_request(req, self.ctx, self.settings, emit, request_id,
                               cancelled_by_phone=lambda: task in self._cancelled_by_phone)
         finally:
-            self.inflight.close(marker)  # normally cleared with the terminal message already
-            self.limits.release(client_id)
-            if task is not None:
-                self._requests.pop(task, None)
-                self._cancelled_by_phone.discard(task)
-                if key is not None and self._serving.get(key) is task:
-                    del self._serving[key]
+            if not announce.done():  # ended before its marker was out: no marker to wait for
+                announce.cancel()
+                if not emit.muted:
+                    self.once.announce(key)
 
     def _on_cancel(self, message: aiomqtt.Message, topic: str, data: bytes) -> None:
         """A phone no longer wants a request: stop the one this coordinator serves (its task
@@ -530,12 +593,25 @@ class Coordinator:
             # terminal message, no cleanup); scheduled now, this runs after that first step
             asyncio.get_running_loop().call_soon(task.cancel)
 
-    def _reject(self, emit: PhoneEmitter, code: wire.ErrorCode, message: str) -> None:
+    async def _announce(self, marker: str, key: str) -> None:
+        """The request's in-flight marker, then its claim: whoever sees the claim can count on
+        the marker (a survivor tells the phone if we die)."""
+        await self.inflight.publish_now(marker)
+        self.once.announce(key)
+
+    def _reject(self, emit: PhoneEmitter, code: wire.ErrorCode, message: str, key: str,
+                rank: int) -> None:
         self.counters["rejected"] += 1
+        self.once.claim(key, rank)
         self.outbox.put(emit.pack(wire.ErrorReplyPhone(code=code, message=message)))
 
     async def _tell_orphan(self, m: wire.InflightMarker) -> None:
-        """A request whose coordinator died: tell its phone to retry."""
+        """A request whose coordinator died: tell its phone to retry -- unless this coordinator
+        holds a copy of it (the dead one died before its claim went out), which it answers."""
+        if m.request_key and self.once.holds(m.request_key):
+            log.info("%s died serving %s's request, which this coordinator holds a copy of: "
+                     "answering that", m.coordinator_id, m.client_id)
+            return
         self.counters["taken_over"] += 1
         who = ("a previous run of this coordinator" if m.coordinator_id == self.cfg.id
                else f"coordinator {m.coordinator_id}")

@@ -152,6 +152,21 @@ class CoordinatorConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=T
     max_prompt_chars: int = 16384
     max_tokens_limit: int = 1024
     metrics_port: int | None = None
+    #: exactly one answer per request when requests reach several brokers (bridged Mosquittos,
+    #: see moe2.coordinator.once): the broker node this coordinator takes requests from.
+    #: Coordinators on one broker -- or on one clustered broker, whichever of its nodes they
+    #: connect to -- must name the same node; "" = the broker URL's host:port
+    node: str = ""
+    #: a copy of a request whose node is not first in the ranking waits this long per rank for
+    #: a claim from the first before it is served here (the cost of a lost copy, never of a
+    #: normal request)
+    fallback_s: float = 0.3
+    #: how long a claim is remembered (a copy arriving later is served again): also its MQTT
+    #: Message Expiry; phones' requests should expire sooner
+    claim_ttl_s: float = 120.0
+    #: how often a coordinator says which node it is on (peers expire after 3 missed ones;
+    #: at most 10 s)
+    heartbeat_s: float = 1.0
     apps: dict[str, AppSection] = {}
     planner: PlannerSection = PlannerSection()
     tls: TlsSection = TlsSection()
@@ -172,6 +187,16 @@ class CoordinatorConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=T
         cal = self.planner.calibration
         if cal is not None and not os.path.isfile(cal):
             raise ConfigError(f"planner calibration file {cal!r} does not exist")
+        for name in ("fallback_s", "claim_ttl_s", "heartbeat_s"):
+            value = getattr(self, name)
+            _positive(name, value)
+            if not math.isfinite(value):
+                raise ConfigError(f"{name} must be finite, got {value!r}")
+        if self.heartbeat_s > 10:
+            raise ConfigError("heartbeat_s must be at most 10 (peers believe no longer period)")
+        if len(self.node) > 255 or any(ord(c) < 0x20 or c in "+#/" for c in self.node):
+            raise ConfigError("node must be at most 255 characters, without '/', '+', '#' or "
+                              "control characters")
         overhead = self.planner.step_overhead_s
         if overhead is not None and not (overhead >= 0 and math.isfinite(overhead)):
             raise ConfigError("planner.step_overhead_s must be a finite number >= 0 "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -384,15 +385,91 @@ class InflightMarker(_Strict, tag="inflight", frozen=True):
     response_topic: str
     correlation: bytes | None = None
     content_type: str | None = None
+    #: the request's key (see RequestClaim): a survivor that holds a copy of it answers that
+    #: copy instead of telling the phone to retry
+    request_key: str = ""
     v: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
         _check_version(self.v)
 
 
+#: a request key is this many hex characters (see moe2.coordinator.once.request_key)
+REQUEST_KEY_CHARS = 32
+#: bounds of names that travel in claims and heartbeats (a node is a broker's host:port)
+MAX_NODE_CHARS = 255
+MAX_INCARNATION_CHARS = 64
+
+
+def _check_peer_fields(node: str, incarnation: str, ts: float) -> None:
+    if not 0 < len(node) <= MAX_NODE_CHARS:
+        raise ValueError(f"node must be 1..{MAX_NODE_CHARS} characters")
+    if not 0 < len(incarnation) <= MAX_INCARNATION_CHARS:
+        raise ValueError(f"incarnation must be 1..{MAX_INCARNATION_CHARS} characters")
+    if not math.isfinite(ts):
+        raise ValueError("ts must be finite")
+
+
+class CoordinatorHeartbeat(_Strict, tag="heartbeat", frozen=True):
+    """Published (QoS 0, not retained, with a short Message Expiry) every few seconds on
+    ``coordinators/{id}/heartbeat``: the broker *node* this coordinator takes phones' requests
+    from, and whether it takes them now. Every coordinator builds its view of the nodes from
+    these (see :mod:`moe2.coordinator.once`); a retained status cannot serve, since it stays
+    ``online`` on the far side of a partition."""
+
+    coordinator_id: str
+    node: str
+    incarnation: str
+    accepting: bool = True
+    ts: float = 0.0
+    #: seconds to the next heartbeat (a peer that misses three has left the view)
+    interval_s: float = 1.0
+    #: copies of requests it holds for another node, and requests it is answering: both 0
+    #: means nothing more will come from it for the requests it has seen (tests and benches
+    #: wait for that before they count duplicates)
+    held: int = 0
+    serving: int = 0
+    v: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+        _check_peer_fields(self.node, self.incarnation, self.ts)
+        if not 0 < self.interval_s < math.inf:
+            raise ValueError("interval_s must be a positive number of seconds")
+
+
+class RequestClaim(_Strict, tag="claim", frozen=True):
+    """Published (QoS 1, not retained, Message Expiry = the claim TTL) on
+    ``coordinators/{id}/claims`` when a coordinator answers a phone request: ``key`` names the
+    request (:func:`moe2.coordinator.once.request_key`) whichever broker's copy it came from.
+    ``ts`` is the claimer's wall clock, ``rank`` the position of its node in its ranking for
+    this key (0: it served at once; more: a fallback); ``done``: the claimer has answered
+    already (a refusal, or a claim sent again after the final). Coordinator-to-coordinator
+    only."""
+
+    key: str
+    coordinator_id: str
+    node: str
+    incarnation: str
+    ts: float
+    rank: int = 0
+    done: bool = False
+    v: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+        _check_peer_fields(self.node, self.incarnation, self.ts)
+        if len(self.key) != REQUEST_KEY_CHARS or any(c not in "0123456789abcdef"
+                                                     for c in self.key):
+            raise ValueError(f"key must be {REQUEST_KEY_CHARS} lowercase hex characters")
+        if not 0 <= self.rank <= 1024:
+            raise ValueError("rank must be in 0..1024")
+
+
 AgentInbound = OpenSession | Step | CloseSession | ScoreAnswer
 AnyAgentMsg = (OpenSession | Step | CloseSession | ScoreAnswer | Reply | AgentStatus | Telemetry
-               | PlanMsg | CoordinatorStatus | Vocab | InflightMarker)
+               | PlanMsg | CoordinatorStatus | Vocab | InflightMarker | CoordinatorHeartbeat
+               | RequestClaim)
 
 _encoder = msgspec.msgpack.Encoder()
 _agent_inbound = msgspec.msgpack.Decoder(AgentInbound)

@@ -110,7 +110,7 @@ def test_coordinator_sigkill_phones_are_told(fleet: ReliabilityFleet) -> None:
     assert r["in_flight_at_kill"] >= 1
     assert r["told_by_survivor"] >= 1
     assert "went offline before this request finished" in r["told_how"]
-    assert r["finals_ended_after_kill_by"].get(r["survivor"], 0) >= 1, r
+    assert r["finals_after_kill_by"].get(r["survivor"], 0) >= 1, r
     assert r["finals_after_kill_by"].get(r["killed"], 0) == 0
     assert _typed(r["errors_by_code"])
     assert set(r["phone_errors"]) <= {"coordinator_lost"}

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from moe2.agent.daemon import AgentDaemon, Work
 from moe2.agent.meters import ManualMeter
+from moe2.coordinator import once
 from moe2.coordinator import registry as reg
 from moe2.coordinator.gating import UniformGate
 from moe2.coordinator.inflight import MAX_PEERS, takeover_handler
@@ -97,6 +98,13 @@ COORDINATOR_SAMPLES: list[tuple[str, bytes]] = [
     (TP.coordinator_inflight("peer", "r1").topic, wire.encode(wire.InflightMarker(
         coordinator_id="peer", incarnation="old", client_id=PHONE,
         response_topic=TP.response_prefix(PHONE) + "r"))),
+    # another broker node with a coordinator: some requests are held for it, then served here
+    (TP.coordinator_heartbeat("peer").topic, wire.encode(wire.CoordinatorHeartbeat(
+        coordinator_id="peer", node="far:1883", incarnation="i1"))),
+    (TP.coordinator_claims("peer").topic, wire.encode(wire.RequestClaim(
+        key="0" * 32, coordinator_id="peer", node="far:1883", incarnation="i1", ts=1.0))),
+    (TP.coordinator_claims("c0").topic, wire.encode(wire.RequestClaim(
+        key="f" * 32, coordinator_id="c0", node="x", incarnation="old", ts=1.0, rank=1))),
 ]
 RESPONSE_TOPICS = [None, TP.response_prefix(PHONE) + "r", TP.response_prefix(PHONE) + "x/y",
                    TP.response_prefix("other") + "r", "elsewhere/r", TP.response_prefix(PHONE)]
@@ -137,17 +145,23 @@ def test_coordinator_handles_any_message(msgs: Sequence[tuple[str, bytes, str | 
                                                              bytes | None, str | None, bool]]
                                          ) -> None:
     """Nothing raises out of the receive path; a request with a reply topic of its own phone
-    gets exactly one final or error, any other request none; bookkeeping stays bounded."""
+    gets exactly one final or error (identical copies of one request: one), any other request
+    none -- also when forged heartbeats make this coordinator hold copies for another node and
+    serve them when the fallback is due; bookkeeping stays bounded."""
 
     async def main() -> None:
         cfg = CoordinatorConfig(id="c0", open_deadline_s=0.05, step_deadline_min_s=0.05)
         coord = Coordinator(cfg, UniformGate(), _no_client)
         expected: Counter[bytes | None] = Counter()
+        keys: set[str] = set()
         for topic, payload, rt, corr, ct, retain in msgs:
             coord._on_message(_message(topic, payload, rt, corr, ct, retain))
             if topic == TP.request(PHONE) and rt is not None and rt.startswith(
-                    TP.response_prefix(PHONE)):
-                expected[corr] += 1
+                    TP.response_prefix(PHONE)) and publishable_topic(rt):
+                key = once.request_key(PHONE, rt, corr, ct, payload)
+                expected[corr] += key not in keys
+                keys.add(key)
+        coord.once.serve_due(float("inf"))  # every held copy's fallback is due
         while coord._requests:
             await asyncio.gather(*list(coord._requests))
         got: Counter[bytes | None] = Counter()
@@ -160,6 +174,8 @@ def test_coordinator_handles_any_message(msgs: Sequence[tuple[str, bytes, str | 
         assert coord.inflight.open_markers == 0
         assert coord.rpc.waiting == 0
         assert len(coord.inflight.peers.online) <= MAX_PEERS
+        assert coord.once.held == 0
+        assert len(coord.once.peers) <= once.MAX_PEERS and coord.once.claims <= once.MAX_CLAIMS
         assert len(coord.registry.vocabs) <= reg.MAX_VOCABS
 
     asyncio.run(main())

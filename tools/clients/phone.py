@@ -24,6 +24,11 @@ How a phone learns that its request failed (the rules this client follows, and a
   through the persistent session).
 - Silence: nothing at all arrives for ``timeout_s``: ``asyncio.TimeoutError``.
 
+Each request carries fresh correlation data (a retry too: coordinators take a request with the
+correlation data and payload of one answered in the last two minutes for a copy of it, see
+:mod:`moe2.coordinator.once`); ``request_expiry_s`` gives requests a Message Expiry Interval, so
+that brokers and bridge queues drop copies nobody waits for.
+
 A request the caller abandons before its final or error (it stops reading
 :meth:`PhoneClient.stream`, is cancelled, or times out) is cancelled upstream: the client
 publishes a ``cancel`` message on ``{root}/cancel/{client_id}`` with the request's correlation
@@ -189,7 +194,7 @@ class PhoneClient:
                  topics: Topics | None = None, msgpack: bool = False, *,
                  check_delivery: bool = False, watch_coordinators: bool = False,
                  grace_s: float = 10.0, reply_level: str = "r", on_behalf: bool = False,
-                 watch_plan: bool = False) -> None:
+                 watch_plan: bool = False, request_expiry_s: int | None = None) -> None:
         if isinstance(client, aiomqtt.Client):
             self.client: aiomqtt.Client | None = client
             self._factory: Callable[[], aiomqtt.Client] | None = None
@@ -210,6 +215,9 @@ class PhoneClient:
         self.plan: wire.PlanMsg | None = None
         self._cancels: set[asyncio.Task[None]] = set()
         self.cancels_sent = 0
+        #: MQTT 5 Message Expiry of each request: brokers (and bridge queues) drop a copy
+        #: nobody waits for any more
+        self.request_expiry_s = request_expiry_s
         self._queues: dict[bytes, asyncio.Queue[wire.PhoneReply | AskError]] = {}
         self._answered: set[bytes] = set()  # requests that got at least one reply
         self._suspect: dict[bytes, str] = {}  # unanswered at a loss event -> the AskError code
@@ -407,6 +415,8 @@ class PhoneClient:
         props = response_properties(
             response_topic or self.topics.response(cid, self.reply_level), correlation,
             content_type)
+        if self.request_expiry_s is not None:
+            props.MessageExpiryInterval = self.request_expiry_s
         topic = self.topics.request(cid)
         try:
             if self._acks is not None:

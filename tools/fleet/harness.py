@@ -136,17 +136,19 @@ class Fleet:
 
     def start_agent(self, agent_id: str, model: str | Path, *extra: str, threads: int = 1,
                     root: str | None = None, name: str | None = None,
-                    log_level: str | None = None) -> subprocess.Popen[bytes]:
+                    log_level: str | None = None,
+                    broker: str | None = None) -> subprocess.Popen[bytes]:
+        """``broker``: another broker's URL than the fleet's own (a bridged site's)."""
         return self.spawn(name or f"agent-{agent_id}", [
-            *_log_args(log_level), "agent", "--broker", self.url, "--id", agent_id,
+            *_log_args(log_level), "agent", "--broker", broker or self.url, "--id", agent_id,
             "--model", str(model), "--root", root or self.topics.root,
             "--threads", str(threads), *extra])
 
     def start_coordinator(self, *extra: str, coordinator_id: str = "coordinator",
                           config_text: str | None = None, root: str | None = None,
-                          name: str | None = None,
-                          log_level: str | None = None) -> subprocess.Popen[bytes]:
-        args = [*_log_args(log_level), "coordinator", "--broker", self.url,
+                          name: str | None = None, log_level: str | None = None,
+                          broker: str | None = None) -> subprocess.Popen[bytes]:
+        args = [*_log_args(log_level), "coordinator", "--broker", broker or self.url,
                 "--id", coordinator_id, "--root", root or self.topics.root]
         if config_text is not None:
             cfg = self.workdir / f"{coordinator_id}.toml"
@@ -296,6 +298,44 @@ class Fleet:
         return PhoneClient(lambda: session_client(url, client_id), client_id,
                            Topics(root or self.topics.root), check_delivery=check_delivery,
                            watch_coordinators=True)
+
+    async def wait_sites(self, expect: Mapping[str, set[str]], timeout_s: float = 120.0,
+                         broker: str | None = None) -> float:
+        """Until each coordinator named in ``expect`` has answered a probe fusing exactly the
+        agents named for it (coordinators with gates of their own, sites of a bridged fleet);
+        probes go through ``broker`` (default: the fleet's own). Seconds."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        ok: set[str] = set()
+        last = "no answer"
+        cid = f"probe-{uuid.uuid4().hex[:8]}"
+        url = parse_broker_url(broker or self.url)
+        while not set(expect) <= ok:
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise FleetError(f"fleet not ready after {timeout_s:.0f}s: ok {sorted(ok)} of "
+                                 f"{sorted(expect)}; last: {last}")
+            try:
+                async with make_client(url, identifier=cid) as c, \
+                        PhoneClient(c, cid, self.topics) as ph:
+                    while not set(expect) <= ok and time.monotonic() < deadline:
+                        ans = await ph.ask(wire.PhoneRequest(prompt="ping", max_tokens=1,
+                                                             raw=True), timeout_s=10)
+                        if ans.final is None:
+                            last = f"error {ans.error}"
+                            await asyncio.sleep(0.2)
+                            continue
+                        used = {e.id for e in ans.final.experts if not e.dropped}
+                        who = ans.final.coordinator_id
+                        if expect.get(who) == used:
+                            ok.add(who)
+                        else:
+                            last = f"{who} fused {sorted(used)}"
+                            await asyncio.sleep(0.1)
+            except (AskError, asyncio.TimeoutError, aiomqtt.MqttError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                await asyncio.sleep(0.3)
+        return time.monotonic() - t0
 
     async def wait_ready(self, agents: Sequence[str], coordinators: Sequence[str], *,
                          root: str | None = None, timeout_s: float = 90.0,

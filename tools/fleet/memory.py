@@ -8,6 +8,10 @@ with the retain flag), Last Will on an unclean end, and MQTT 5 properties passed
 untouched. :meth:`MemoryBroker.drop` cuts one client's connection (its will is published, its
 message iterator raises :class:`aiomqtt.MqttError`), :meth:`MemoryBroker.restart` cuts every
 connection: the reconnect loops see what they see when a real broker goes away.
+:class:`MemoryBridge` joins two brokers as a Mosquitto 2 MQTT 5 bridge does (``topic ... both``):
+each broker's shared groups take their own copy, retained messages and wills cross, and while
+the bridge is cut its local side queues (QoS 1) and its remote side loses -- bridged
+topologies in tests, still without a socket.
 
 So :class:`moe2.coordinator.service.Coordinator` and :class:`moe2.agent.daemon.AgentDaemon` are
 tested synchronously-fast in one process (``tests/unit``); integration and end-to-end tests keep
@@ -54,6 +58,7 @@ class MemoryBroker:
     _rr: dict[tuple[str, str], itertools.count[int]] = field(
         default_factory=lambda: defaultdict(itertools.count))
     _ids: itertools.count[int] = field(default_factory=itertools.count)
+    _bridges: list[MemoryBridge] = field(default_factory=list)
 
     def client(self, identifier: str | None = None, *, will: aiomqtt.Will | None = None
                ) -> MemoryClient:
@@ -93,7 +98,9 @@ class MemoryBroker:
             self.publish(w.topic, payload, qos=w.qos, retain=w.retain, properties=w.properties)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False,
-                properties: Properties | None = None) -> None:
+                properties: Properties | None = None, via: MemoryBridge | None = None) -> None:
+        """Route one message (``via``: the bridge it arrived through, which it does not go
+        back over)."""
         if not publishable_topic(topic):
             raise aiomqtt.MqttError(f"topic {topic!r} cannot be published to")
         self.published += 1
@@ -117,6 +124,9 @@ class MemoryBroker:
         for key, members in groups.items():
             c = members[next(self._rr[key]) % len(members)]
             c._deliver(topic, payload, qos, retain=False, properties=properties)
+        for b in self._bridges:
+            if b is not via:
+                b._forward(self, topic, payload, qos, retain, properties)
 
     def _retained_for(self, c: MemoryClient, s: _Subscription) -> None:
         if s.group is not None:  # MQTT 5: no retained messages to shared subscriptions
@@ -218,3 +228,73 @@ class MemoryClient:
                     qos: int = 0, retain: bool = False) -> None:
         self._check()
         self.broker.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+
+
+@dataclass
+class _Queued:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    properties: Properties | None
+
+
+class MemoryBridge:
+    """A Mosquitto 2 bridge (``bridge_protocol_version mqttv50``, ``topic <f> both 1`` for each
+    filter, ``cleansession false``) that ``local`` runs to ``remote``: messages matching
+    ``topics`` cross both ways with their properties and retain flag, never back (No Local);
+    bridges must form a tree. :meth:`cut` takes the link down: what ``local`` publishes at QoS
+    1 meanwhile is queued (up to ``max_queued``) and crosses on :meth:`restore`, what
+    ``remote`` publishes is lost -- mosquitto's v5 bridge keeps no session on the remote side.
+    On restore both sides' retained messages cross again (so retained state can swap, as on
+    mosquitto)."""
+
+    def __init__(self, local: MemoryBroker, remote: MemoryBroker,
+                 topics: tuple[str, ...] = ("#",), *, max_queued: int = 1000) -> None:
+        self.local = local
+        self.remote = remote
+        self.topics = topics
+        self.up = True
+        self.forwarded = 0
+        self.lost = 0
+        self._queue: deque[_Queued] = deque(maxlen=max_queued)
+        local._bridges.append(self)
+        remote._bridges.append(self)
+
+    def _matches(self, topic: str) -> bool:
+        t = aiomqtt.Topic(topic)
+        return any(t.matches(f) for f in self.topics)
+
+    def _forward(self, origin: MemoryBroker, topic: str, payload: bytes, qos: int,
+                 retain: bool, properties: Properties | None) -> None:
+        if not self._matches(topic):
+            return
+        if not self.up:
+            if origin is self.local and qos > 0:
+                self._queue.append(_Queued(topic, payload, qos, retain, properties))
+            else:
+                self.lost += 1
+            return
+        other = self.remote if origin is self.local else self.local
+        self.forwarded += 1
+        other.publish(topic, payload, qos=qos, retain=retain, properties=properties, via=self)
+
+    def cut(self) -> None:
+        """The link drops."""
+        self.up = False
+
+    def restore(self) -> None:
+        """The link is back: the local side's queue crosses first, in order; then the retained
+        messages of both sides."""
+        self.up = True
+        while self._queue:
+            q = self._queue.popleft()
+            self.forwarded += 1
+            self.remote.publish(q.topic, q.payload, qos=q.qos, retain=q.retain,
+                                properties=q.properties, via=self)
+        snapshots = [(target, [(t, r) for t, r in source.retained.items() if self._matches(t)])
+                     for source, target in ((self.local, self.remote), (self.remote, self.local))]
+        for target, retained in snapshots:
+            for topic, r in retained:
+                target.publish(topic, r.payload, qos=r.qos, retain=True,
+                               properties=r.properties, via=self)

@@ -9,7 +9,10 @@
 - ``acl``: one ``user`` block per account with the topics its role may read or write;
 - ``ca.crt``/``ca.key`` (a development CA) and ``server.crt``/``server.key`` (SAN: localhost,
   127.0.0.1 and the given host names), made with the ``openssl`` command line;
-- ``credentials.json``: every account's name, role, username and password (keep it secret).
+- ``credentials.json``: every account's name, role, username and password (keep it secret);
+- with ``--bridge-to``, the bridge to the broker above this one (a hub) and the hub's CA as
+  ``bridge-ca.crt``; with ``--bridges NAME``, the accounts such bridges log in with here
+  (see :mod:`.bridgeconf`).
 
 How Mosquitto 2.0.11 applies an ``acl_file`` (checked against the real broker in
 ``tests/test_broker_config.py``): a SUBSCRIBE is granted whatever the filter, including
@@ -45,11 +48,12 @@ from pathlib import Path
 from typing import Literal
 
 from moe2.shared.topics import Topics, check_name
+from moe2.tools.ops.bridgeconf import BridgeConfigError, BridgeSpec, bridge_acl, bridge_conf_text
 
 log = logging.getLogger(__name__)
 
-Role = Literal["phone", "agent", "coordinator", "monitor", "gateway"]
-ROLES: tuple[Role, ...] = ("phone", "agent", "coordinator", "monitor", "gateway")
+Role = Literal["phone", "agent", "coordinator", "monitor", "gateway", "bridge"]
+ROLES: tuple[Role, ...] = ("phone", "agent", "coordinator", "monitor", "gateway", "bridge")
 Access = Literal["read", "write", "readwrite"]
 
 #: mosquitto_passwd's defaults (mosquitto 2.0): PBKDF2-SHA512, 101 iterations, 12-byte salt.
@@ -65,6 +69,7 @@ CA_CERT_NAME = "ca.crt"
 CA_KEY_NAME = "ca.key"
 SERVER_CERT_NAME = "server.crt"
 SERVER_KEY_NAME = "server.key"
+BRIDGE_CA_NAME = "bridge-ca.crt"
 CREDENTIALS_NAME = "credentials.json"
 
 
@@ -133,6 +138,10 @@ class Fleet:
     monitors: tuple[str, ...] = ()
     #: HTTP gateways (``moe2 gateway``): phones with many users, one client id per API key
     gateways: tuple[str, ...] = ()
+    #: bridges of the brokers below this one (each logs in as its name)
+    bridges: tuple[str, ...] = ()
+    #: those bridges carry agents' topics too (their ACL then allows them)
+    bridge_agents: bool = False
 
     def members(self) -> list[tuple[str, Role]]:
         out: list[tuple[str, Role]] = []
@@ -141,6 +150,7 @@ class Fleet:
         out += [(n, "coordinator") for n in self.coordinators]
         out += [(n, "monitor") for n in self.monitors]
         out += [(n, "gateway") for n in self.gateways]
+        out += [(n, "bridge") for n in self.bridges]
         return out
 
     def validate(self) -> Fleet:
@@ -153,11 +163,13 @@ class Fleet:
             if name in seen:
                 raise BrokerConfigError(
                     f"name {name!r} is given twice ({seen[name]} and {role}); usernames must be "
-                    "unique across phones, agents, coordinators, monitors and gateways"
+                    "unique across phones, agents, coordinators, monitors, gateways and "
+                    "bridges"
                 )
             seen[name] = role
         if not self.members():
-            raise BrokerConfigError("no accounts: give --phones, --agents and/or --coordinators")
+            raise BrokerConfigError("no accounts: give --phones, --agents, --coordinators and/or "
+                                    "--bridges")
         return self
 
 
@@ -177,7 +189,8 @@ def make_accounts(
     return out
 
 
-def role_acl(role: Role, name: str, topics: Topics) -> list[tuple[Access, str]]:
+def role_acl(role: Role, name: str, topics: Topics, *,
+             bridge_agents: bool = False) -> list[tuple[Access, str]]:
     """The topic patterns one account may read and write (mosquitto ``topic`` lines)."""
     if role == "phone":
         return [
@@ -224,6 +237,12 @@ def role_acl(role: Role, name: str, topics: Topics) -> list[tuple[Access, str]]:
             ("write", topics.coordinator_status(name).topic),
             ("write", topics.agent_rpc("+")),
             ("write", topics.response_prefix("+") + "#"),
+            # exactly once across brokers: its own claims and heartbeats, everyone's to read
+            ("write", topics.coordinator_claims(name).topic),
+            ("write", topics.coordinator_heartbeat(name).topic),
+            ("read", topics.all_coordinator_claims),
+            ("read", topics.all_coordinator_heartbeats),
+            ("read", topics.bridge_state("+")),
         ]
     if role == "monitor":
         return [
@@ -231,11 +250,14 @@ def role_acl(role: Role, name: str, topics: Topics) -> list[tuple[Access, str]]:
             ("read", topics.all_agent_telemetry),
             ("read", topics.all_coordinator_status),
             ("read", topics.plan.topic),
+            ("read", topics.bridge_state("+")),
         ]
+    if role == "bridge":
+        return bridge_acl(name, topics, agents=bridge_agents)
     raise ValueError(f"unknown role {role!r}")
 
 
-def acl_text(accounts: Iterable[Account], topics: Topics) -> str:
+def acl_text(accounts: Iterable[Account], topics: Topics, *, bridge_agents: bool = False) -> str:
     """The ``acl_file``: one ``user`` block per account; nothing is allowed to anyone else."""
     lines = [
         "# moe2 broker ACL, written by `moe2 broker-config`. Anything not listed is denied.",
@@ -245,8 +267,8 @@ def acl_text(accounts: Iterable[Account], topics: Topics) -> str:
     for acc in accounts:
         lines.append(f"# {acc.role} {acc.name}")
         lines.append(f"user {acc.username}")
-        lines += [f"topic {access} {pattern}" for access, pattern in role_acl(acc.role, acc.name,
-                                                                                topics)]
+        lines += [f"topic {access} {pattern}" for access, pattern in role_acl(
+            acc.role, acc.name, topics, bridge_agents=bridge_agents)]
         lines.append("")
     return "\n".join(lines)
 
@@ -277,6 +299,8 @@ class BrokerSpec:
     hostnames: tuple[str, ...] = ()
     broker_user: str = "mosquitto"
     root: str = "moe2"
+    #: this broker's uplink (``--bridge-to``), if any
+    bridge: BridgeSpec | None = None
 
     def validate(self) -> BrokerSpec:
         for label, port in (("--port", self.port), ("--tls-port", self.tls_port)):
@@ -293,6 +317,11 @@ class BrokerSpec:
         for h in self.hostnames:
             if not h or any(c in h for c in " ,/\\\"'\n"):
                 raise BrokerConfigError(f"host name {h!r} is not valid")
+        if self.bridge is not None:
+            try:
+                self.bridge.validate()
+            except BridgeConfigError as exc:
+                raise BrokerConfigError(str(exc)) from None
         return self
 
 
@@ -335,6 +364,8 @@ def mosquitto_conf_text(spec: BrokerSpec, accounts: Sequence[Account]) -> str:
         "tls_version tlsv1.2",
         "",
     ]
+    if spec.bridge is not None:
+        lines.append(bridge_conf_text(spec.bridge, Topics(spec.root)))
     return "\n".join(lines)
 
 
@@ -579,8 +610,10 @@ def write_broker_config(
     *,
     iterations: int = DEFAULT_ITERATIONS,
     rotate: bool = False,
+    bridge_ca: Path | None = None,
 ) -> BrokerFiles:
-    """Write every file into ``out_dir``.
+    """Write every file into ``out_dir`` (``bridge_ca``: the hub's CA certificate, copied to
+    ``bridge-ca.crt`` for ``spec.bridge``, which must name that file under ``conf_dir``).
 
     Without ``rotate``, accounts already in ``credentials.json`` keep their passwords and an
     existing CA is reused (clients keep trusting it); the server certificate is always renewed.
@@ -590,7 +623,8 @@ def write_broker_config(
     the broker user's group (0640), and the folder is 0750 with that group (run as root, they
     are given the group here; otherwise ``needs_chown`` lists them). The CA key and
     ``credentials.json`` stay 0600, readable by their owner alone; certificates and
-    ``mosquitto.conf`` are public (0644).
+    ``mosquitto.conf`` are public (0644) -- except a ``mosquitto.conf`` that holds a bridge's
+    password, which is treated as the password file.
     """
     spec = spec.validate()
     fleet = fleet.validate()
@@ -607,13 +641,17 @@ def write_broker_config(
     acl = out_dir / ACL_NAME
     conf = out_dir / CONF_NAME
     _write_private(passwd, password_file_text(accounts, iterations=iterations))
-    _write_private(acl, acl_text(accounts, topics))
-    _write_private(conf, mosquitto_conf_text(spec, accounts), 0o644)
+    _write_private(acl, acl_text(accounts, topics, bridge_agents=fleet.bridge_agents))
+    secret_conf = spec.bridge is not None and spec.bridge.password is not None
+    _write_private(conf, mosquitto_conf_text(spec, accounts), 0o600 if secret_conf else 0o644)
+    if spec.bridge is not None and bridge_ca is not None:
+        ca_copy = out_dir / BRIDGE_CA_NAME
+        _write_private(ca_copy, bridge_ca.read_text(), 0o644)
     os.chmod(tls.ca_cert, 0o644)
     os.chmod(tls.server_cert, 0o644)
     os.chmod(tls.ca_key, PRIVATE_MODE)
     _write_private(cred_path, json.dumps(credentials_doc(accounts, spec), indent=2) + "\n")
-    broker_read = (passwd, acl, tls.server_key)
+    broker_read = (passwd, acl, tls.server_key, *((conf,) if secret_conf else ()))
     needs_chown: tuple[Path, ...] = ()
     ids = _broker_ids(spec.broker_user)
     me = os.geteuid()

@@ -29,10 +29,15 @@ Phases (each returns plain figures; :func:`run_reliability_bench` runs them all,
   subscribes to; RSS of every process before and after.
 - :func:`phase_bounds`: rate, concurrency, prompt length and max_tokens limits on a coordinator
   configured with small ones (its own topic root).
+- :func:`phase_bridged` (its own fleets, :mod:`.bridged`): two sites on one broker, then on two
+  bridged brokers, then through a bridge drop: every request answered once (finals,
+  duplicates, duplicate chunks, lost, requests stepped by two coordinators), and the time to
+  first token against one broker.
 """
 
 from __future__ import annotations
 
+from moe2.tools.bench.reliability.bridged import phase_bridged
 from moe2.tools.bench.reliability.faults import (
     phase_agent_faults,
     phase_broker_restart,
@@ -116,6 +121,7 @@ __all__ = [
     "percentile",
     "phase_agent_faults",
     "phase_bounds",
+    "phase_bridged",
     "phase_broker_restart",
     "phase_coordinator_kill",
     "phase_fuzz",

@@ -129,7 +129,8 @@ def fuzz_messages(t: FuzzTargets, n_per_family: int, rng: random.Random, batch: 
     Payloads: random bytes, mutations of valid encodings, and valid but hostile messages
     (forged distributions for sessions that do not exist, replies from agents outside the plan,
     steps for unknown sessions, out-of-range tokens and k, forged in-flight markers, offline
-    statuses of coordinators and agents that never existed, vocabularies of unknown families).
+    statuses of coordinators and agents that never existed, vocabularies of unknown families,
+    claims of requests that do not exist and broken heartbeats).
     Mutations that still decode, and empty payloads, are kept off the real agents' status and
     vocab topics, and no ``online`` status is sent at all: a valid status (or an empty one, which
     clears an agent's retained status) is a registration or a deregistration, which the broker's
@@ -267,6 +268,30 @@ def fuzz_messages(t: FuzzTargets, n_per_family: int, rng: random.Random, batch: 
         marker_topic = tp.coordinator_inflight(coord, f"{batch}{i}").topic
         out.append(FuzzMessage("coordinator_control", marker_topic, payload, expect=expect,
                                reply_key=c))
+    # -- exactly once across brokers: claims of keys no request has, broken heartbeats (a
+    # valid heartbeat announces a node -- a registration the ACL, not the coordinator, refuses)
+    hb_valid = wire.encode(wire.CoordinatorHeartbeat(coordinator_id="phantom", node="far:1883",
+                                                     incarnation="fz"))
+    for i in range(n_per_family):
+        coord = t.coordinators[i % len(t.coordinators)] if rng.random() < 0.5 \
+            else f"phantom-{rng.randrange(10**6)}"
+        claim = wire.encode(wire.RequestClaim(key=rng.randbytes(16).hex(), coordinator_id=coord,
+                                              node="far:1883", incarnation="fz",
+                                              ts=rng.uniform(0, 2e9), rank=rng.randrange(4),
+                                              done=rng.random() < 0.5))
+        r = rng.random()
+        if r < 0.5:
+            payload = claim if r < 0.2 else (mutate(claim, rng) if r < 0.4
+                                             else rng.randbytes(rng.randint(0, 120)))
+            out.append(FuzzMessage("exactly_once", tp.coordinator_claims(coord).topic, payload))
+            continue
+        payload = mutate(hb_valid, rng) if r < 0.8 else rng.randbytes(rng.randint(0, 120))
+        try:
+            wire.decode_as(payload, wire.CoordinatorHeartbeat)
+            payload = b"\xc1" + payload
+        except wire.DecodeError:
+            pass
+        out.append(FuzzMessage("exactly_once", tp.coordinator_heartbeat(coord).topic, payload))
     return out
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moe2.shared import wire
+from moe2.tools.bench.reliability.bridged import phase_bridged
 from moe2.tools.bench.reliability.faults import (
     phase_agent_faults,
     phase_broker_restart,
@@ -80,6 +81,8 @@ class BenchSpec:
     fuzz_per_family: int
     hang_s: float = 3.0
     down_s: float = 1.0
+    #: requests per run of the bridged phase (one broker, then two bridged)
+    bridged_requests: int = 200
 
 
 FULL = BenchSpec(
@@ -91,6 +94,7 @@ QUICK = BenchSpec(
     load=LoadSpec(clients=10, per_client=4, concurrency=2, max_tokens=12),
     faults=LoadSpec(clients=10, per_client=4, concurrency=2, max_tokens=12),
     fuzz_per_family=400,
+    bridged_requests=60,
 )
 
 
@@ -174,6 +178,25 @@ def run_reliability_bench(*, quick: bool = False, out_dir: str | None = None,
     t0 = time.monotonic()
     with ReliabilityFleet(work / "fleet", [e.path for e in experts]) as fleet:
         result = asyncio.run(_run_all(fleet, spec, seed))
+    log.info("reliability: bridged")
+    t1 = time.monotonic()
+    bridged = asyncio.run(phase_bridged(work / "bridged", [e.path for e in experts],
+                                        requests=spec.bridged_requests))
+    bridged["phase_s"] = _r(time.monotonic() - t1, 1)
+    result["phases"]["bridged"] = bridged
+    b, d = bridged["bridged"], bridged["bridge_drop"]
+    result["summary"].update({
+        "bridged_requests": b["requests"] + d["requests"],
+        "bridged_answered_once": b["answered_once"] + d["answered_once"],
+        "bridged_duplicates": b["duplicates"] + d["duplicates"],
+        "bridged_duplicate_chunks": b["duplicate_chunks"] + d["duplicate_chunks"],
+        "bridged_lost": b["lost"] + d["lost"],
+        "bridged_stepped_by_two": (b["requests_stepped_by_two_or_more"]
+                                   + d["requests_stepped_by_two_or_more"]),
+        "single_broker_ttft_p50_s": bridged["single_broker"]["ttft_p50_s"],
+        "bridged_ttft_p50_s": b["ttft_p50_s"],
+        "bridged_added_ttft_p50_s": bridged["added_ttft_p50_s"],
+    })
     result["form"] = "quick" if quick else "full"
     result["seed"] = seed
     result["total_s"] = _r(time.monotonic() - t0, 1)
