@@ -17,12 +17,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomqtt
 import msgspec
 
 from moe2.agent.engine import DecodeJob, Engine, EngineError, softmax_topk
+from moe2.agent.metered import Decoded, metered_decode
 from moe2.agent.meters import EnergyMeter, EstimatedMeter
 from moe2.agent.sessions import Session, SessionError, SessionTable
 from moe2.agent.speculation import NO_SPECULATION, Outcome, Speculator, top_token
@@ -70,6 +71,21 @@ class _Job:
     k: int
     is_open: bool
     spec: Outcome = NO_SPECULATION  # the step's speculation: a hit's logits, or a miss's waste
+
+
+J = TypeVar("J", _Job, TextJob)
+
+
+def _one_per_session(jobs: list[J]) -> tuple[list[J], list[J]]:
+    """(this round's jobs: each session's first, the rest for later rounds): a session may
+    appear once per llama_decode call."""
+    seen: set[int] = set()
+    now: list[J] = []
+    later: list[J] = []
+    for j in jobs:
+        (later if j.session.seq_id in seen else now).append(j)
+        seen.add(j.session.seq_id)
+    return now, later
 
 
 class AgentDaemon:
@@ -371,23 +387,10 @@ class AgentDaemon:
             # had sent), or by a failed earlier round, lost its KV sequence: its jobs are not
             # decoded -- that would fail the whole llama_decode call, and with it every other
             # session in the round (or write into a freed sequence).
-            pending = self._drop_closed(pending, errors)
-            seen: set[int] = set()
-            round_jobs: list[_Job] = []
-            later: list[_Job] = []
-            for j in pending:
-                (later if j.session.seq_id in seen else round_jobs).append(j)
-                seen.add(j.session.seq_id)
-            pending = later
+            round_jobs, pending = _one_per_session(self._drop_closed(pending, errors))
             self._decode_round(round_jobs, dists, errors)
         while text_jobs:  # text-mode steps, one per session a round, after the token steps
-            seen_s: set[str] = set()
-            round_text: list[TextJob] = []
-            later_text: list[TextJob] = []
-            for tj in text_jobs:
-                (later_text if tj.session.session_id in seen_s else round_text).append(tj)
-                seen_s.add(tj.session.session_id)
-            text_jobs = later_text
+            round_text, text_jobs = _one_per_session(text_jobs)
             self.text.round(round_text, dists, errors)
         replies: list[wire.Reply | None] = []
         for i, w in enumerate(batch):
@@ -543,16 +546,9 @@ class AgentDaemon:
         # steps whose token was speculated on have their logits already (agent/speculation.py)
         todo = [j for j in jobs if j.spec.hit is None]
         decode_jobs = [DecodeJob(j.session.seq_id, j.tokens, j.session.n_past) for j in todo]
-        e0 = self.meter.read_energy_j()
-        t0 = self.clock()
         try:
-            if not decode_jobs:
-                decoded = []
-            elif isinstance(self.meter, EstimatedMeter):
-                with self.meter.busy():
-                    decoded = self.engine.decode(decode_jobs)
-            else:
-                decoded = self.engine.decode(decode_jobs)
+            out = (metered_decode(self.engine, self.meter, self.clock, decode_jobs)
+                   if decode_jobs else Decoded([], 0.0, 0.0))
         except EngineError as exc:
             log.error("agent %s: decode failed: %s", self.cfg.id, exc)
             for j in todo:
@@ -562,12 +558,10 @@ class AgentDaemon:
                 self.table.close(j.session.session_id)
                 self.engine.free(j.session.seq_id)
             jobs = [j for j in jobs if j.spec.hit is not None]
-            decoded = []
-            todo = []
-        latency_s = self.clock() - t0
-        energy_j = max(0.0, self.meter.read_energy_j() - e0)
+            out, todo = Decoded([], 0.0, 0.0), []
+        latency_s, energy_j = out.latency_s, out.energy_j
         n_tokens = sum(len(j.tokens) for j in todo)
-        by_job = dict(zip(map(id, todo), decoded, strict=True))
+        by_job = dict(zip(map(id, todo), out.logits, strict=True))
         for j in jobs:
             s = j.session
             hit, missed = j.spec.hit, j.spec.missed

@@ -21,7 +21,6 @@ Runs in the engine thread, like every decode.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,8 @@ import numpy as np
 import numpy.typing as npt
 
 from moe2.agent.engine import DecodeJob, Engine, EngineError
-from moe2.agent.meters import EnergyMeter, EstimatedMeter
+from moe2.agent.metered import metered_decode
+from moe2.agent.meters import EnergyMeter
 from moe2.agent.sessions import Session, SessionTable
 
 log = logging.getLogger(__name__)
@@ -118,21 +118,16 @@ class Speculator:
         if not work:
             return 0
         jobs = [DecodeJob(s.seq_id, [t], s.n_past) for s, t in work]
-        e0 = self.meter.read_energy_j()
-        t0 = self.clock()
         try:
-            with (self.meter.busy() if isinstance(self.meter, EstimatedMeter)
-                  else contextlib.nullcontext()):
-                logits = self.engine.decode(jobs)
+            out = metered_decode(self.engine, self.meter, self.clock, jobs)
         except EngineError as exc:  # the real step will decode: nothing is lost
             log.warning("speculative decode failed: %s", exc)
             for s, _t in work:
                 self.engine.remove_from(s.seq_id, s.n_past)
             return 0
-        latency_s = self.clock() - t0
-        share = max(0.0, self.meter.read_energy_j() - e0) / len(work)
-        for (s, token), lg in zip(work, logits, strict=True):
-            self.spec[s.session_id] = Speculated(s, token, lg, latency_s, share)
+        share = out.energy_j / len(work)
+        for (s, token), lg in zip(work, out.logits, strict=True):
+            self.spec[s.session_id] = Speculated(s, token, lg, out.latency_s, share)
         for sid in [sid for sid, sp in self.spec.items()  # closed since: nothing to keep
                     if self.table.sessions.get(sid) is not sp.session]:
             del self.spec[sid]

@@ -6,13 +6,13 @@ the text-mode steps of a batch, one per session a round, after its token steps).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from moe2.agent.engine import DecodeJob, Engine, EngineError, softmax_topk
-from moe2.agent.meters import EnergyMeter, EstimatedMeter
+from moe2.agent.metered import metered_decode
+from moe2.agent.meters import EnergyMeter
 from moe2.agent.sessions import Session, SessionTable
 from moe2.agent.stats import AgentStats
 from moe2.agent.textmode import (
@@ -159,25 +159,21 @@ class TextSteps:
         if not todo:
             return 0.0, 0.0, {}
         jobs = [DecodeJob(tj.session.seq_id, toks, tj.session.n_past) for tj, toks in todo]
-        e0 = self.meter.read_energy_j()
-        t0 = self.clock()
         try:
-            with (self.meter.busy() if isinstance(self.meter, EstimatedMeter)
-                  else contextlib.nullcontext()):
-                logits = self.engine.decode(jobs)
+            out = metered_decode(self.engine, self.meter, self.clock, jobs)
         except EngineError as exc:
             log.error("agent %s: decode failed: %s", self.agent_id, exc)
             for tj, _toks in todo:
                 self._fail(tj, wire.ErrorCode.INTERNAL, f"decode failed: {exc}", errors)
             return 0.0, 0.0, {}
         evaluated: dict[str, int] = {}
-        for (tj, toks), lg in zip(todo, logits, strict=True):
+        for (tj, toks), lg in zip(todo, out.logits, strict=True):
             s = tj.session
             s.tokens.extend(toks)
             s.n_past += len(toks)
             s.last_logits = lg
             evaluated[s.session_id] = len(toks)
-        return (max(0.0, self.meter.read_energy_j() - e0), self.clock() - t0, evaluated)
+        return out.energy_j, out.latency_s, evaluated
 
     def _fail(self, tj: TextJob, code: wire.ErrorCode, message: str,
                    errors: list[list[wire.ErrorItem]]) -> None:

@@ -102,7 +102,14 @@ def sample(fused: Fused, temperature: float, top_p: float, rng: np.random.Genera
     """Greedy at temperature 0; otherwise p^(1/T), nucleus ``top_p``, one draw from ``rng``."""
     if not temperature > 1e-6:  # 0, tiny (p^(1/T) would overflow) or NaN: greedy
         return fused.argmax()
-    logp = np.log(np.maximum(fused.probs, 1e-300)) / temperature
+    return int(fused.ids[draw(fused.probs, temperature, top_p, rng)])
+
+
+def draw(weights: npt.NDArray[np.float64], temperature: float, top_p: float,
+         rng: np.random.Generator) -> int:
+    """The index drawn from ``weights`` (any positive scale) sharpened to p^(1/T) and cut to
+    the nucleus ``top_p``: the sampling rule of both fusion paths."""
+    logp = np.log(np.maximum(weights / weights.sum(), 1e-300)) / temperature
     logp -= logp.max()
     p = np.exp(logp)
     p /= p.sum()
@@ -112,4 +119,4 @@ def sample(fused: Fused, temperature: float, top_p: float, rng: np.random.Genera
         cut = int(np.searchsorted(csum, top_p) + 1)
         order = order[:cut]
     q = p[order] / p[order].sum()
-    return int(fused.ids[order[rng.choice(order.shape[0], p=q)]])
+    return int(order[rng.choice(order.shape[0], p=q)])

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from moe2.coordinator.fusion import ExpertDist
+from moe2.coordinator.fusion import ExpertDist, draw
 
 #: the end of the answer, as a candidate
 END = None
@@ -250,7 +250,8 @@ def choose(steps: Sequence[FamilyStep], temperature: float, top_p: float,
     if not temperature > 1e-6:
         best = max(cands, key=lambda c: (c.score, -c.order[0], -c.order[1]))
     else:
-        best = cands[_sample([c.score for c in cands], temperature, top_p, rng)]
+        best = cands[draw(np.asarray([c.score for c in cands], dtype=np.float64), temperature,
+                          top_p, rng)]
     if best.text is END:
         return CrossChoice(b"", True, {}, cands)
     hints: dict[str, int] = {}
@@ -259,18 +260,3 @@ def choose(steps: Sequence[FamilyStep], temperature: float, top_p: float,
         if exact:
             hints[f.step.family] = max(exact, key=f.q_of)
     return CrossChoice(best.text, False, hints, cands)
-
-
-def _sample(scores: Sequence[float], temperature: float, top_p: float,
-            rng: np.random.Generator) -> int:
-    s: npt.NDArray[np.float64] = np.asarray(scores, dtype=np.float64)
-    logp = np.log(np.maximum(s / s.sum(), 1e-300)) / temperature
-    logp -= logp.max()
-    p = np.exp(logp)
-    p /= p.sum()
-    order = np.argsort(-p, kind="stable")
-    if top_p < 1.0:
-        csum = np.cumsum(p[order])
-        order = order[: int(np.searchsorted(csum, top_p) + 1)]
-    q = p[order] / p[order].sum()
-    return int(order[rng.choice(order.shape[0], p=q)])
