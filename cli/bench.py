@@ -1,4 +1,5 @@
-"""``moe2 bench {agent,fusion,planner,reliability,gateway}``: measurements, side by side in one run.
+"""``moe2 bench {agent,fusion,planner,reliability,gateway,speculation}``: measurements, side by
+side in one run.
 
 Each bench returns a plain dict (medians over repeated runs, ratios computed from figures taken
 in the same run); this module only parses flags and prints. Figures go into BENCHMARKS.md
@@ -24,6 +25,8 @@ BENCHES: dict[str, tuple[str, str, str]] = {
                "fused step overhead vs bare MQTT round trip; fused tokens/s at 1/8/64 requests"),
     "planner": ("moe2.tools.bench.planner", "run_planner_bench_cli",
                 "planner time and evaluations vs 2^N"),
+    "speculation": ("moe2.tools.bench.speculation", "run_speculation_bench",
+                    "how often agents' speculative decodes hit, by speculate_min_p"),
     "reliability": ("moe2.tools.bench.reliability", "run_reliability_bench",
                     "load, faults, broker restart, coordinator kill, fuzzing"),
     "gateway": ("moe2.tools.bench.gateway", "run_gateway_bench",
