@@ -440,6 +440,7 @@ class AgentDaemon:
             s = self.table.open(msg.session_id, len(tokens), msg.k, now)
             s.busy = True
             s.text_mode = msg.text
+            s.speculate = msg.speculate
             pending.append(_Job(i, s, tokens, 0, msg.k, True))
             return
         for item in msg.items:
@@ -457,6 +458,7 @@ class AgentDaemon:
                 text_jobs.append(TextJob(i, s, item.append, None if item.token < 0
                                           else item.token, item.seq, item.k))
             else:
+                s.speculate = item.speculate
                 pending.append(_Job(i, s, [item.token], item.seq, item.k, False,
                                     self.spec.resolve(s, item.token)))
 

@@ -34,6 +34,8 @@ class Session:
     last_logits: Any = None
     #: follows text (a text-mode step came): never speculated on
     text_mode: bool = False
+    #: the coordinator's hint with the last open or step: speculation is worth it
+    speculate: bool = True
 
 
 class SessionError(Exception):

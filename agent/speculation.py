@@ -10,11 +10,12 @@ another token (a *miss*) the speculative token is removed from the session's KV 
 
 A miss wastes a decode, so a session is speculated on only when the expert's own top
 probability is at least ``speculate_min_p`` (0 turns speculation off) and never past the
-context, on an end token, or for a text-mode session (those follow bytes, see
-:mod:`.textmode`). Hits, misses and the wasted decode time and joules are counted
-(:class:`SpecStats`): they go to telemetry and, per session, into each step's distribution,
-whose energy includes the waste. Real work always goes first: the daemon speculates only when
-its queue is empty, one batched decode at a time.
+context, on an end token, for a text-mode session (those follow bytes, see
+:mod:`.textmode`), or when the coordinator says the expert weighs too little for its guess to
+be the fused token (``StepItem.speculate``). Hits, misses and the wasted decode time and
+joules are counted (:class:`SpecStats`): they go to telemetry and, per session, into each
+step's distribution, whose energy includes the waste. Real work always goes first: the daemon
+speculates only when its queue is empty, one batched decode at a time.
 
 Runs in the engine thread, like every decode.
 """
@@ -96,7 +97,8 @@ class Speculator:
 
     def offer(self, s: Session, token: int, p: float) -> None:
         """After a reply: this session may be speculated on with ``token``."""
-        if not self.enabled or s.text_mode or token in self._eog or p < self.min_p \
+        if not self.enabled or s.text_mode or not s.speculate or token in self._eog \
+                or p < self.min_p \
                 or s.n_past + 1 >= self.table.n_ctx:
             self._ready.pop(s.session_id, None)
             return

@@ -253,8 +253,9 @@ class _TokenPath:
         piece = self.pieces[token] if 0 <= token < len(self.pieces) else b""
         return _Decision(piece, False, token)
 
-    def item(self, e: ExpertState, d: _Decision, seq: int, k: int) -> wire.StepItem:
-        return wire.StepItem(e.session_id, d.token, seq, k)
+    def item(self, e: ExpertState, d: _Decision, seq: int, k: int, speculate: bool
+             ) -> wire.StepItem:
+        return wire.StepItem(e.session_id, d.token, seq, k, speculate=speculate)
 
 
 class _TextPath:
@@ -294,9 +295,17 @@ class _TextPath:
                               None if choice.end else choice.text)
         return _Decision(choice.text, choice.end, hints=choice.hints)
 
-    def item(self, e: ExpertState, d: _Decision, seq: int, k: int) -> wire.StepItem:
+    def item(self, e: ExpertState, d: _Decision, seq: int, k: int, speculate: bool
+             ) -> wire.StepItem:
         return wire.StepItem(e.session_id, d.hints.get(self.families[e.agent_id], -1), seq, k,
-                             d.text)
+                             d.text, speculate=False)
+
+
+def worth_speculating(weights: Mapping[str, float], agent_id: str) -> bool:
+    """Whether an expert's own likeliest token may well be the fused one: it weighs at least its
+    fair share of the request (1/n). A low-weight expert's guess rarely is -- measured by
+    ``moe2 bench speculation`` -- so its speculative decodes would mostly be wasted energy."""
+    return weights.get(agent_id, 0.0) * len(weights) >= 1.0 - 1e-9
 
 
 def _expert_dist(d: wire.Distribution) -> ExpertDist:
@@ -346,8 +355,9 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
         "prompt": req.prompt if req.messages is None else None,
         "messages": req.messages,
     }
-    futs = {e.agent_id: ctx.rpc.open(e.agent_id, wire.OpenSession(session_id=e.session_id,
-                                                                  **open_msg))  # type: ignore[arg-type]
+    futs = {e.agent_id: ctx.rpc.open(e.agent_id, wire.OpenSession(
+                session_id=e.session_id, speculate=worth_speculating(weights, e.agent_id),
+                **open_msg))  # type: ignore[arg-type]
             for e in experts if e.active}
     dists = _drop_invalid(await _gather(futs, settings.open_deadline_s, by_id), by_id, path)
     # the prompt as the heaviest expert that opened tokenised it (n_past after the prompt)
@@ -396,7 +406,8 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
             # Send the next step before streaming this token: the phone's publish is then off
             # the critical path, overlapping the agents' decode.
             seq += 1
-            futs = {e.agent_id: ctx.rpc.step(e.agent_id, path.item(e, decision, seq, dist_k))
+            futs = {e.agent_id: ctx.rpc.step(e.agent_id, path.item(
+                        e, decision, seq, dist_k, worth_speculating(weights_now, e.agent_id)))
                     for e in active}
             t_sent = ctx.clock()
             if ctx.on_step_overhead is not None and last_step is not None:

@@ -162,7 +162,9 @@ class OpenSession(_Strict, tag="open", frozen=True):
     Exactly one of ``prompt``, ``messages`` and ``tokens`` is given. ``raw`` skips the chat
     template. ``k`` is how many top tokens to return per step; 0 means the full vocabulary.
     ``text``: the session will follow text (steps with ``append``), so the agent does not
-    speculate on its tokens.
+    speculate on its tokens. ``speculate``: the coordinator's hint that the agent's own next
+    token may well be the fused one -- its expert weighs at least its fair share (1/n of the
+    request's experts); a low-weight expert's guess rarely is (``moe2 bench speculation``).
     """
 
     session_id: str
@@ -172,6 +174,7 @@ class OpenSession(_Strict, tag="open", frozen=True):
     tokens: list[int] | None = None
     raw: bool = False
     text: bool = False
+    speculate: bool = True
     v: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
@@ -220,6 +223,8 @@ class StepItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_li
     seq: int
     k: int
     append: bytes | None = None
+    #: worth speculating on the next token (see :attr:`OpenSession.speculate`)
+    speculate: bool = True
 
 
 class Step(_Strict, tag="step", frozen=True):

@@ -115,3 +115,27 @@ def test_the_end_token_is_never_speculated_on() -> None:
     s = d.table.sessions["s"]
     d.spec.offer(s, engine.info.eos_id, 0.99)
     assert not d.spec.pending()
+
+
+def test_the_coordinators_hint_turns_speculation_off_for_a_session() -> None:
+    """``speculate=False`` on an open or a step: the agent does not decode ahead for it."""
+    d, _e, _m = _daemon()
+    d.process([_work(wire.OpenSession(session_id="s", k=4, tokens=[1, 5], speculate=False))])
+    assert not d.spec.pending()
+    [reply] = d.process([_work(wire.Step(items=[wire.StepItem("s", 7, 1, 4)]))])
+    assert reply is not None and d.spec.pending()  # the next step says it is worth it
+    d.spec.round()
+    [reply] = d.process([_work(wire.Step(items=[wire.StepItem("s", 8, 2, 4,
+                                                              speculate=False)]))])
+    assert reply is not None and not d.spec.pending()
+
+
+def test_only_experts_of_at_least_their_fair_share_are_told_to_speculate() -> None:
+    from moe2.coordinator.generation import worth_speculating
+
+    gate = {"a": 0.8, "b": 0.1, "c": 0.1}
+    assert [worth_speculating(gate, x) for x in "abc"] == [True, False, False]
+    even = {"a": 0.5, "b": 0.5}
+    assert worth_speculating(even, "a") and worth_speculating(even, "b")
+    assert worth_speculating({"a": 1.0}, "a")
+    assert not worth_speculating(gate, "gone")

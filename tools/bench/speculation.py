@@ -13,7 +13,9 @@ llama-cpp-python over
   domain.
 
 Per threshold: the share of expert-steps speculated on, the hit rate among them, and the
-wasted decodes per fused token per expert (misses: energy spent for nothing).
+wasted decodes per fused token per expert (misses: energy spent for nothing); for the domain
+experts also as served, where the coordinator lets only experts of at least their fair share
+of the weight speculate (``StepItem.speculate``).
 """
 
 from __future__ import annotations
@@ -30,13 +32,18 @@ THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 PROMPTS = ("What is the capital of France?", "Once upon a time", "The quick brown fox")
 
 
+Row = tuple[int, float, bool, bool]
+
+
 def _fused_steps(paths: Sequence[Path], weights: Sequence[float], prompt: str, n_tokens: int
-                 ) -> list[tuple[int, float, bool]]:
-    """(expert, its top probability, its top == the fused token) for every expert-step."""
+                 ) -> list[Row]:
+    """(expert, its top probability, its top == the fused token, the coordinator would let it
+    speculate: weight >= 1/n) for every expert-step."""
     import llama_cpp
 
     llms = [llama_cpp.Llama(str(p), n_ctx=512, n_threads=1, verbose=False) for p in paths]
-    rows: list[tuple[int, float, bool]] = []
+    rows: list[Row] = []
+    fair = [w * len(weights) >= 1.0 - 1e-9 for w in weights]
     try:
         toks = llms[0].tokenize(prompt.encode(), add_bos=True, special=False)
         for m in llms:
@@ -50,7 +57,8 @@ def _fused_steps(paths: Sequence[Path], weights: Sequence[float], prompt: str, n
                 probs.append(p / p.sum())
             fused = sum(w * p for w, p in zip(weights, probs, strict=True))
             t = int(np.argmax(fused))
-            rows += [(i, float(p.max()), int(np.argmax(p)) == t) for i, p in enumerate(probs)]
+            rows += [(i, float(p.max()), int(np.argmax(p)) == t, fair[i])
+                     for i, p in enumerate(probs)]
             if t == llms[0].token_eos():
                 break
             for m in llms:
@@ -61,10 +69,13 @@ def _fused_steps(paths: Sequence[Path], weights: Sequence[float], prompt: str, n
     return rows
 
 
-def _table(rows: Sequence[tuple[int, float, bool]]) -> dict[str, dict[str, float | None]]:
+def _table(rows: Sequence[Row], *, fair_share_only: bool = False
+           ) -> dict[str, dict[str, float | None]]:
+    """Per threshold; ``fair_share_only``: only experts the coordinator marks worth it
+    (``StepItem.speculate``) speculate."""
     out: dict[str, dict[str, float | None]] = {}
     for th in THRESHOLDS:
-        sel = [hit for _i, p, hit in rows if p >= th]
+        sel = [hit for _i, p, hit, fair in rows if p >= th and (fair or not fair_share_only)]
         out[str(th)] = {
             "speculated": len(sel) / len(rows),
             "hit_rate": sum(sel) / len(sel) if sel else None,
@@ -89,7 +100,7 @@ def run_speculation_bench(*, quick: bool = False, out_dir: str | None = None,
     samples = [json.loads(line) for line in
                manifest.split_path("test").read_text().splitlines()][: 12 if quick else 40]
     clusters = manifest.clusters["test"]
-    domain: list[tuple[int, float, bool]] = []
+    domain: list[Row] = []
     for sample, c in zip(samples, clusters, strict=False):
         w = [0.8 if i == c else 0.2 / (len(paths) - 1) for i in range(len(paths))]
         domain += _fused_steps(paths, w, sample["prompt"], 8)
@@ -98,5 +109,8 @@ def run_speculation_bench(*, quick: bool = False, out_dir: str | None = None,
         "finetunes": {"expert_steps": len(rows), "by_threshold": _table(rows)},
         "domain_experts": {"expert_steps": len(domain), "experts": len(paths),
                            "recipe": "tiny" if quick else "default",
-                           "by_threshold": _table(domain)},
+                           "by_threshold": _table(domain),
+                           # as served: the coordinator lets only experts of at least their
+                           # fair share of the weight speculate
+                           "by_threshold_fair_share": _table(domain, fair_share_only=True)},
     }
