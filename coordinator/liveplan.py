@@ -185,6 +185,7 @@ class LivePlanner:
         epsilon: float = pl.DEFAULT_EPSILON,
         coordinator_id: str = "coordinator",
         step_overhead_s: float | None = None,
+        time_limit_s: float | None = 1.0,
         clock: Any = time.monotonic,
         wall: Any = time.time,
         warnings: Callable[[Registry], list[str]] | None = None,
@@ -201,6 +202,8 @@ class LivePlanner:
         self.epsilon = epsilon
         self.coordinator_id = coordinator_id
         self.fixed_step_overhead_s = step_overhead_s
+        #: seconds one replan may search (every application together)
+        self.time_limit_s = time_limit_s
         self.step_overhead = StepOverhead()
         self.clock = clock
         self.wall = wall
@@ -228,7 +231,7 @@ class LivePlanner:
             {name: a.max_latency_s for name, a in cfg.apps.items()}, method=p.method,
             max_energy_j=energy, interval_s=p.interval_s, change_fraction=p.change_fraction,
             calibration=calib, epsilon=p.epsilon, coordinator_id=cfg.id,
-            step_overhead_s=p.step_overhead_s, warnings=warnings,
+            step_overhead_s=p.step_overhead_s, time_limit_s=p.time_limit_s, warnings=warnings,
         )
 
     # ------------------------------------------------------------------ inputs
@@ -324,13 +327,21 @@ class LivePlanner:
         problem = pl.Problem.create(
             names, [est[n][0] + overhead_s for n in names], [est[n][1] for n in names], self.apps,
             math.inf if self.max_energy_j is None else self.max_energy_j, prep.loss)
-        plans = pl.plan_all(problem, self.method, seed=0, epsilon=self.epsilon)
+        plans = pl.plan_all(problem, self.method, seed=0, epsilon=self.epsilon,
+                            time_limit_s=self.time_limit_s)
+        stopped = [a for a, r in plans["per_application"].items() if r.timed_out]
+        if stopped:
+            log.info("planning stopped at its %.3g s time limit for %s; the gaps to the optimum "
+                     "are at most %s nats per token", self.time_limit_s, ", ".join(stopped),
+                     ", ".join("unknown" if (g := plans["per_application"][a].gap) is None
+                               else f"{g:.3g}" for a in stopped))
 
         def ap(r: pl.PlanResult, budget: float | None) -> wire.AppPlan:
             return wire.AppPlan(
                 experts=None if r.subset is None else list(r.subset), feasible=r.feasible,
                 loss=r.loss, latency_s=r.latency_s, energy_j=r.energy_j,
-                max_latency_s=budget if budget is not None and math.isfinite(budget) else None)
+                max_latency_s=budget if budget is not None and math.isfinite(budget) else None,
+                gap=r.gap)
 
         return wire.PlanMsg(
             coordinator_id=self.coordinator_id, ts=self.wall(), method=self.method,
