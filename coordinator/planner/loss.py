@@ -225,6 +225,10 @@ class LossTable(LossModel):
     def n_samples(self) -> int:
         return int(self._g.shape[0])
 
+    def matrices(self) -> tuple[FloatArray, FloatArray]:
+        """Copies of the gate values and target probabilities (samples × experts)."""
+        return self._g.copy(), self._p.copy()
+
     @staticmethod
     def prior(n_experts: int, weights: Sequence[float] | None = None) -> PriorLoss:
         """The loss to plan with before any calibration data exists (see :class:`PriorLoss`)."""

@@ -438,19 +438,21 @@ def test_masks_round_trip() -> None:
 
 
 def test_bench_reports_sizes_and_gap() -> None:
-    report = run_planner_bench(sizes=(6, 10, 22), seed=1, repeats=2)
-    rows = {row["n"]: row for row in report["sizes"]}
-    assert set(rows) == {6, 10, 22}
-    assert rows[10]["subsets"] == 1024
-    assert rows[22]["exhaustive"] is None
-    for row in rows.values():
-        assert row["smo"]["median_s"] >= 0.0
-        assert row["exact"]["evaluations"] >= 1
-        for key in ("gap", "gap_unstructured"):
-            gap = row[key]
-            if gap is not None and gap["instances"]:
+    report = run_planner_bench(sizes=(6, 10, 22), seed=1, repeats=2, exact_time_limit_s=60.0,
+                               cli_sizes=())
+    for kind in ("specialist", "uniform"):
+        rows = {row["n"]: row for row in report["kinds"][kind]}
+        assert set(rows) == {6, 10, 22}
+        assert rows[10]["subsets"] == 1024
+        assert rows[22]["exhaustive"] is None
+        for row in rows.values():
+            assert row["smo"]["median_s"] >= 0.0
+            assert row["exact"]["evaluations"] >= 1
+            gap = row["smo_minus_exact"]
+            if gap["instances"]:
                 assert gap["mean"] >= -TOL
                 assert gap["max"] >= -TOL
+            assert row["plan_all_exact"]["instances"] == 2
     json.dumps(report)
 
 
