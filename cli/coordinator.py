@@ -106,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
         from moe2.coordinator.metrics import CoordinatorMetrics
 
         metrics = CoordinatorMetrics(cfg.id)
+    from moe2.shared.allocator import keep_freed_memory
+
+    keep_freed_memory()  # full-vocabulary distributions every token: no page faults each time
     coordinator = Coordinator(cfg, gate, client_factory, planner=planner, metrics=metrics)
 
     def start_metrics() -> Any:
