@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     def client_factory(will: Any) -> Any:
         return make_client(url, identifier=f"moe2-coordinator-{cfg.id}", will=will, tls=tls,
-                           keepalive_s=5)
+                           keepalive_s=5, quickack=cfg.tcp_quickack)
 
     from moe2.coordinator.fleetcheck import fleet_warnings
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from moe2.coordinator import planner as pl
 from moe2.coordinator.calibration import CalibrationError, load_calibration
+from moe2.coordinator.fleetcheck import broker_stall
 from moe2.coordinator.gating import Gate, UniformGate
 from moe2.coordinator.registry import AgentView, Registry
 from moe2.shared import wire
@@ -60,8 +61,8 @@ class Planner(Protocol):
         """The fleet view changed (joins, leaves, telemetry)."""
         ...
 
-    def record_step_overhead(self, overhead_s: float) -> None:
-        """One served step's messaging overhead (seconds)."""
+    def record_step_overhead(self, overhead_s: float, experts: int = 1) -> None:
+        """One served step's messaging overhead (seconds) and how many experts it fused."""
         ...
 
     async def run(self, registry: Callable[[], Registry],
@@ -82,6 +83,9 @@ class StepOverhead:
 
     def estimate_s(self) -> float:
         return statistics.median(self._samples) if self._samples else 0.0
+
+    def __len__(self) -> int:
+        return len(self._samples)
 
 
 @dataclass
@@ -205,6 +209,9 @@ class LivePlanner:
         #: seconds one replan may search (every application together)
         self.time_limit_s = time_limit_s
         self.step_overhead = StepOverhead()
+        #: the overhead of steps that fused two or more experts (where a broker stall shows)
+        self.fused_overhead = StepOverhead()
+        self._stall_warned = False
         self.clock = clock
         self.wall = wall
         self.profiles: dict[str, Profile] = {}
@@ -235,9 +242,21 @@ class LivePlanner:
         )
 
     # ------------------------------------------------------------------ inputs
-    def record_step_overhead(self, overhead_s: float) -> None:
+    def record_step_overhead(self, overhead_s: float, experts: int = 1) -> None:
         """One served step's overhead (the coordinator's request runner calls this)."""
         self.step_overhead.record(overhead_s)
+        if experts >= 2:
+            self.fused_overhead.record(overhead_s)
+
+    def overhead_warnings(self, slowest_decode_s: float | None = None) -> list[str]:
+        """What the measured step overhead says about the message path (a broker stall);
+        logged when it first appears, carried by every plan while it lasts."""
+        found = broker_stall(self.fused_overhead.estimate_s(), len(self.fused_overhead),
+                             slowest_decode_s)
+        if found and not self._stall_warned:
+            log.warning("coordinator %s: %s", self.coordinator_id, found[0])
+        self._stall_warned = bool(found)
+        return found
 
     def step_overhead_s(self) -> float:
         if self.fixed_step_overhead_s is not None:
@@ -318,8 +337,9 @@ class LivePlanner:
             table = self.calibration.loss_for(names) if self.calibration else None
             loss = table if table is not None else pl.LossTable.prior(len(names))
             self._loss_cache = {key: loss}
-        return _Prepared(names, est, loss, self.step_overhead_s(), self.warnings(reg),
-                         reg.families())
+        decode = [est[n][0] for n in names if est[n][0] > 0]
+        warnings = [*self.warnings(reg), *self.overhead_warnings(max(decode, default=None))]
+        return _Prepared(names, est, loss, self.step_overhead_s(), warnings, reg.families())
 
     def solve(self, prep: _Prepared) -> wire.PlanMsg:
         """Pure and CPU-bound (the coordinator runs it in a worker thread)."""

@@ -122,6 +122,9 @@ class CoordinatorConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=T
     #: fixed gating values per expert instead of an ONNX gate (tests, manual routing)
     fixed_gates: dict[str, float] = {}
     dist_k: int = 64
+    #: acknowledge the broker's packets at once (Linux TCP_QUICKACK): no 40 ms stall per fused
+    #: token on a broker with Nagle's algorithm on (see shared.mqtt.make_client)
+    tcp_quickack: bool = True
     top_k: int | None = None
     unknown_expert_weight: float = 0.0
     #: let requests pick experts / uniform weights (``moe2 eval`` only; off in production)
