@@ -268,6 +268,41 @@ def _real_vocab_case(work: Path, experts: list[Any], *, nodelay: bool, quickack:
     }
 
 
+def coordinator_step_ms(n_vocab: int = 151_646, repeats: int = 50) -> dict[str, float]:
+    """The coordinator's own work for one fused token of two experts, in this process: decode
+    both replies from bytes, check them, mix, sample -- with top-64 and with full-vocabulary
+    (k = 0) distributions, greedy and sampled (T 0.8, top_p 0.95); median milliseconds."""
+    from moe2.agent.engine import softmax_topk
+    from moe2.coordinator.fusion import ExpertDist, mix, sample
+    from moe2.coordinator.generation import invalid_distribution
+
+    rng = np.random.default_rng(0)
+    out: dict[str, float] = {}
+    for k in (64, 0):
+        replies = []
+        for agent in ("a", "b"):
+            ids, p, rest = softmax_topk((3 * rng.standard_normal(n_vocab)).astype(np.float32), k)
+            replies.append(wire.encode(wire.Reply(agent_id=agent, dists=[wire.Distribution(
+                session_id="s", seq=1, probs=wire.Distribution.pack_probs(p),
+                ids=b"" if ids is None else wire.Distribution.pack_ids(ids), rest_mass=rest)])))
+        for label, temperature in (("greedy", 0.0), ("sampled", 0.8)):
+            times: list[float] = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                parts = []
+                for w, raw in zip((0.3, 0.7), replies, strict=True):
+                    d = wire.decode_as(raw, wire.Reply).dists[0]
+                    if invalid_distribution(d, n_vocab) is not None:
+                        raise RuntimeError("the bench's distribution is invalid")
+                    parts.append((w, ExpertDist(d.prob_array(),
+                                                None if not d.ids else d.id_array(),
+                                                d.rest_mass)))
+                sample(mix(parts, n_vocab), temperature, 0.95, rng)
+                times.append(time.perf_counter() - t0)
+            out[f"k{k}_{label}"] = 1000.0 * statistics.median(times)
+    return out
+
+
 def run_real_vocab_fusion(work: Path, *, quick: bool = False) -> dict[str, Any]:
     """Two Qwen2-vocabulary experts (see the module docstring)."""
     n_tokens, repeats = (24, 3) if quick else (48, 7)
@@ -284,6 +319,7 @@ def run_real_vocab_fusion(work: Path, *, quick: bool = False) -> dict[str, Any]:
         "tokens_per_request": n_tokens, "repeats": repeats, "dist_k": 64,
         "target_fused_over_alone": 1.3,
         "cases": cases,
+        "coordinator_step_ms": coordinator_step_ms(repeats=10 if quick else 50),
     }
 
 
