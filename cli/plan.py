@@ -113,7 +113,10 @@ def run(args: argparse.Namespace) -> int:
         problem, source = load_problem(Path(args.problem))
         left = None
         if args.time_limit is not None:
-            left = max(0.0, args.time_limit - (time.perf_counter() - t0))
+            # what is left, less a margin for the last solve's start (greedy), the output and
+            # the interpreter's exit
+            margin_s = max(0.05, 0.1 * args.time_limit)
+            left = max(0.0, args.time_limit - margin_s - (time.perf_counter() - t0))
         plans = plan_all(
             problem,
             args.method,
