@@ -529,7 +529,7 @@ class AgentDaemon:
                       else contextlib.nullcontext()):
                     (logits,) = self.engine.decode([DecodeJob(s.seq_id, feed, s.n_past)])
                 s.n_past += len(feed)
-                _ids, p, _rest = softmax_topk(logits, 0)
+                _ids, p, _rest = softmax_topk(logits, 0, overwrite=True)
                 probs.append(float(p[tok]))
                 feed = [tok]
         except EngineError as exc:
@@ -581,7 +581,8 @@ class AgentDaemon:
             s.last_seq = max(s.last_seq, j.seq)
             s.pending -= len(j.tokens)  # the prompt at open, one token a step
             s.busy = False
-            ids, probs, rest = softmax_topk(lg, j.k)
+            # a text-mode session heals from its last logits: they must stay intact
+            ids, probs, rest = softmax_topk(lg, j.k, overwrite=not s.text_mode)
             dists[j.work_index].append(wire.Distribution(
                 session_id=s.session_id, seq=j.seq,
                 probs=wire.Distribution.pack_probs(probs),

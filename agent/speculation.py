@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -68,7 +69,7 @@ class Outcome:
 NO_SPECULATION = Outcome()
 
 
-def top_token(probs: npt.NDArray[np.float64], ids: npt.NDArray[np.int32] | None
+def top_token(probs: npt.NDArray[np.floating[Any]], ids: npt.NDArray[np.int32] | None
               ) -> tuple[int, float]:
     """The expert's likeliest token and its probability, from a reply's distribution (ids
     sorted by probability; None = the full vocabulary in id order)."""

@@ -9,6 +9,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from moe2.agent.engine import DecodeJob, Engine, EngineError, softmax_topk
 from moe2.agent.metered import metered_decode
@@ -137,6 +141,7 @@ class TextSteps:
             s.last_seq = max(s.last_seq, tj.seq)
             s.busy = False
             conditioned = healed[s.session_id]
+            probs: npt.NDArray[np.floating[Any]]
             if conditioned is None:
                 ids, probs, rest = softmax_topk(s.last_logits, tj.k)
             else:

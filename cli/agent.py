@@ -107,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
         return make_client(url, identifier=f"moe2-agent-{cfg.id}", will=will,  # type: ignore[arg-type]
                            tls=tls, keepalive_s=5)
 
+    from moe2.shared.allocator import keep_freed_memory
+
+    keep_freed_memory()  # per-token logits of a real vocabulary: no page faults per token
     daemon = AgentDaemon(cfg, engine, meter, client_factory,  # type: ignore[arg-type]
                          device=device_kind(cfg.n_gpu_layers))
     log.info("agent %s: model %s (%d params, vocab %d, fp %s), meter %s, broker %s", cfg.id,

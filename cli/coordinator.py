@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     def client_factory(will: Any) -> Any:
         return make_client(url, identifier=f"moe2-coordinator-{cfg.id}", will=will, tls=tls,
-                           keepalive_s=5)
+                           keepalive_s=5, quickack=cfg.tcp_quickack)
 
     from moe2.coordinator.fleetcheck import fleet_warnings
 
@@ -111,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
         from moe2.coordinator.metrics import CoordinatorMetrics
 
         metrics = CoordinatorMetrics(cfg.id)
+    from moe2.shared.allocator import keep_freed_memory
+
+    keep_freed_memory()  # full-vocabulary distributions every token: no page faults each time
     coordinator = Coordinator(cfg, gate, client_factory, planner=planner, metrics=metrics)
 
     def start_metrics() -> Any:

@@ -9,6 +9,7 @@ that cannot serve says why at once instead of answering every request ``no_exper
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Final
 
 from moe2.coordinator.registry import Registry
 
@@ -56,6 +57,38 @@ def family_split(families: Mapping[str, Sequence[str]],
     return [f"the online experts belong to {len(families)} tokenizer families that are not "
             f"fused token by token ({'; '.join(parts)}): a request is served by the family its "
             "gate weights favour, and its final lists the others as dropped"]
+
+
+#: a fused step's median overhead from which a broker stall is reported (seconds): a LAN and
+#: this coordinator cost a few ms; Linux delays an ACK 40 ms, others up to 200 ms
+STALL_MIN_S: Final = 0.025
+STALL_MAX_S: Final = 0.25
+#: fused steps measured before the check says anything
+STALL_MIN_STEPS: Final = 16
+
+
+def broker_stall(fused_overhead_s: float, steps: int,
+                 slowest_decode_s: float | None = None) -> list[str]:
+    """A warning when fused steps wait tens of milliseconds beyond their slowest expert.
+
+    With Nagle's algorithm on the broker's sockets (Mosquitto's default: no
+    ``set_tcp_nodelay true``) the broker sends the first expert's reply to the coordinator and
+    holds the second until the first is acknowledged; the coordinator, waiting for both, has
+    nothing to send, so the ACK goes out when its delayed-ACK timer fires: about 40 ms on
+    Linux, every token. The coordinator's clients acknowledge at once where they can (Linux
+    TCP_QUICKACK); elsewhere, or past another hop, this is what the step overhead shows.
+    ``fused_overhead_s``: the median overhead of the last ``steps`` steps with two or more
+    experts (see :class:`moe2.coordinator.liveplan.StepOverhead`)."""
+    if steps < STALL_MIN_STEPS or not STALL_MIN_S <= fused_overhead_s <= STALL_MAX_S:
+        return []
+    decode = (f" (the slowest expert decodes in {1000 * slowest_decode_s:.1f} ms)"
+              if slowest_decode_s is not None else "")
+    return [f"fused steps wait {1000 * fused_overhead_s:.0f} ms a token beyond their slowest "
+            f"expert's decode{decode}, median of the last {steps}, where a few ms is normal: "
+            "the broker is likely holding each second reply until the coordinator acknowledges "
+            "the first (Nagle's algorithm on the broker's sockets against a delayed ACK, "
+            "Mosquitto's default). Set `set_tcp_nodelay true` in mosquitto.conf (moe2 "
+            "broker-config writes it) and restart the broker"]
 
 
 def fleet_warnings(gate_experts: Sequence[str], unknown_expert_weight: float,

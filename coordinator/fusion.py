@@ -12,6 +12,7 @@ approximated and F = sum_n w_n f_n exactly (eq. 3).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -58,13 +59,21 @@ class ExpertDist:
 
 @dataclass(frozen=True)
 class Fused:
-    ids: IntArray
+    ids: IntArray  # ascending
     probs: FloatArray  # over ``ids``, sums to 1
 
     def argmax(self) -> int:
-        # Highest probability, ties to the lowest token id (deterministic greedy).
-        best = self.probs.max()
-        return int(self.ids[self.probs >= best].min())
+        # Highest probability, ties to the lowest token id (deterministic greedy): argmax
+        # takes the first maximum and the ids ascend.
+        return int(self.ids[int(np.argmax(self.probs))])
+
+
+@functools.lru_cache(maxsize=8)
+def _all_ids(n_vocab: int) -> IntArray:
+    """0..n_vocab-1, shared and read-only (a full-vocabulary mix needs it every token)."""
+    ids = np.arange(n_vocab, dtype=np.int64)
+    ids.setflags(write=False)
+    return ids
 
 
 def mix(dists: Sequence[tuple[float, ExpertDist]], n_vocab: int) -> Fused:
@@ -72,11 +81,16 @@ def mix(dists: Sequence[tuple[float, ExpertDist]], n_vocab: int) -> Fused:
     if not dists:
         raise ValueError("nothing to mix")
     if all(d.ids is None for _w, d in dists):
+        # two passes a expert, one to normalise, two arrays: at 152k ids a step's mix is
+        # ~0.5 ms (float64 temporaries per expert cost 3-9 ms, mostly page faults)
         acc = np.zeros(n_vocab, dtype=np.float64)
+        scaled = np.empty(n_vocab, dtype=np.float64)
         for w, d in dists:
-            acc[: d.probs.shape[0]] += w * d.probs.astype(np.float64)
-        total = acc.sum()
-        return Fused(np.arange(n_vocab, dtype=np.int64), acc / total)
+            n = min(n_vocab, d.probs.shape[0])
+            np.multiply(d.probs[:n], w, out=scaled[:n], dtype=np.float64)
+            acc[:n] += scaled[:n]
+        acc /= acc.sum()
+        return Fused(_all_ids(n_vocab), acc)
     union = np.unique(np.concatenate([
         np.arange(n_vocab, dtype=np.int64) if d.ids is None else d.ids.astype(np.int64)
         for _w, d in dists
@@ -99,24 +113,49 @@ def mix(dists: Sequence[tuple[float, ExpertDist]], n_vocab: int) -> Fused:
 
 
 def sample(fused: Fused, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0; otherwise p^(1/T), nucleus ``top_p``, one draw from ``rng``."""
+    """Greedy at temperature 0; otherwise p^(1/T), nucleus ``top_p`` (the most probable ids,
+    ties to the lower id, until their mass reaches ``top_p``), one uniform draw from ``rng``
+    through the cumulative distribution.
+
+    Only the nucleus is sorted: it lies among the ids with p ≥ t for a threshold t lowered
+    until their mass reaches ``top_p`` (a full-vocabulary sort is 15 ms at 152k ids)."""
     if not temperature > 1e-6:  # 0, tiny (p^(1/T) would overflow) or NaN: greedy
         return fused.argmax()
     return int(fused.ids[draw(fused.probs, temperature, top_p, rng)])
 
 
-def draw(weights: npt.NDArray[np.float64], temperature: float, top_p: float,
-         rng: np.random.Generator) -> int:
-    """The index drawn from ``weights`` (any positive scale) sharpened to p^(1/T) and cut to
-    the nucleus ``top_p``: the sampling rule of both fusion paths."""
-    logp = np.log(np.maximum(weights / weights.sum(), 1e-300)) / temperature
-    logp -= logp.max()
-    p = np.exp(logp)
-    p /= p.sum()
-    order = np.argsort(-p, kind="stable")
+def draw(weights: FloatArray, temperature: float, top_p: float, rng: np.random.Generator
+         ) -> int:
+    """The position drawn from ``weights`` (any positive scale) sharpened to p^(1/T) and cut
+    to the nucleus ``top_p``: the sampling rule of both fusion paths (see :func:`sample`)."""
+    p = weights
+    if temperature != 1.0:
+        logp = np.log(np.maximum(p, 1e-300))
+        logp /= temperature
+        logp -= logp.max()
+        p = np.exp(logp, out=logp)
+    total = float(p.sum())
     if top_p < 1.0:
-        csum = np.cumsum(p[order])
-        cut = int(np.searchsorted(csum, top_p) + 1)
-        order = order[:cut]
-    q = p[order] / p[order].sum()
-    return int(order[rng.choice(order.shape[0], p=q)])
+        order = _nucleus(p, top_p * total)
+        cdf = np.cumsum(p[order])
+        pick = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")),
+                   order.shape[0] - 1)
+        return int(order[pick])
+    cdf = np.cumsum(p)
+    return min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")),
+               int(p.shape[0]) - 1)
+
+
+def _nucleus(p: FloatArray, mass: float) -> IntArray:
+    """Positions of the shortest prefix of p sorted by descending value (ties: lower position
+    first) whose sum reaches ``mass``."""
+    top = float(p.max())
+    threshold = top
+    while True:
+        cand = np.flatnonzero(p >= threshold)
+        if float(p[cand].sum()) >= mass or threshold <= 0.0:
+            break
+        threshold = threshold / 16.0 if threshold > 1e-300 else 0.0
+    order = cand[np.argsort(-p[cand], kind="stable")]
+    cut = int(np.searchsorted(np.cumsum(p[order]), mass) + 1)
+    return order[:cut]

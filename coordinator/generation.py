@@ -102,8 +102,9 @@ class RequestContext:
     vocab_view: Callable[[str], FamilyVocabView] = field(
         default=lambda fam: FamilyVocabView.build((), frozenset()))
     #: called once a token with the seconds its cycle (steps sent -> next steps sent) took
-    #: beyond the slowest expert's decode window (the largest ``latency_s``)
-    on_step_overhead: Callable[[float], None] | None = None
+    #: beyond the slowest expert's decode window (the largest ``latency_s``), and how many
+    #: experts the step had
+    on_step_overhead: Callable[[float, int], None] | None = None
     sessions_prefix: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
 
@@ -369,7 +370,8 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
     ttft_s: float | None = None
     finish = "length"
     seq = 0
-    last_step: tuple[float, float] | None = None  # (steps sent at, slowest decode window)
+    # (steps sent at, slowest decode window, experts)
+    last_step: tuple[float, float, int] | None = None
     while True:
         active = [e for e in experts if e.active and e.agent_id in dists]
         for e in experts:
@@ -413,7 +415,8 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
             if ctx.on_step_overhead is not None and last_step is not None:
                 # one whole token cycle (wait, checks, mixing, sampling, detokenising) beyond
                 # the slowest expert's decode window of the previous step
-                ctx.on_step_overhead(step_overhead_s(t_sent - last_step[0], last_step[1]))
+                ctx.on_step_overhead(step_overhead_s(t_sent - last_step[0], last_step[1]),
+                                     last_step[2])
             last_step = None
             # The steps leave in the RPC flush (call_soon, so that steps due for one agent in
             # this tick share a message): let it run before the phone's chunk is written.
@@ -428,7 +431,7 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
         dists = _drop_invalid(await _gather(futs, _deadline(ctx.registry(), active, settings),
                                             by_id), by_id, path)
         if dists and len(dists) == len(futs):  # no drop (a deadline wait is no sample)
-            last_step = (t_sent, max(d.latency_s for d in dists.values()))
+            last_step = (t_sent, max(d.latency_s for d in dists.values()), len(dists))
     tail = stream.flush()
     if tail:
         if ttft_s is None:
@@ -463,7 +466,7 @@ def invalid_distribution(d: wire.Distribution, n_vocab: int) -> str | None:
     if not d.ids and n != n_vocab:
         return f"a full distribution of {n} probabilities for a vocabulary of {n_vocab}"
     p = d.prob_array()
-    mass = float(p.sum(dtype=np.float64))  # NaN or inf when any entry is
+    mass = float(p.sum())  # NaN or inf when any entry is (float32 pairwise: ~1e-7 here)
     if not math.isfinite(mass) or p.min() < 0 or p.max() > 1 + _PROB_SLACK \
             or mass > 1 + _PROB_SLACK:
         return "probabilities are not a distribution"

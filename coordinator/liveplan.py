@@ -39,6 +39,7 @@ import numpy as np
 
 from moe2.coordinator import planner as pl
 from moe2.coordinator.calibration import CalibrationError, load_calibration
+from moe2.coordinator.fleetcheck import broker_stall
 from moe2.coordinator.gating import Gate, UniformGate
 from moe2.coordinator.registry import AgentView, Registry
 from moe2.shared import wire
@@ -60,8 +61,8 @@ class Planner(Protocol):
         """The fleet view changed (joins, leaves, telemetry)."""
         ...
 
-    def record_step_overhead(self, overhead_s: float) -> None:
-        """One served step's messaging overhead (seconds)."""
+    def record_step_overhead(self, overhead_s: float, experts: int = 1) -> None:
+        """One served step's messaging overhead (seconds) and how many experts it fused."""
         ...
 
     async def run(self, registry: Callable[[], Registry],
@@ -82,6 +83,9 @@ class StepOverhead:
 
     def estimate_s(self) -> float:
         return statistics.median(self._samples) if self._samples else 0.0
+
+    def __len__(self) -> int:
+        return len(self._samples)
 
 
 @dataclass
@@ -185,6 +189,7 @@ class LivePlanner:
         epsilon: float = pl.DEFAULT_EPSILON,
         coordinator_id: str = "coordinator",
         step_overhead_s: float | None = None,
+        time_limit_s: float | None = 1.0,
         clock: Any = time.monotonic,
         wall: Any = time.time,
         warnings: Callable[[Registry], list[str]] | None = None,
@@ -201,7 +206,12 @@ class LivePlanner:
         self.epsilon = epsilon
         self.coordinator_id = coordinator_id
         self.fixed_step_overhead_s = step_overhead_s
+        #: seconds one replan may search (every application together)
+        self.time_limit_s = time_limit_s
         self.step_overhead = StepOverhead()
+        #: the overhead of steps that fused two or more experts (where a broker stall shows)
+        self.fused_overhead = StepOverhead()
+        self._stall_warned = False
         self.clock = clock
         self.wall = wall
         self.profiles: dict[str, Profile] = {}
@@ -228,13 +238,25 @@ class LivePlanner:
             {name: a.max_latency_s for name, a in cfg.apps.items()}, method=p.method,
             max_energy_j=energy, interval_s=p.interval_s, change_fraction=p.change_fraction,
             calibration=calib, epsilon=p.epsilon, coordinator_id=cfg.id,
-            step_overhead_s=p.step_overhead_s, warnings=warnings,
+            step_overhead_s=p.step_overhead_s, time_limit_s=p.time_limit_s, warnings=warnings,
         )
 
     # ------------------------------------------------------------------ inputs
-    def record_step_overhead(self, overhead_s: float) -> None:
+    def record_step_overhead(self, overhead_s: float, experts: int = 1) -> None:
         """One served step's overhead (the coordinator's request runner calls this)."""
         self.step_overhead.record(overhead_s)
+        if experts >= 2:
+            self.fused_overhead.record(overhead_s)
+
+    def overhead_warnings(self, slowest_decode_s: float | None = None) -> list[str]:
+        """What the measured step overhead says about the message path (a broker stall);
+        logged when it first appears, carried by every plan while it lasts."""
+        found = broker_stall(self.fused_overhead.estimate_s(), len(self.fused_overhead),
+                             slowest_decode_s)
+        if found and not self._stall_warned:
+            log.warning("coordinator %s: %s", self.coordinator_id, found[0])
+        self._stall_warned = bool(found)
+        return found
 
     def step_overhead_s(self) -> float:
         if self.fixed_step_overhead_s is not None:
@@ -315,8 +337,9 @@ class LivePlanner:
             table = self.calibration.loss_for(names) if self.calibration else None
             loss = table if table is not None else pl.LossTable.prior(len(names))
             self._loss_cache = {key: loss}
-        return _Prepared(names, est, loss, self.step_overhead_s(), self.warnings(reg),
-                         reg.families())
+        decode = [est[n][0] for n in names if est[n][0] > 0]
+        warnings = [*self.warnings(reg), *self.overhead_warnings(max(decode, default=None))]
+        return _Prepared(names, est, loss, self.step_overhead_s(), warnings, reg.families())
 
     def solve(self, prep: _Prepared) -> wire.PlanMsg:
         """Pure and CPU-bound (the coordinator runs it in a worker thread)."""
@@ -324,13 +347,21 @@ class LivePlanner:
         problem = pl.Problem.create(
             names, [est[n][0] + overhead_s for n in names], [est[n][1] for n in names], self.apps,
             math.inf if self.max_energy_j is None else self.max_energy_j, prep.loss)
-        plans = pl.plan_all(problem, self.method, seed=0, epsilon=self.epsilon)
+        plans = pl.plan_all(problem, self.method, seed=0, epsilon=self.epsilon,
+                            time_limit_s=self.time_limit_s)
+        stopped = [a for a, r in plans["per_application"].items() if r.timed_out]
+        if stopped:
+            log.info("planning stopped at its %.3g s time limit for %s; the gaps to the optimum "
+                     "are at most %s nats per token", self.time_limit_s, ", ".join(stopped),
+                     ", ".join("unknown" if (g := plans["per_application"][a].gap) is None
+                               else f"{g:.3g}" for a in stopped))
 
         def ap(r: pl.PlanResult, budget: float | None) -> wire.AppPlan:
             return wire.AppPlan(
                 experts=None if r.subset is None else list(r.subset), feasible=r.feasible,
                 loss=r.loss, latency_s=r.latency_s, energy_j=r.energy_j,
-                max_latency_s=budget if budget is not None and math.isfinite(budget) else None)
+                max_latency_s=budget if budget is not None and math.isfinite(budget) else None,
+                gap=r.gap)
 
         return wire.PlanMsg(
             coordinator_id=self.coordinator_id, ts=self.wall(), method=self.method,

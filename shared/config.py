@@ -117,6 +117,10 @@ class PlannerSection(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=True
     #: and the coordinator's message handling; the "+ network" of paper eq. 4-8), added to
     #: every set's latency; None = measured from the steps this coordinator serves
     step_overhead_s: float | None = None
+    #: seconds one replan may take (all applications together); past it the planner keeps the
+    #: best sets found (``exact``: with their proven gap). Well below ``interval_s``: planning
+    #: runs in a worker thread beside the requests. None = no limit
+    time_limit_s: float | None = 1.0
 
 
 class CoordinatorConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -130,6 +134,9 @@ class CoordinatorConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=T
     #: top tokens per expert per step; 0 = the full vocabulary (exact fusion within one
     #: family; fusion across families looks at 64 per family at most and asks for 64)
     dist_k: int = 64
+    #: acknowledge the broker's packets at once (Linux TCP_QUICKACK): no 40 ms stall per fused
+    #: token on a broker with Nagle's algorithm on (see shared.mqtt.make_client)
+    tcp_quickack: bool = True
     top_k: int | None = None
     #: "auto": exact over ids within a vocabulary family, over texts across families;
     #: "token": one family per request (the others listed as dropped); "text": always texts
@@ -201,6 +208,9 @@ class CoordinatorConfig(_Cfg, frozen=True, forbid_unknown_fields=True, kw_only=T
         if overhead is not None and not (overhead >= 0 and math.isfinite(overhead)):
             raise ConfigError("planner.step_overhead_s must be a finite number >= 0 "
                               "(or left out: measured)")
+        limit = self.planner.time_limit_s
+        if limit is not None and not (limit > 0 and math.isfinite(limit)):
+            raise ConfigError("planner.time_limit_s must be a finite number of seconds > 0")
         return self
 
 

@@ -343,6 +343,8 @@ class AppPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     latency_s: float | None
     energy_j: float | None
     max_latency_s: float | None = None
+    #: loss minus the planner's proven lower bound (nats per token; 0: optimal; None: no bound)
+    gap: float | None = None
 
 
 class PlanMsg(_Strict, tag="plan", frozen=True):

@@ -27,6 +27,10 @@ Methods (all return a :class:`PlanResult`):
                :func:`smo`).
 ``exact``      branch and bound with a valid lower bound and vectorised enumeration of small
                subtrees; optimal for any L (see :func:`exact`).
+
+``smo`` and ``exact`` take a time limit (``time_limit_s``; :func:`plan_all` shares one among all
+its plans): past it they return the best feasible set found with a proven lower bound on the
+optimum (``PlanResult.bound``) and the ``gap`` between the two.
 ``exhaustive`` every subset, vectorised; refuses more than 20 candidate experts.
 ``greedy``     add the expert with the best loss reduction per joule while feasible.
 ``random``     the paper's "Rand." baseline: a random maximal feasible subset.
@@ -51,6 +55,7 @@ from moe2.coordinator.planner.base import (
     members,
 )
 from moe2.coordinator.planner.loss import (
+    Extension,
     LossModel,
     LossTable,
     PriorLoss,
@@ -79,6 +84,7 @@ __all__ = [
     "MAX_EXPERTS",
     "METHODS",
     "PROB_FLOOR",
+    "Extension",
     "FloatArray",
     "LossModel",
     "LossTable",

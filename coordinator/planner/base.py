@@ -36,7 +36,7 @@ _CHUNK_ELEMENTS: Final = 1 << 22
 # Exact B&B prunes a node whose bound is within this of the incumbent.
 _EXACT_TOL: Final = 1e-12
 #: ``exact`` finishes a node by vectorised enumeration when this few experts are undecided.
-EXACT_ENUMERATE_BELOW: Final = 14
+EXACT_ENUMERATE_BELOW: Final = 16
 # ... and does not compute a bound first when even fewer are.
 _EXACT_ENUMERATE_NOW: Final = 4
 

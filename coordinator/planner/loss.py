@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
-from typing import ClassVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -18,8 +18,29 @@ from moe2.coordinator.planner.base import (
     PlannerError,
     _fractional_knapsack,
     mask_bits,
+    mask_of,
     members,
 )
+
+#: ``LossTable.best_extension`` enumerates this many experts in one table (2^8 rows); the
+#: others in an outer loop over that table (measured: a few hundred rows keep the table in the
+#: cache; 0.65 us a subset at 256 samples against 14 us for the matrix-product evaluation).
+_TABLE_EXPERTS = 8
+# Batches up to this many subsets are evaluated without BLAS (see LossTable._compute).
+_SMALL_BATCH = 256
+# An enumeration with a deadline checks it every this many subsets.
+_CHECK_EVERY = 1 << 13
+
+
+class Extension(NamedTuple):
+    """What :meth:`LossModel.best_extension` found: the best feasible set and its loss
+    (``0, inf`` when none), how many subsets it evaluated, and whether it saw them all (False:
+    ``expired`` stopped it; the best is then only the best of those seen)."""
+
+    mask: int
+    loss: float
+    evaluated: int
+    complete: bool
 
 # --------------------------------------------------------------------------------------------
 # loss models
@@ -125,6 +146,42 @@ class LossModel(ABC):
         del include, energy_j, capacity_j, stop_at
         return self.loss(allowed), -1
 
+    def best_extension(
+        self,
+        include: int,
+        free: Sequence[int],
+        energy_j: FloatArray,
+        capacity_j: float,
+        expired: Callable[[], bool] | None = None,
+    ) -> Extension:
+        """The best I ∪ A over every A ⊆ ``free`` with Σ_{n∈A} energy_j[n] ≤ ``capacity_j``
+        (the empty set excluded), by vectorised enumeration in chunks, uncached; ties go to the
+        first found. ``expired`` is asked between chunks and ends the enumeration early."""
+        k = len(free)
+        free_idx = np.array(free, dtype=np.intp)
+        e_free = energy_j[free_idx]
+        inc_bits = mask_bits([include], self._n)[0]
+        best_loss, best_mask, evaluated = math.inf, 0, 0
+        chunk = _CHECK_EVERY
+        total = 1 << k
+        for start in range(0 if include else 1, total, chunk):
+            if expired is not None and start > 1 and expired():
+                return Extension(best_mask, best_loss, evaluated, False)
+            local = np.arange(start, min(total, start + chunk), dtype=np.uint64)
+            local_bits = mask_bits(local, k)
+            ok = local_bits @ e_free <= capacity_j
+            if not ok.any():
+                continue
+            bits = np.repeat(inc_bits[None, :], int(ok.sum()), axis=0)
+            bits[:, free_idx] = local_bits[ok]
+            vals = self.evaluate_bits(bits)
+            evaluated += len(vals)
+            j = int(np.argmin(vals))
+            if vals[j] < best_loss:
+                best_loss = float(vals[j])
+                best_mask = mask_of(np.flatnonzero(bits[j]).tolist())
+        return Extension(best_mask, best_loss, evaluated, True)
+
 
 class LossTable(LossModel):
     """The paper's loss on calibration data (eq. 13-15).
@@ -168,6 +225,10 @@ class LossTable(LossModel):
     def n_samples(self) -> int:
         return int(self._g.shape[0])
 
+    def matrices(self) -> tuple[FloatArray, FloatArray]:
+        """Copies of the gate values and target probabilities (samples × experts)."""
+        return self._g.copy(), self._p.copy()
+
     @staticmethod
     def prior(n_experts: int, weights: Sequence[float] | None = None) -> PriorLoss:
         """The loss to plan with before any calibration data exists (see :class:`PriorLoss`)."""
@@ -182,11 +243,86 @@ class LossTable(LossModel):
         return 2 * self.n_samples
 
     def _compute(self, bits: FloatArray) -> FloatArray:
-        num = bits @ self._gpT
-        den = bits @ self._gT
+        if bits.shape[0] <= _SMALL_BATCH:
+            # no BLAS: its worker threads turn a 64-row product into milliseconds on a busy
+            # 2-core box (measured 0.06 ms with one thread, 0.4-4.7 ms with two)
+            num = np.einsum("kn,ns->ks", bits, self._gpT)
+            den = np.einsum("kn,ns->ks", bits, self._gT)
+        else:
+            num = bits @ self._gpT
+            den = bits @ self._gT
         mix = np.divide(num, den, out=np.zeros_like(num), where=den > 0.0)
         out: FloatArray = np.mean(-np.log(np.maximum(mix, PROB_FLOOR)), axis=1)
         return out
+
+    def best_extension(
+        self,
+        include: int,
+        free: Sequence[int],
+        energy_j: FloatArray,
+        capacity_j: float,
+        expired: Callable[[], bool] | None = None,
+    ) -> Extension:
+        """:meth:`LossModel.best_extension` without matrix products: the numerators and
+        denominators of every subset of the first :data:`_TABLE_EXPERTS` free experts are one
+        table of subset sums (built by doubling), sorted by energy, so the sets that fit the
+        energy left by each subset of the other free experts (an outer loop) are a prefix of
+        it; a subset then costs two additions, a division and a log per sample."""
+        k = len(free)
+        inc = members(include)
+        a = self._gpT[inc].sum(axis=0)
+        b = self._gT[inc].sum(axis=0)
+        kl = min(k, _TABLE_EXPERTS)
+        low, high = list(free[:kl]), list(free[kl:])
+        low_e = _subset_sums(energy_j[low][:, None])[:, 0]
+        order = np.argsort(low_e, kind="stable")
+        low_e = low_e[order]
+        low_x = _subset_sums(self._gpT[low])[order]
+        low_y = _subset_sums(self._gT[low])[order]
+        high_x = _subset_sums(self._gpT[high])
+        high_y = _subset_sums(self._gT[high])
+        high_e = _subset_sums(energy_j[high][:, None])[:, 0]
+        # the empty set (I = ∅, no expert from either part) is no candidate
+        empty_pos = int(np.flatnonzero(order == 0)[0]) if not inc else -1
+        n_s = self.n_samples
+        best_loss, best_code, evaluated, complete = math.inf, (0, 0), 0, True
+        since_check = 0
+        counts = np.searchsorted(low_e, capacity_j - high_e, side="right").tolist()
+        num_buf = np.empty_like(low_x)
+        den_buf = np.empty_like(low_y)
+        high_x += a
+        high_y += b
+        for h, cnt in enumerate(counts):
+            if cnt == 0:
+                continue
+            if expired is not None and since_check >= _CHECK_EVERY:
+                since_check = 0
+                if expired():
+                    complete = False
+                    break
+            num = np.add(low_x[:cnt], high_x[h], out=num_buf[:cnt])
+            den = np.add(low_y[:cnt], high_y[h], out=den_buf[:cnt])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                np.divide(num, den, out=num)
+            np.maximum(num, PROB_FLOOR, out=num)
+            np.log(num, out=num)
+            vals = num.sum(axis=1)
+            vals /= -n_s
+            evaluated += cnt
+            since_check += cnt
+            if h == 0 and 0 <= empty_pos < cnt:
+                vals[empty_pos] = math.inf
+                evaluated -= 1
+            j = int(np.argmin(vals))
+            if vals[j] < best_loss:
+                best_loss, best_code = float(vals[j]), (int(order[j]), h)
+        self._evaluations += evaluated
+        if not math.isfinite(best_loss):
+            return Extension(0, math.inf, evaluated, complete)
+        lo, hi = best_code
+        mask = include | mask_of(n for j, n in enumerate(low) if lo >> j & 1)
+        mask |= mask_of(n for j, n in enumerate(high) if hi >> j & 1)
+        return Extension(mask, best_loss, evaluated, complete)
 
     def node_bound(
         self,
@@ -282,6 +418,17 @@ class LossTable(LossModel):
                 np.minimum(gamma, cap[:, None]).mean(axis=0), e_und, capacity_j
             )
         return base - min(gain, knap), und[best]
+
+
+def _subset_sums(rows: FloatArray) -> FloatArray:
+    """Row j of the result is Σ_{i: bit i of j set} rows[i] (2^len(rows) rows, by doubling)."""
+    k = rows.shape[0]
+    out = np.zeros((1 << k, rows.shape[1]), dtype=np.float64)
+    size = 1
+    for i in range(k):
+        np.add(out[:size], rows[i], out=out[size : 2 * size])
+        size *= 2
+    return out
 
 
 class PriorLoss(LossModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -136,8 +136,10 @@ class PlanResult:
     ``evaluations``: distinct subsets whose loss this run used; ``computed``: how many of those
     the loss model had to compute (the rest came from its cache). ``nodes``: SMO expansions or
     B&B nodes. ``optimal``: the method proved (ε-)optimality; for ``smo`` only claimed when the loss
-    model is monotone. ``bound``: a lower bound on the optimal loss when known. ``capped``: a
-    node/expansion cap stopped the search and the result is the best found so far.
+    model is monotone. ``bound``: a proven lower bound on the optimal loss when known, and
+    ``gap`` = ``loss`` − ``bound`` ≥ 0 (nats per token; 0 when ``optimal``): how far from the
+    optimum the result can be at most. ``capped``: a node/expansion cap stopped the search and
+    the result is the best found so far; ``timed_out``: the time limit did.
     """
 
     method: str
@@ -155,6 +157,8 @@ class PlanResult:
     capped: bool
     bound: float | None
     elapsed_s: float
+    gap: float | None = None
+    timed_out: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (an infinite budget becomes None)."""
@@ -173,6 +177,8 @@ class PlanResult:
             "optimal": self.optimal,
             "capped": self.capped,
             "bound": self.bound,
+            "gap": self.gap,
+            "timed_out": self.timed_out,
             "elapsed_s": self.elapsed_s,
         }
 
@@ -184,10 +190,24 @@ class PlanSet(TypedDict):
     per_application: dict[str, PlanResult]
 
 
-class _Run:
-    """Book-keeping shared by the solvers: budget, evaluation tracking, the result."""
+Clock = Callable[[], float]
 
-    def __init__(self, problem: Problem, method: str, max_latency_s: float | None) -> None:
+
+class _Run:
+    """Book-keeping shared by the solvers: budget, evaluation tracking, the time limit (from
+    the injected ``clock``, seconds), the result."""
+
+    def __init__(
+        self,
+        problem: Problem,
+        method: str,
+        max_latency_s: float | None,
+        *,
+        time_limit_s: float | None = None,
+        clock: Clock = time.perf_counter,
+    ) -> None:
+        if time_limit_s is not None and not time_limit_s >= 0.0:
+            raise PlannerError("time_limit_s must be >= 0")
         self.problem = problem
         self.method = method
         self.model = problem.loss
@@ -200,7 +220,16 @@ class _Run:
         self.seen: set[int] = set()
         self.uncached_evaluations = 0
         self._computed0 = self.model.evaluations
-        self._t0 = time.perf_counter()
+        self._clock = clock
+        self._t0 = clock()
+        self._deadline = math.inf if time_limit_s is None else self._t0 + time_limit_s
+        self.timed_out = False
+
+    def expired(self) -> bool:
+        """True once the time limit has passed (and from then on)."""
+        if not self.timed_out and self._clock() >= self._deadline:
+            self.timed_out = True
+        return self.timed_out
 
     def losses(self, masks: Sequence[int]) -> FloatArray:
         self.seen.update(masks)
@@ -230,13 +259,21 @@ class _Run:
             logger.warning("%s produced an infeasible set %#x; reporting none", self.method, mask)
         if ok and loss is None:
             loss = self.loss(mask)
-        elapsed = time.perf_counter() - self._t0
-        if capped:
+        elapsed = self._clock() - self._t0
+        if optimal and ok and bound is None:
+            bound = loss
+        gap = None
+        if ok and bound is not None and loss is not None:
+            bound = min(bound, loss)
+            gap = loss - bound
+        if capped or self.timed_out:
             logger.info(
-                "%s stopped at its cap after %d nodes (budget %.4g s): result may be suboptimal",
+                "%s stopped at its %s after %d nodes (budget %.4g s): gap %s",
                 self.method,
+                "cap" if capped else "time limit",
                 nodes,
                 self.budget_s,
+                "unknown" if gap is None else f"{gap:.4g} nats",
             )
         return PlanResult(
             method=self.method,
@@ -254,6 +291,8 @@ class _Run:
             capped=capped,
             bound=bound if ok else None,
             elapsed_s=elapsed,
+            gap=gap,
+            timed_out=self.timed_out,
         )
 
 

@@ -3,8 +3,10 @@ greedy and random, and the entry points that run them per application."""
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -20,12 +22,11 @@ from moe2.coordinator.planner.base import (
     FloatArray,
     Method,
     PlannerError,
-    mask_bits,
     mask_of,
     members,
 )
 from moe2.coordinator.planner.loss import LossModel
-from moe2.coordinator.planner.problem import PlanResult, PlanSet, Problem, _Run
+from moe2.coordinator.planner.problem import Clock, PlanResult, PlanSet, Problem, _Run
 
 # --------------------------------------------------------------------------------------------
 # methods
@@ -37,6 +38,8 @@ def smo(
     *,
     epsilon: float = DEFAULT_EPSILON,
     max_expansions: int = DEFAULT_MAX_EXPANSIONS,
+    time_limit_s: float | None = None,
+    clock: Clock = time.perf_counter,
 ) -> PlanResult:
     """Subset Monotonic Optimization (paper Algorithm 2, realised as DESIGN says).
 
@@ -50,17 +53,19 @@ def smo(
     of loss increase per joule until the energy fits, then re-add what still fits. The root is
     projected greedily one removal at a time, which gives a strong first incumbent.
 
-    After ``max_expansions`` pops the incumbent is returned with ``capped=True``. If L is not
-    monotone (a real :class:`LossTable`: a member with a large gate and a poor distribution can
-    make a set worse) the search result is finished by a 1-opt descent (best single removal or
-    addition while the loss falls); it is feasible but only a heuristic, claims no optimality and
-    no bound; compare with :func:`exact`.
+    After ``max_expansions`` pops the incumbent is returned with ``capped=True``; past
+    ``time_limit_s`` seconds likewise with ``timed_out=True``. If L is not monotone (a real
+    :class:`LossTable`: a member with a large gate and a poor distribution can make a set worse)
+    the search result is finished by a 1-opt descent (best single removal or addition while the
+    loss falls); it is feasible but only a heuristic and claims no optimality; its ``bound`` is
+    then the loss model's bound over every candidate subset (:meth:`LossModel.node_bound` at
+    the root, when the model has one): valid, but loose; :func:`exact` proves more.
     """
     if epsilon < 0.0:
         raise PlannerError("epsilon must be >= 0")
     if max_expansions < 0:
         raise PlannerError("max_expansions must be >= 0")
-    run = _Run(problem, "smo", max_latency_s)
+    run = _Run(problem, "smo", max_latency_s, time_limit_s=time_limit_s, clock=clock)
     monotone = run.model.monotone
     root = run.candidates
     if root == 0:
@@ -70,7 +75,7 @@ def smo(
         if monotone:
             return run.result(root, loss=root_loss, optimal=True, bound=root_loss)
         mask, loss = _polish(run, root, root_loss)
-        return run.result(mask, loss=loss, optimal=False)
+        return run.result(mask, loss=loss, optimal=False, bound=_root_bound(run))
 
     # Only the energy budget can bind below the root (every candidate meets the latency budget),
     # so feasibility is tracked by each set's energy.
@@ -86,6 +91,8 @@ def smo(
             break
         if expansions >= max_expansions:
             capped = True
+            break
+        if run.expired():
             break
         s_loss, s, s_energy = heapq.heappop(heap)
         expansions += 1
@@ -109,25 +116,39 @@ def smo(
             if p_loss < inc_loss:
                 inc_mask, inc_loss = proj, p_loss
     frontier = heap[0][0] if heap else math.inf
-    bound = min(frontier, inc_loss) if monotone else None
-    if not monotone:
+    if monotone:
+        bound: float | None = min(frontier, inc_loss)
+    else:
         inc_mask, inc_loss = _polish(run, inc_mask, inc_loss)
+        bound = _root_bound(run)
     return run.result(
         inc_mask,
         loss=inc_loss,
         nodes=expansions,
-        optimal=monotone and not capped,
+        optimal=monotone and not capped and not run.timed_out,
         capped=capped,
         bound=bound,
     )
 
 
+def _root_bound(run: _Run) -> float | None:
+    """The loss model's lower bound over every feasible set, None when it has none."""
+    try:
+        bound, _branch = run.model.node_bound(0, run.candidates, run.energy, run.cap_j)
+    except PlannerError:
+        return None
+    return bound
+
+
 def _polish(run: _Run, mask: int, loss: float) -> tuple[int, float]:
     """1-opt descent for a non-monotone loss: apply the best single removal or feasible addition
-    while it lowers the loss (at most 2 · candidates rounds, each one vectorised batch)."""
+    while it lowers the loss (at most 2 · candidates rounds, each one vectorised batch; the
+    time limit stops it between rounds)."""
     cand = members(run.candidates)
     energy = run.energy
     for _ in range(2 * len(cand)):
+        if run.expired():
+            break
         inside = members(mask)
         e_mask = run.energy_of(mask)
         moves = [mask & ~(1 << n) for n in inside] if len(inside) > 1 else []
@@ -221,6 +242,9 @@ def exact(
     *,
     max_nodes: int | None = None,
     enumerate_below: int = EXACT_ENUMERATE_BELOW,
+    time_limit_s: float | None = None,
+    start: int = 0,
+    clock: Clock = time.perf_counter,
 ) -> PlanResult:
     """Optimal for any loss model that provides a valid :meth:`LossModel.node_bound`.
 
@@ -230,32 +254,48 @@ def exact(
     Every include child's I is evaluated as a candidate, so every feasible set is either
     evaluated or ruled out. Pruning: experts that no longer fit the energy left are dropped from
     A, and a node whose lower bound reaches the incumbent is cut. A node with at most
-    ``enumerate_below`` undecided experts is finished by vectorised enumeration of its subsets
-    instead: a bound costs as much as hundreds of vectorised evaluations. The incumbent starts
-    from :func:`greedy`. With ``max_nodes`` the search may stop early (``capped=True``).
+    ``enumerate_below`` undecided experts is finished by :meth:`LossModel.best_extension`
+    (enumeration of its subsets; for a :class:`LossTable` from tables of subset sums, well
+    under a microsecond a subset per 256 samples) instead: a bound costs as much as a few
+    thousand enumerated subsets. The incumbent starts from :func:`greedy` and ``start`` (a
+    feasible set known to be good, e.g. the plan of a smaller budget), the better of the two.
+
+    With ``max_nodes`` or ``time_limit_s`` (seconds on ``clock``) the search may stop early
+    (``capped`` / ``timed_out``): the result is the best set found, ``bound`` the least lower
+    bound over the nodes still open (each carries the bound of the node it came from) and
+    ``gap`` the loss minus it.
 
     Cost: the bounds are per-sample relaxations (each calibration sample may pick its own best
-    experts), so they bite only deep in the tree; in the worst case the work is that of
-    :func:`exhaustive` over the candidate experts, i.e. 2^k evaluations for k candidates. The
-    candidate filter (latency budget, per-expert energy) is what keeps k small in practice.
+    experts), so they bite only deep in the tree, and on unstructured data (gate values and
+    target probabilities uniformly random) hardly at all; in the worst case the work is that
+    of :func:`exhaustive` over the candidate experts, i.e. 2^k evaluations for k candidates.
+    The candidate filter (latency budget, per-expert energy) is what keeps k small in practice.
     """
     if enumerate_below < 0:
         raise PlannerError("enumerate_below must be >= 0")
-    run = _Run(problem, "exact", max_latency_s)
+    run = _Run(problem, "exact", max_latency_s, time_limit_s=time_limit_s, clock=clock)
     cand = run.candidates
     if cand == 0:
         return run.result(0, optimal=True)
     inc_mask, inc_loss = _greedy_search(run)
+    if start and not start & ~cand and run.feasible(start):
+        start_loss = run.loss(start)
+        if start_loss < inc_loss:
+            inc_mask, inc_loss = start, start_loss
     energy = run.energy
     static_order: list[int] | None = None
-    stack: list[tuple[int, int, float]] = [(0, cand, 0.0)]
+    # (include, allowed, energy of include, lower bound inherited from the parent)
+    stack: list[tuple[int, int, float, float]] = [(0, cand, 0.0, -math.inf)]
+    unfinished: list[float] = []  # bounds of nodes left half-done by the time limit
     nodes = 0
     capped = False
     while stack:
         if max_nodes is not None and nodes >= max_nodes:
             capped = True
             break
-        inc, allowed, e_inc = stack.pop()
+        if run.expired():
+            break
+        inc, allowed, e_inc, node_lb = stack.pop()
         nodes += 1
         left = run.cap_j - e_inc
         und = [n for n in members(allowed & ~inc) if energy[n] <= left]
@@ -269,29 +309,43 @@ def exact(
             )
             if bound >= inc_loss - _EXACT_TOL:
                 continue
+            node_lb = max(node_lb, bound)
         if len(und) <= enumerate_below:
-            e_mask, e_loss = _enumerate(run, inc, und)
-            if e_mask and e_loss < inc_loss:
-                inc_mask, inc_loss = e_mask, e_loss
+            ext = run.model.best_extension(inc, und, energy, left, expired=run.expired)
+            run.uncached_evaluations += ext.evaluated
+            if ext.mask and ext.loss < inc_loss:
+                inc_mask, inc_loss = ext.mask, ext.loss
+            if not ext.complete:
+                unfinished.append(node_lb)
+                break
             continue
         if branch not in und:
             if static_order is None:
                 singles = run.losses([1 << n for n in members(cand)])
                 static_order = [members(cand)[k] for k in np.argsort(singles, kind="stable")]
             branch = next(n for n in static_order if n in und)
-        stack.append((inc, allowed & ~(1 << branch), e_inc))
+        stack.append((inc, allowed & ~(1 << branch), e_inc, node_lb))
         child = inc | (1 << branch)
         c_loss = run.loss(child)
         if c_loss < inc_loss:
             inc_mask, inc_loss = child, c_loss
-        stack.append((child, allowed, e_inc + float(energy[branch])))
+        stack.append((child, allowed, e_inc + float(energy[branch]), node_lb))
+    open_bounds = [*unfinished, *(entry[3] for entry in stack)]
+    finished = not open_bounds and not capped
+    bound = inc_loss
+    if open_bounds:
+        least = min(open_bounds)
+        if least == -math.inf:  # the root itself is still open
+            root = _root_bound(run)
+            least = -math.inf if root is None else root
+        bound = min(bound, least)
     return run.result(
         inc_mask,
-        loss=inc_loss,
+        loss=None,  # recomputed by the loss model: enumeration sums in another order
         nodes=nodes,
-        optimal=not capped,
+        optimal=finished,
         capped=capped,
-        bound=None if capped else inc_loss,
+        bound=bound if math.isfinite(bound) else None,
     )
 
 
@@ -301,10 +355,10 @@ def exhaustive(
     *,
     max_experts: int = EXHAUSTIVE_MAX_EXPERTS,
 ) -> PlanResult:
-    """Every non-empty subset of the candidate experts, vectorised in chunks.
+    """Every non-empty subset of the candidate experts (:meth:`LossModel.best_extension`).
 
     Raises :class:`PlannerError` when more than ``max_experts`` experts meet the budgets on their
-    own. Losses are computed (uncached) only for feasible subsets; ties go to the first found.
+    own. Losses are computed (uncached) only for feasible subsets.
     """
     run = _Run(problem, "exhaustive", max_latency_s)
     idx = members(run.candidates)
@@ -316,46 +370,9 @@ def exhaustive(
         )
     if k == 0:
         return run.result(0, optimal=True)
-    best_mask, best_loss = _enumerate(run, 0, idx)
-    return run.result(
-        best_mask,
-        loss=best_loss,
-        nodes=(1 << k) - 1,
-        optimal=True,
-        bound=best_loss,
-    )
-
-
-def _enumerate(run: _Run, include: int, free: Sequence[int]) -> tuple[int, float]:
-    """Best feasible I ∪ A over every A ⊆ free (vectorised in chunks, uncached); (0, inf) if none.
-
-    Latency is not checked: callers pass only experts that meet the latency budget.
-    """
-    k = len(free)
-    n = run.problem.n_experts
-    free_idx = np.array(free, dtype=np.intp)
-    e_free = run.energy[free_idx]
-    e_inc = run.energy_of(include)
-    inc_bits = mask_bits([include], n)[0]
-    best_loss = math.inf
-    best_mask = 0
-    chunk = 1 << 15
-    total = 1 << k
-    for start in range(0 if include else 1, total, chunk):
-        local = np.arange(start, min(total, start + chunk), dtype=np.uint64)
-        local_bits = mask_bits(local, k)
-        ok = e_inc + local_bits @ e_free <= run.cap_j
-        if not ok.any():
-            continue
-        bits = np.repeat(inc_bits[None, :], int(ok.sum()), axis=0)
-        bits[:, free_idx] = local_bits[ok]
-        vals = run.model.evaluate_bits(bits)
-        run.uncached_evaluations += len(vals)
-        j = int(np.argmin(vals))
-        if vals[j] < best_loss:
-            best_loss = float(vals[j])
-            best_mask = mask_of(np.flatnonzero(bits[j]).tolist())
-    return best_mask, best_loss
+    ext = run.model.best_extension(0, idx, run.energy, run.cap_j)
+    run.uncached_evaluations += ext.evaluated
+    return run.result(ext.mask, nodes=(1 << k) - 1, optimal=True)
 
 
 def _greedy_search(run: _Run) -> tuple[int, float]:
@@ -428,12 +445,31 @@ def solve(
     epsilon: float = DEFAULT_EPSILON,
     max_expansions: int = DEFAULT_MAX_EXPANSIONS,
     max_nodes: int | None = None,
+    time_limit_s: float | None = None,
+    start: int = 0,
+    clock: Clock = time.perf_counter,
 ) -> PlanResult:
-    """Run one method under one latency budget (None: the joint budget, all applications)."""
+    """Run one method under one latency budget (None: the joint budget, all applications).
+    ``time_limit_s`` binds ``smo`` and ``exact`` (the others take milliseconds); ``start`` is
+    a known good set for ``exact``'s incumbent."""
     if method == "smo":
-        return smo(problem, max_latency_s, epsilon=epsilon, max_expansions=max_expansions)
+        return smo(
+            problem,
+            max_latency_s,
+            epsilon=epsilon,
+            max_expansions=max_expansions,
+            time_limit_s=time_limit_s,
+            clock=clock,
+        )
     if method == "exact":
-        return exact(problem, max_latency_s, max_nodes=max_nodes)
+        return exact(
+            problem,
+            max_latency_s,
+            max_nodes=max_nodes,
+            time_limit_s=time_limit_s,
+            start=start,
+            clock=clock,
+        )
     if method == "exhaustive":
         return exhaustive(problem, max_latency_s)
     if method == "greedy":
@@ -451,24 +487,51 @@ def plan_all(
     *,
     max_expansions: int = DEFAULT_MAX_EXPANSIONS,
     max_nodes: int | None = None,
+    time_limit_s: float | None = None,
+    clock: Clock = time.perf_counter,
 ) -> PlanSet:
     """The joint plan (every application's budget at once, problem 16) and one plan per
-    application under its own latency budget and the shared energy budget."""
+    application under its own latency budget and the shared energy budget.
 
-    def one(budget: float | None) -> PlanResult:
-        return solve(
+    Budgets that admit the same candidate experts are one problem, solved once. The others are
+    solved from the tightest budget up, and each plan is a starting incumbent for the looser
+    ones (their candidates include its experts). ``time_limit_s`` is for the whole set: each
+    solve gets an equal share of the time still left, so a small problem that finishes early
+    leaves its time to the larger ones."""
+    budgets: dict[str | None, float] = {None: problem.joint_latency_s}
+    budgets.update(problem.applications)
+    by_candidates: dict[int, list[str | None]] = {}
+    for key, budget in sorted(budgets.items(), key=lambda kv: kv[1]):
+        by_candidates.setdefault(problem.candidates(budget), []).append(key)
+    t0 = clock()
+    solved: dict[str | None, PlanResult] = {}
+    done: list[tuple[int, PlanResult]] = []
+    for left, (cand, keys) in enumerate(by_candidates.items()):
+        share = None
+        if time_limit_s is not None:
+            share = max(0.0, (t0 + time_limit_s - clock()) / (len(by_candidates) - left))
+        start = min(
+            ((r.loss, r.mask) for c, r in done if r.loss is not None and not c & ~cand),
+            default=(math.inf, 0),
+        )[1]
+        first = solve(
             problem,
             method,
-            budget,
+            budgets[keys[0]],
             seed=seed,
             epsilon=epsilon,
             max_expansions=max_expansions,
             max_nodes=max_nodes,
+            time_limit_s=share,
+            start=start,
+            clock=clock,
         )
-
+        done.append((cand, first))
+        for key in keys:
+            solved[key] = dataclasses.replace(first, max_latency_s=budgets[key])
     return PlanSet(
-        joint=one(None),
-        per_application={app: one(budget) for app, budget in problem.applications.items()},
+        joint=solved[None],
+        per_application={app: solved[app] for app in problem.applications},
     )
 
 
@@ -484,18 +547,22 @@ def plan_fleet(
     seed: int | None = None,
     epsilon: float = DEFAULT_EPSILON,
     max_expansions: int = DEFAULT_MAX_EXPANSIONS,
+    time_limit_s: float | None = None,
 ) -> dict[str, PlanResult]:
     """Per-application plans from live telemetry, for the coordinator.
 
     ``latency_s`` and ``energy_j`` are per generated token, in the order of ``names``; ``loss``
     must cover the same experts in the same order (:meth:`LossTable.select` re-orders a table);
     None plans with :meth:`LossTable.prior`. Pass the same ``loss`` object on every replan to
-    reuse its cache.
+    reuse its cache. ``time_limit_s`` bounds the whole call (see :func:`plan_all`).
     """
     problem = Problem.create(names, latency_s, energy_j, app_budgets_s, max_energy_j, loss)
-    return {
-        app: solve(
-            problem, method, budget, seed=seed, epsilon=epsilon, max_expansions=max_expansions
-        )
-        for app, budget in problem.applications.items()
-    }
+    plans = plan_all(
+        problem,
+        method,
+        seed,
+        epsilon,
+        max_expansions=max_expansions,
+        time_limit_s=time_limit_s,
+    )
+    return plans["per_application"]

@@ -522,9 +522,12 @@ def test_bench_agent_quick_prints_one_json_object() -> None:
     assert result["machine"]["cpu_count"] >= 1
     assert result["settings"]["k"] == 64
     roles = {m["role"]: m for m in result["models"]}
-    assert set(roles) == {"tiny", "large"}
+    assert set(roles) == {"tiny", "large", "qwen2"}
     assert roles["large"]["n_params"] >= 50_000_000
-    for m in roles.values():
+    assert roles["qwen2"]["n_vocab"] == 151_936
+    # the real vocabulary on both brokers: with set_tcp_nodelay and Mosquitto's default
+    assert set(result["real_vocab"]) == {"set_tcp_nodelay true", "stock (Nagle on)"}
+    for m in result["models"]:
         assert m["same_tokens"] is True
         assert m["agent_exit_code"] == 0
         assert len(m["direct"]["runs_tokens_per_s"]) == len(m["mqtt"]["runs_tokens_per_s"]) == 2

@@ -242,6 +242,8 @@ max_energy_j = 3.5
     ('gate = "/nonexistent/gate.onnx"\n', "gate"),
     ("[planner]\nstep_overhead_s = -0.001\n", "step_overhead_s"),
     ("[planner]\nstep_overhead_s = nan\n", "step_overhead_s"),
+    ("[planner]\ntime_limit_s = 0\n", "time_limit_s"),
+    ("[planner]\ntime_limit_s = inf\n", "time_limit_s"),
 ])
 def test_bad_coordinator_toml(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):

@@ -142,3 +142,23 @@ async def test_publish_qos0_uses_ordinary_publish_for_other_clients(broker: Loca
         await sub.subscribe("t/plain", qos=0)
         await publish_qos0(plain, "t/plain", b"hello")
         assert await _receive(sub, 1) == [b"hello"]
+
+
+@pytest.mark.parametrize("quickack", [True, False])
+async def test_quick_acks_keep_the_read_path_whole(quickack: bool) -> None:
+    """With TCP_QUICKACK re-armed after every read (our reader in place of aiomqtt's) a client
+    on a stock broker (Nagle on) still gets everything, in order, and ends its connection
+    cleanly; without it aiomqtt's own reader stays."""
+    import socket
+
+    with LocalBroker(tcp_nodelay=False) as stock:
+        url = parse_broker_url(stock.url)
+        async with make_client(url, quickack=quickack) as sub, make_client(url) as pub:
+            assert (sub._aiomqtt_open is not None) == (
+                quickack and hasattr(socket, "TCP_QUICKACK"))
+            await sub.subscribe("q/#")
+            payloads = [f"m{i}".encode() * (1 + i % 7) for i in range(200)]
+            receiving = asyncio.create_task(_receive(sub, len(payloads)))
+            for p in payloads:
+                pub.publish_now("q/x", p)
+            assert await receiving == payloads

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 from moe2.cli.main import main
 from moe2.coordinator.planner import METHODS
+from moe2.tools.fleet.harness import moe2_argv
 
 FIELDS = ("subset", "loss", "feasible", "latency_s", "energy_j", "evaluations", "method")
 
@@ -200,3 +202,39 @@ def test_exhaustive_refusal_and_bad_flags_exit_2(
     with pytest.raises(SystemExit) as info:
         main(["plan", "--problem", str(path), "--method", "magic"])
     assert info.value.code == 2
+
+
+def test_time_limit_returns_plans_with_a_consistent_gap(tmp_path: Path) -> None:
+    """``--time-limit 1`` on 64 experts with unstructured calibration (where no method proves
+    optimality in a second): every plan is there, feasible, with a lower bound below its loss
+    and gap = loss - bound. (How fast it returns is measured by ``moe2 bench planner``.)"""
+    rng = np.random.default_rng(5)
+    n = 64
+    doc = problem_doc(n=n, samples=256, seed=5)
+    doc["calibration"]["gates"] = rng.uniform(0.05, 1.0, size=(256, n)).tolist()
+    doc["applications"].append({"name": "all", "max_latency_s": 1.0})
+    doc["max_energy_j"] = 20.0
+    path = write(tmp_path, doc)
+    proc = subprocess.run(
+        [*moe2_argv(), "plan", "--problem", str(path), "--method", "exact", "--time-limit", "1",
+         "--json"], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    obj = last_json(proc.stdout)
+    assert obj["time_limit_s"] == 1.0
+    for plan in (obj, *obj["per_application"].values()):
+        assert plan["feasible"] is True
+        assert plan["bound"] is not None
+        assert plan["gap"] is not None
+        assert plan["bound"] <= plan["loss"]
+        assert plan["gap"] == pytest.approx(plan["loss"] - plan["bound"], abs=1e-12)
+        assert plan["gap"] == 0.0 or not plan["optimal"]
+    assert obj["per_application"]["all"]["timed_out"] is True  # 2^64 subsets
+
+
+def test_bad_time_limit_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, problem_doc())
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit) as info:
+            main(["plan", "--problem", str(path), "--time-limit", bad])
+        assert info.value.code == 2
+        assert "--time-limit" in capsys.readouterr().err

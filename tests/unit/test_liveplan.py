@@ -102,3 +102,15 @@ def test_energy_budget_per_request_is_converted_to_per_token() -> None:
     assert LivePlanner.from_config(cfg).max_energy_j == pytest.approx(0.1)
 
 
+
+
+def test_the_replan_time_limit_comes_from_the_config_and_plans_carry_the_gap() -> None:
+    from moe2.shared.config import CoordinatorConfig, PlannerSection
+
+    assert LivePlanner.from_config(CoordinatorConfig()).time_limit_s == 1.0  # the default
+    cfg = CoordinatorConfig(planner=PlannerSection(method="exact", time_limit_s=0.25))
+    assert LivePlanner.from_config(cfg).time_limit_s == 0.25
+    lp, _ = _planner_with(0.01, method="exact")
+    plan = lp.replan()
+    assert plan is not None
+    assert plan.apps["chat"].gap == 0.0  # two experts: exact proves its plan at once

@@ -438,17 +438,156 @@ def test_masks_round_trip() -> None:
 
 
 def test_bench_reports_sizes_and_gap() -> None:
-    report = run_planner_bench(sizes=(6, 10, 22), seed=1, repeats=2)
-    rows = {row["n"]: row for row in report["sizes"]}
-    assert set(rows) == {6, 10, 22}
-    assert rows[10]["subsets"] == 1024
-    assert rows[22]["exhaustive"] is None
-    for row in rows.values():
-        assert row["smo"]["median_s"] >= 0.0
-        assert row["exact"]["evaluations"] >= 1
-        for key in ("gap", "gap_unstructured"):
-            gap = row[key]
-            if gap is not None and gap["instances"]:
+    report = run_planner_bench(sizes=(6, 10, 22), seed=1, repeats=2, exact_time_limit_s=60.0,
+                               cli_sizes=())
+    for kind in ("specialist", "uniform"):
+        rows = {row["n"]: row for row in report["kinds"][kind]}
+        assert set(rows) == {6, 10, 22}
+        assert rows[10]["subsets"] == 1024
+        assert rows[22]["exhaustive"] is None
+        for row in rows.values():
+            assert row["smo"]["median_s"] >= 0.0
+            assert row["exact"]["evaluations"] >= 1
+            gap = row["smo_minus_exact"]
+            if gap["instances"]:
                 assert gap["mean"] >= -TOL
                 assert gap["max"] >= -TOL
+            assert row["plan_all_exact"]["instances"] == 2
     json.dumps(report)
+
+
+# ---------------------------------------------------------------------------------------------
+# time limits (a fake clock: every reading advances it, so a limit expires after a known number
+# of checks -- deterministic, no timing assertions)
+
+
+class TickClock:
+    """Each reading is ``step_s`` later than the one before."""
+
+    def __init__(self, step_s: float = 1.0) -> None:
+        self.now = 0.0
+        self.step_s = step_s
+
+    def __call__(self) -> float:
+        self.now += self.step_s
+        return self.now
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances(), st.integers(0, 40))
+def test_a_time_limited_search_returns_a_valid_bound_and_gap(problem: Problem, ticks: int) -> None:
+    """Stopped after any number of clock readings, exact and smo return a feasible set (or
+    none when nothing is feasible) and a lower bound that the true optimum respects."""
+    for budget in budgets_of(problem):
+        ref = exhaustive(problem, budget)
+        for solver in (exact, smo):
+            got = solver(problem, budget, time_limit_s=ticks + 0.5, clock=TickClock())
+            check_result(problem, got)
+            assert got.feasible == ref.feasible
+            if ref.loss is None:
+                continue
+            assert got.loss is not None
+            assert got.loss >= ref.loss - TOL
+            if got.bound is not None:
+                assert got.bound <= ref.loss + TOL  # a proven lower bound
+                assert got.gap == pytest.approx(got.loss - got.bound, abs=1e-12)
+                assert got.gap >= 0.0
+            if got.optimal:
+                assert abs(got.loss - ref.loss) <= TOL
+                assert got.gap == 0.0
+        stopped = exact(problem, budget, time_limit_s=0.5, clock=TickClock())
+        if ref.feasible and stopped.timed_out:
+            assert not stopped.optimal
+
+
+def test_exact_past_its_time_limit_on_a_large_unstructured_instance() -> None:
+    problem = random_problem(64, seed=3, specialist=False)
+    budget = max(problem.applications.values())
+    res = exact(problem, budget, time_limit_s=20.0, clock=TickClock())
+    check_result(problem, res)
+    assert res.timed_out
+    assert not res.optimal
+    assert res.bound is not None
+    assert res.gap is not None
+    assert res.loss is not None
+    assert res.bound <= res.loss
+    assert res.gap == pytest.approx(res.loss - res.bound)
+    g = greedy(problem, budget)
+    assert g.loss is not None
+    assert res.loss <= g.loss + TOL  # the incumbent starts from greedy
+    d = res.to_dict()
+    assert d["timed_out"] is True
+    assert d["gap"] == res.gap
+    json.dumps(d)
+
+
+def test_a_finished_search_has_no_gap() -> None:
+    problem = random_problem(12, seed=8, specialist=False)
+    res = exact(problem, time_limit_s=1e9)
+    assert res.optimal
+    assert not res.timed_out
+    assert res.gap == 0.0
+    assert res.bound == res.loss
+
+
+def test_smo_on_a_calibration_table_reports_the_root_bound() -> None:
+    problem = random_problem(16, seed=2, specialist=False)
+    res = smo(problem)
+    ref = exact(problem)
+    assert res.bound is not None
+    assert ref.loss is not None
+    assert res.bound <= ref.loss
+    assert res.gap is not None
+    assert res.gap >= 0.0
+
+
+def test_plan_all_shares_one_time_limit_and_solves_equal_candidate_sets_once() -> None:
+    problem = random_problem(40, seed=1, specialist=False)
+    # the joint budget is the tightest application's: the same candidates, solved once
+    tight = min(problem.applications, key=lambda a: problem.applications[a])
+    clock = TickClock(0.001)
+    plans = plan_all(problem, "exact", time_limit_s=0.5, clock=clock)
+    joint, per_app = plans["joint"], plans["per_application"]
+    assert joint.mask == per_app[tight].mask
+    assert joint.nodes == per_app[tight].nodes
+    assert set(per_app) == set(problem.applications)
+    for app, res in per_app.items():
+        assert res.max_latency_s == problem.applications[app]
+        check_result(problem, res)
+        assert res.gap is not None
+        assert res.bound is not None
+        assert res.loss is not None
+        assert 0.0 <= res.gap == pytest.approx(res.loss - res.bound)
+    # a looser budget starts from the tighter plans, so it never plans worse
+    assert joint.loss is not None
+    for res in per_app.values():
+        assert res.loss is not None
+        assert res.loss <= joint.loss + TOL
+    with pytest.raises(PlannerError, match="time_limit_s"):
+        exact(problem, time_limit_s=-1.0)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances(max_n=12), st.integers(0, 2**32 - 1))
+def test_table_enumeration_equals_the_matrix_evaluation(problem: Problem, seed: int) -> None:
+    """LossTable.best_extension (tables of subset sums) finds what the generic enumeration
+    (LossModel.best_extension over evaluate_bits) finds, for any include set and capacity."""
+    table = problem.loss
+    assert isinstance(table, LossTable)
+    rng = np.random.default_rng(seed)
+    n = problem.n_experts
+    inside = rng.random(n) < 0.3
+    include = mask_of(np.flatnonzero(inside).tolist())
+    free = np.flatnonzero(~inside).tolist()
+    capacity = float(rng.uniform(0.0, 1.2)) * float(problem.energy_j[free].sum() if free else 1)
+    fast = table.best_extension(include, free, problem.energy_j, capacity)
+    slow = LossModel.best_extension(table, include, free, problem.energy_j, capacity)
+    assert fast.complete and slow.complete
+    assert fast.evaluated == slow.evaluated
+    if slow.mask == 0:
+        assert fast.mask == 0
+        return
+    assert abs(fast.loss - slow.loss) <= TOL
+    assert fast.loss == pytest.approx(table.loss(fast.mask), abs=1e-12)
+    assert fast.mask & include == include
+    assert float(problem.energy_j[members(fast.mask & ~include)].sum()) <= capacity + 1e-9

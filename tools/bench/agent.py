@@ -1,8 +1,11 @@
 """``moe2 bench agent``: tokens/s of one session stepped through MQTT vs a direct llama-cpp-python
 greedy loop on the same GGUF, side by side in one run.
 
-For each model (a tiny test expert and a ~51M-parameter one) the bench starts a real ``moe2
-agent`` subprocess on a private mosquitto it starts itself, then alternates runs of
+For each model (a tiny test expert, a ~51M-parameter one, and a tiny one with llama.cpp's real
+Qwen2 tokenizer: 151,936 ids, so the vocabulary dominates its decode and the agent's per-step
+work) the bench starts a real ``moe2 agent`` subprocess on a private mosquitto it starts
+itself (``set_tcp_nodelay true``; the Qwen2 model also on a stock one, Mosquitto's default),
+then alternates runs of
 
 * **direct**: ``llama_cpp.Llama`` (same ``n_threads``, same f16 KV type, flash attention off),
   evaluate the prompt, then greedily ``eval`` one token at a time, argmax over the logits;
@@ -72,7 +75,7 @@ class BenchModel:
     name: str
     path: Path
     n_params: int
-    role: str  # "tiny" or "large"
+    role: str  # "tiny", "large" or "qwen2"
 
 
 @dataclass
@@ -109,12 +112,16 @@ class SideRuns:
 
 
 def _make_models(work: Path, seed: int) -> list[BenchModel]:
-    """A tiny test expert and one of at least 50M parameters, written into ``work``."""
+    """A tiny test expert, one of at least 50M parameters and a tiny one with the real Qwen2
+    vocabulary, written into ``work``."""
     gm = importlib.import_module("moe2.tools.models")
+    fixtures = importlib.import_module("moe2.tools.models.fixtures")
     tiny = gm.make_test_experts(work / "tiny", count=1, seeds=[1000 + seed])[0]
     large = gm.make_large_expert(work / "large", seed=3000 + seed)
+    qwen2 = fixtures.make_real_vocab_expert(work / "qwen2", "qwen2", seed=4000 + seed)
     return [BenchModel(tiny.name, tiny.path, tiny.n_params, "tiny"),
-            BenchModel(large.name, large.path, large.n_params, "large")]
+            BenchModel(large.name, large.path, large.n_params, "large"),
+            BenchModel(qwen2.name, qwen2.path, qwen2.n_params, "qwen2")]
 
 
 # --------------------------------------------------------------------------- direct side
@@ -137,8 +144,12 @@ class _Direct:
     def tokenize(self, text: str) -> list[int]:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=True))
 
-    def run(self, prompt: Sequence[int], n_tokens: int, into: SideRuns | None) -> list[int]:
+    def run(self, prompt: Sequence[int], n_tokens: int, into: SideRuns | None,
+            n_ids: int | None = None) -> list[int]:
+        """Greedy over the first ``n_ids`` ids (the agent's vocabulary family: padding ids
+        are never sampled), default all."""
         llm, L = self.llm, self._L
+        n_ids = n_ids or self.n_vocab
         llm.reset()
         llm.eval(list(prompt))
         out: list[int] = []
@@ -148,7 +159,7 @@ class _Direct:
             t0 = time.perf_counter()
             logits = np.ctypeslib.as_array(L.llama_get_logits_ith(llm.ctx, -1),
                                            shape=(self.n_vocab,))
-            tok = int(np.argmax(logits))
+            tok = int(np.argmax(logits[:n_ids]))
             llm.eval([tok])
             out.append(tok)
             steps.append(time.perf_counter() - t0)
@@ -180,7 +191,8 @@ class _MqttStepper:
         self.reader = MessageReader(self.client, name=f"{self.name}-reader")
         self._n = 0
 
-    async def wait_online(self, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    async def wait_online(self, proc: subprocess.Popen[bytes],
+                          log_path: Path) -> wire.AgentStatus:
         status_topic = self.topics.agent_status(self.agent_id)
         await self.client.subscribe(status_topic.topic, qos=1)
         deadline = time.monotonic() + ONLINE_TIMEOUT_S
@@ -194,11 +206,13 @@ class _MqttStepper:
             m = await self.reader.next(timeout_s=min(left, 1.0))
             if m is None:
                 continue
-            if str(m.topic) == status_topic.topic and \
-                    status_topic.decode(payload_bytes(m)).state == "online":
-                break
+            if str(m.topic) == status_topic.topic:
+                status = status_topic.decode(payload_bytes(m))
+                if status.state == "online":
+                    break
         await self.client.unsubscribe(status_topic.topic)
         await self.client.subscribe(self.inbox, qos=0)
+        return status
 
     async def call(self, msg: wire.OpenSession | wire.Step) -> wire.Reply:
         self._n += 1
@@ -292,8 +306,9 @@ async def _echo_rtt_ms(broker_url: str, n: int, gap_s: float = 0.0) -> float:
 
 async def _bench_model(model: BenchModel, fleet: Fleet, *, runs: int, n_tokens: int, k: int,
                        n_threads: int, n_ctx: int, rtt_ms: float) -> dict[str, Any]:
-    agent_id = f"bench-{model.role}"
-    plain_id = f"bench-{model.role}-nospec"
+    tag = uuid.uuid4().hex[:4]  # the same model may be benched on two brokers in one run
+    agent_id = f"bench-{model.role}-{tag}"
+    plain_id = f"bench-{model.role}-nospec-{tag}"
     broker_url = fleet.url
     procs = {}
     for aid, min_p in ((agent_id, None), (plain_id, "0")):
@@ -309,17 +324,19 @@ async def _bench_model(model: BenchModel, fleet: Fleet, *, runs: int, n_tokens: 
         stepper = _MqttStepper(broker_url, agent_id, k)
         plain = _MqttStepper(broker_url, plain_id, k)
         async with stepper.client, stepper.reader, plain.client, plain.reader:
-            await stepper.wait_online(procs[agent_id], fleet.procs[agent_id].log_path)
+            status = await stepper.wait_online(procs[agent_id],
+                                               fleet.procs[agent_id].log_path)
             await plain.wait_online(procs[plain_id], fleet.procs[plain_id].log_path)
+            n_ids = status.n_vocab  # the family: the agent never samples padding ids
             # warm-up (weights paged in, caches, JIT-free but first-touch costs)
             # (the direct loop runs in a worker thread, one hop per run, so this event loop
             # keeps the MQTT connection alive meanwhile)
-            await asyncio.to_thread(direct.run, prompt, min(8, n_tokens), None)
+            await asyncio.to_thread(direct.run, prompt, min(8, n_tokens), None, n_ids)
             await stepper.run("warmup", prompt, min(8, n_tokens), None)
             await plain.run("warmup", prompt, min(8, n_tokens), None)
             # alternate the sides so drift in machine load hits them alike
             for r in range(runs):
-                await asyncio.to_thread(direct.run, prompt, n_tokens, d_runs)
+                await asyncio.to_thread(direct.run, prompt, n_tokens, d_runs, n_ids)
                 await stepper.run(f"run{r}", prompt, n_tokens, m_runs)
                 await plain.run(f"run{r}", prompt, n_tokens, p_runs)
     finally:
@@ -340,6 +357,7 @@ async def _bench_model(model: BenchModel, fleet: Fleet, *, runs: int, n_tokens: 
     return {
         "name": model.name,
         "role": model.role,
+        "broker": "set_tcp_nodelay true" if fleet.broker.tcp_nodelay else "stock (Nagle on)",
         "n_params": model.n_params,
         "file_mb": round(model.path.stat().st_size / 2**20, 2),
         "n_vocab": direct.n_vocab,
@@ -398,16 +416,19 @@ def run_agent_bench(*, quick: bool = False, out_dir: str | None = None,
     try:
         models = _make_models(work, seed)
 
+        async def on(fleet: Fleet, chosen: list[BenchModel]) -> tuple[list[dict[str, Any]],
+                                                                       float]:
+            rtt = await _echo_rtt_ms(fleet.url, 50 if quick else 200)
+            return [await _bench_model(m, fleet, runs=runs, n_tokens=n_tokens, k=k,
+                                       n_threads=n_threads, n_ctx=n_ctx, rtt_ms=rtt)
+                    for m in chosen], rtt
+
         with Fleet(work / "fleet") as fleet:
-
-            async def main() -> tuple[list[dict[str, Any]], float]:
-                rtt = await _echo_rtt_ms(fleet.url, 50 if quick else 200)
-                results = [await _bench_model(m, fleet, runs=runs, n_tokens=n_tokens, k=k,
-                                              n_threads=n_threads, n_ctx=n_ctx, rtt_ms=rtt)
-                           for m in models]
-                return results, rtt
-
-            results, rtt_ms = asyncio.run(main())
+            results, rtt_ms = asyncio.run(on(fleet, models))
+        # the real vocabulary again on Mosquitto's defaults (Nagle on its sockets)
+        with Fleet(work / "fleet-stock", broker_nodelay=False) as fleet:
+            stock, _rtt = asyncio.run(on(fleet, [m for m in models if m.role == "qwen2"]))
+        results += stock
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -440,4 +461,11 @@ def run_agent_bench(*, quick: bool = False, out_dir: str | None = None,
         "large_ratio_no_speculation": large["ratio_no_speculation"],
         "large_spec_hit_rate": large["mqtt"].get("spec_hit_rate"),
         "meets_target": large["ratio"] >= TARGET_RATIO,
+        # the Qwen2-vocabulary expert: ms a token direct and served alone, on each broker
+        "real_vocab": {
+            r["broker"]: {"direct_ms": r["direct"]["ms_per_token"],
+                          "through_mqtt_ms": r["mqtt"]["ms_per_token"], "ratio": r["ratio"],
+                          "softmax_topk_ms": r["breakdown_ms"]["softmax_topk"],
+                          "agent_own_ms": r["breakdown_ms"]["agent_own"]}
+            for r in results if r["role"] == "qwen2"},
     }

@@ -25,6 +25,14 @@ costs, the single-request phase also reads every process's CPU time (Linux ``/pr
 milliseconds per fused token for each agent, the coordinator, the broker and the phone (this
 process), and their sum divided by the core count -- the per-token time below which no
 scheduling could go on this machine.
+
+``real_vocab``: the same family pair with llama.cpp's real Qwen2 tokenizer (151,936 ids,
+random weights: decode is dominated by the 151,936-row output matrix), greedy 48-token
+requests: per token through the coordinator, the first expert alone and both fused (target:
+fused ≤ 1.3 × alone), beside the experts' direct llama-cpp-python decode -- on a broker with
+``set_tcp_nodelay true``, on a stock one (Mosquitto's default), and on the stock one with the
+coordinator's quick ACKs off (``tcp_quickack = false``: the stall its clients otherwise hide),
+with what the coordinator's plan then says (``stall_warning``).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from moe2.shared.mqtt import (
 from moe2.tools.clients.phone import PhoneClient
 from moe2.tools.fleet.harness import Fleet
 from moe2.tools.models import make_test_experts
+from moe2.tools.models.fixtures import make_real_vocab_expert
 
 PROMPT = "What is the capital of France?"
 
@@ -174,6 +183,151 @@ async def _fused(url: str, n_tokens: int, repeats: int, concurrency: tuple[int, 
             "tokens_per_s": throughput, "cpu_ms_per_token": cpu_ms}
 
 
+async def _latest_plan(fleet: Fleet, wait_s: float) -> wire.PlanMsg | None:
+    """The retained plan after ``wait_s`` (the coordinator replans meanwhile)."""
+    latest: wire.PlanMsg | None = None
+    async with make_client(parse_broker_url(fleet.url),
+                           identifier=f"bench-plan-{uuid.uuid4().hex[:6]}") as c, \
+            MessageReader(c) as reader:
+        await c.subscribe(fleet.topics.plan.topic, qos=1)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while (left := deadline - loop.time()) > 0:
+            m = await reader.next(timeout_s=left)
+            if m is not None and payload_bytes(m):
+                latest = fleet.topics.plan.decode(payload_bytes(m))
+    return latest
+
+
+async def _alone_and_fused(fleet: Fleet, names: list[str], n_tokens: int, repeats: int,
+                           pids: dict[str, int | None]
+                           ) -> tuple[list[float], list[float], dict[str, float]]:
+    """Per-token seconds of greedy requests, the first expert alone and both fused,
+    interleaved; and the CPU milliseconds each process spent per fused token."""
+    u = parse_broker_url(fleet.url)
+    fused = wire.PhoneRequest(prompt=PROMPT, max_tokens=n_tokens, raw=True)
+    alone = wire.PhoneRequest(prompt=PROMPT, max_tokens=n_tokens, raw=True, experts=names[:1])
+    alone_s: list[float] = []
+    fused_s: list[float] = []
+    cpu_s = dict.fromkeys(pids, 0.0)
+    tokens = 0
+    cid = f"bench-{uuid.uuid4().hex[:6]}"
+    async with make_client(u, identifier=cid) as c, PhoneClient(c, cid) as ph:
+        for _ in range(2):  # warm up
+            await ph.ask(fused)
+            await ph.ask(alone)
+        for _ in range(repeats):
+            alone_s.append(_steady_per_token_s(await ph.ask(alone)))
+            before = {name: _cpu_s(pid) for name, pid in pids.items()}
+            ans = await ph.ask(fused)
+            for name, pid in pids.items():
+                b, a = before[name], _cpu_s(pid)
+                if a is not None and b is not None:
+                    cpu_s[name] += a - b
+            fused_s.append(_steady_per_token_s(ans))
+            tokens += ans.final.tokens if ans.final is not None else 0
+    return alone_s, fused_s, {n: 1000.0 * v / max(1, tokens) for n, v in cpu_s.items()}
+
+
+def _real_vocab_case(work: Path, experts: list[Any], *, nodelay: bool, quickack: bool,
+                     n_tokens: int, repeats: int) -> dict[str, Any]:
+    label = f"{'nodelay' if nodelay else 'stock'}{'' if quickack else '-no-quickack'}"
+    names = [e.name for e in experts]
+    with Fleet(work / f"fleet-{label}", broker_nodelay=nodelay) as fleet:
+        for e in experts:
+            fleet.start_agent(e.name, e.path, "--max-sessions", "4", "--n-ctx", "256",
+                              "--meter", "estimated", log_level="WARNING", name=e.name)
+        fleet.start_coordinator(
+            log_level="WARNING", name="coordinator",
+            config_text=(f"dist_k = 64\nallow_overrides = true\n"
+                         f"tcp_quickack = {'true' if quickack else 'false'}\n"
+                         "[planner]\ninterval_s = 0.5\n"))
+
+        pids: dict[str, int | None] = {n: fleet.pid(n) for n in names}
+        pids["coordinator"] = fleet.pid("coordinator")
+        pids["broker"] = fleet.broker.pid
+        pids["phone"] = os.getpid()
+
+        async def main() -> tuple[list[float], list[float], dict[str, float],
+                                  wire.PlanMsg | None]:
+            await fleet.wait_plan(names)
+            alone_s, fused_s, cpu = await _alone_and_fused(fleet, names, n_tokens, repeats, pids)
+            return alone_s, fused_s, cpu, await _latest_plan(fleet, 2.0)
+
+        alone_s, fused_s, cpu_ms, plan = asyncio.run(main())
+    alone, fused = statistics.median(alone_s), statistics.median(fused_s)
+    warnings = plan.warnings if plan is not None else []
+    return {
+        "broker": "set_tcp_nodelay true" if nodelay else "stock (Nagle on)",
+        "coordinator_tcp_quickack": quickack,
+        "alone_per_token_ms": alone * 1e3,
+        "fused_per_token_ms": fused * 1e3,
+        "fused_over_alone": fused / alone,
+        "alone_runs_ms": [x * 1e3 for x in alone_s],
+        "fused_runs_ms": [x * 1e3 for x in fused_s],
+        "coordinator_step_overhead_ms": None if plan is None else plan.step_overhead_s * 1e3,
+        "stall_warning": any("set_tcp_nodelay" in w for w in warnings),
+        # fused requests: CPU ms each process spent per token, and their sum over the cores
+        "cpu_ms_per_fused_token": cpu_ms,
+        "cpu_floor_ms_per_fused_token": sum(cpu_ms.values()) / (os.cpu_count() or 1),
+    }
+
+
+def coordinator_step_ms(n_vocab: int = 151_646, repeats: int = 50) -> dict[str, float]:
+    """The coordinator's own work for one fused token of two experts, in this process: decode
+    both replies from bytes, check them, mix, sample -- with top-64 and with full-vocabulary
+    (k = 0) distributions, greedy and sampled (T 0.8, top_p 0.95); median milliseconds."""
+    from moe2.agent.engine import softmax_topk
+    from moe2.coordinator.fusion import ExpertDist, mix, sample
+    from moe2.coordinator.generation import invalid_distribution
+
+    rng = np.random.default_rng(0)
+    out: dict[str, float] = {}
+    for k in (64, 0):
+        replies = []
+        for agent in ("a", "b"):
+            ids, p, rest = softmax_topk((3 * rng.standard_normal(n_vocab)).astype(np.float32), k)
+            replies.append(wire.encode(wire.Reply(agent_id=agent, dists=[wire.Distribution(
+                session_id="s", seq=1, probs=wire.Distribution.pack_probs(p),
+                ids=b"" if ids is None else wire.Distribution.pack_ids(ids), rest_mass=rest)])))
+        for label, temperature in (("greedy", 0.0), ("sampled", 0.8)):
+            times: list[float] = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                parts = []
+                for w, raw in zip((0.3, 0.7), replies, strict=True):
+                    d = wire.decode_as(raw, wire.Reply).dists[0]
+                    if invalid_distribution(d, n_vocab) is not None:
+                        raise RuntimeError("the bench's distribution is invalid")
+                    parts.append((w, ExpertDist(d.prob_array(),
+                                                None if not d.ids else d.id_array(),
+                                                d.rest_mass)))
+                sample(mix(parts, n_vocab), temperature, 0.95, rng)
+                times.append(time.perf_counter() - t0)
+            out[f"k{k}_{label}"] = 1000.0 * statistics.median(times)
+    return out
+
+
+def run_real_vocab_fusion(work: Path, *, quick: bool = False) -> dict[str, Any]:
+    """Two Qwen2-vocabulary experts (see the module docstring)."""
+    n_tokens, repeats = (24, 3) if quick else (48, 7)
+    experts = [make_real_vocab_expert(work / "qwen2", "qwen2", name=f"qwen2-{i}", seed=4200 + i)
+               for i in range(2)]
+    direct = {e.name: _direct_per_token_s(e.path, n_tokens, 3 if quick else 5) for e in experts}
+    cases = [_real_vocab_case(work, experts, nodelay=nodelay, quickack=quickack,
+                              n_tokens=n_tokens, repeats=repeats)
+             for nodelay, quickack in ((True, True), (False, True), (False, False))]
+    return {
+        "vocab": "qwen2 (llama.cpp ggml-vocab-qwen2.gguf)",
+        "experts": {e.name: {"params": e.n_params, "n_vocab": e.spec.n_vocab,
+                             "direct_per_token_ms": direct[e.name] * 1e3} for e in experts},
+        "tokens_per_request": n_tokens, "repeats": repeats, "dist_k": 64,
+        "target_fused_over_alone": 1.3,
+        "cases": cases,
+        "coordinator_step_ms": coordinator_step_ms(repeats=10 if quick else 50),
+    }
+
+
 def run_fusion_bench(*, quick: bool = False, out_dir: str | None = None,
                      seed: int = 0) -> dict[str, Any]:
     n_tokens = 24 if quick else 64
@@ -211,6 +365,7 @@ def run_fusion_bench(*, quick: bool = False, out_dir: str | None = None,
     from moe2.tools.bench.families import run_families
     from moe2.tools.bench.large import run_large
 
+    real_vocab = run_real_vocab_fusion(work / "real-vocab", quick=quick)
     families = run_families(work / "families", quick=quick, seed=seed)
     large = run_large(work / "large", quick=quick, seed=seed)
     return {
@@ -237,6 +392,7 @@ def run_fusion_bench(*, quick: bool = False, out_dir: str | None = None,
         "cpu_ms_per_token": fused["cpu_ms_per_token"],
         "cpu_floor_ms_per_token": (sum(fused["cpu_ms_per_token"].values()) / (os.cpu_count() or 1)
                                    if fused["cpu_ms_per_token"] else None),
+        "real_vocab": real_vocab,
         # one tokenizer family vs three (tools/bench/families.py)
         "families": families,
         # two ~51M-parameter experts, with and without speculation (tools/bench/large.py)

@@ -107,13 +107,14 @@ class Fleet:
     (:meth:`phone`) and faults (:meth:`signal`, :meth:`restart`)."""
 
     def __init__(self, workdir: str | Path | None = None, *, root: str = "moe2",
-                 broker_config: str | None = None) -> None:
+                 broker_config: str | None = None, broker_nodelay: bool = True) -> None:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="moe2-fleet-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.topics = Topics(root)
         broker_dir = self.workdir / "broker"
         broker_dir.mkdir(exist_ok=True)
-        self.broker = LocalBroker(config_text=broker_config, workdir=str(broker_dir))
+        self.broker = LocalBroker(config_text=broker_config, workdir=str(broker_dir),
+                                  tcp_nodelay=broker_nodelay)
         self.procs: dict[str, Proc] = {}
 
     @property

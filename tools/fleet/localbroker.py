@@ -43,12 +43,15 @@ class LocalBroker:
 
     ``config_text`` replaces the generated config (it must contain ``{port}``); ``stop()`` and
     ``start()`` may be called again to simulate a broker restart on the same port.
+    ``tcp_nodelay=False`` leaves out ``set_tcp_nodelay true``: Mosquitto's default, Nagle's
+    algorithm on the broker's sockets (the "stock broker" of the benches and the stall check).
     """
 
     def __init__(self, port: int | None = None, config_text: str | None = None,
-                 workdir: str | None = None) -> None:
+                 workdir: str | None = None, *, tcp_nodelay: bool = True) -> None:
         self.port = port or free_port()
         self._config_text = config_text
+        self.tcp_nodelay = tcp_nodelay
         self._own_dir = workdir is None
         self._dir = Path(workdir or tempfile.mkdtemp(prefix="moe2-broker-"))
         self._proc: subprocess.Popen[bytes] | None = None
@@ -75,7 +78,7 @@ class LocalBroker:
                 "max_queued_messages 100000\n"
                 "max_inflight_messages 0\n"
                 "message_size_limit 0\n"
-                "set_tcp_nodelay true\n"
+                + ("set_tcp_nodelay true\n" if self.tcp_nodelay else "")
             )
         conf.write_text(text)
         return conf
