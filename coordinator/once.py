@@ -361,13 +361,17 @@ class ExactlyOnce:
                          now_s=now, fallback_s=self.fallback_s)
         if isinstance(action, Drop):
             self.counters["copies_dropped"] += 1
+            log.debug("request %s: copy dropped", key[:12])
             return
         if isinstance(action, Serve) or len(self._held) >= MAX_HELD \
                 or self._held_bytes + size > MAX_HELD_BYTES:
             # a full table serves at once: a rare duplicate rather than a loss
+            log.debug("request %s: copy served here (rank %d)", key[:12], action.rank)
             admit(action.rank)
             return
         self.counters["copies_held"] += 1
+        log.debug("request %s: copy held until +%.2fs (rank %d)", key[:12],
+                  action.until_s - now, action.rank)
         self._held[key] = _Held(now, action.until_s, action.rank, admit, size)
         self._held_bytes += size
         self._schedule(key, action.until_s)
@@ -466,6 +470,8 @@ class ExactlyOnce:
             e.claim if e is not None and self._is_mine(e.claim) else None)
         reaction = on_claim(theirs, mine=mine, serving=serving is not None,
                             sent=serving is not None and serving.sent(), held=key in self._held)
+        log.debug("request %s: claim of %s (rank %d, done %s): %s", key[:12],
+                  theirs.coordinator_id, theirs.rank, theirs.done, reaction.value)
         self._record(theirs)
         if reaction is Reaction.DROP_HELD:
             self._unhold(key)
@@ -535,6 +541,8 @@ class ExactlyOnce:
         node that joins changes nothing for copies already held (it never got them)."""
         weights = self.weights()
         before, self._weights = self._weights, weights
+        if weights != before:
+            log.debug("view: %s", weights)
         if all(weights.get(n, 0) >= w for n, w in before.items()):
             return
         for key, h in self._held.items():

@@ -35,6 +35,7 @@ from moe2.tools.bench.reliability.ledger import (
     ReplyLedger,
     fence_topic,
     sniff,
+    stepped_by_two,
     stepped_once,
 )
 from moe2.tools.fleet.bridged import BridgedFleet
@@ -65,7 +66,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, ggufs: Ggufs) -> Iterator[Br
         gates = {"c0": "a0 = 1.0\nx0 = 1.0\n", "c1": "b0 = 1.0\n"}
         for c, gate in gates.items():
             f.start_coordinator(coordinator_id=c, name=c, config_text=COORDINATOR_TOML + gate,
-                                broker=f.url_of(SITE_OF[c]))
+                                broker=f.url_of(SITE_OF[c]), log_level="DEBUG")
         asyncio.run(f.wait_bridge(up=True))
         asyncio.run(f.wait_sites({"c0": {"a0"}, "c1": {"b0"}}))
         yield f
@@ -89,7 +90,8 @@ class Observers:
                 lambda: sum(not self.ledger.records[c].terminals for c in out) < in_flight,
                 TIMEOUT_S, "a request answered")
             out.append(await self.phones[phones[i % len(phones)]].ask(REQ))
-        assert await self.ledger.answered(TIMEOUT_S, out), self.ledger.summary()
+        assert await self.ledger.answered(TIMEOUT_S, out), (self.ledger.summary(),
+                                                            self.why(out))
         return out
 
     async def settle(self, coordinators: Sequence[str]) -> None:
@@ -109,18 +111,29 @@ class Observers:
 
     def check(self, corrs: Sequence[bytes] | None = None, *,
               chunks_once: bool = True) -> dict[str, object]:
-        recs = [self.ledger.records[c] for c in (corrs or list(self.ledger.records))]
+        corrs = list(corrs or self.ledger.records)
+        recs = [self.ledger.records[c] for c in corrs]
         s = self.ledger.summary(recs)
-        assert s["lost"] == 0, s
-        assert s["duplicates"] == 0, s
-        assert s["answered_once"] == len(recs), s
+        why = self.why(corrs)
+        assert s["lost"] == 0, (s, why)
+        assert s["duplicates"] == 0, (s, why)
+        assert s["answered_once"] == len(recs), (s, why)
         if chunks_once:
-            assert s["duplicate_chunks"] == 0, s
+            assert s["duplicate_chunks"] == 0, (s, why)
         sub = ReplyLedger()
-        sub.records = {c: self.ledger.records[c] for c in (corrs or list(self.ledger.records))}
+        sub.records = {c: self.ledger.records[c] for c in corrs}
         steps = stepped_once(sub, list(self.agents.values()))
-        assert steps["requests_stepped_by_two_or_more"] == 0, steps
+        assert steps["requests_stepped_by_two_or_more"] == 0, (
+            steps, stepped_by_two(sub, list(self.agents.values())), self.logs())
         return {**s, **steps}
+
+    def why(self, corrs: Sequence[bytes] | None = None) -> dict[str, object]:
+        """What a failed check shows: the requests in trouble, and where the logs are (the
+        coordinators log each copy's fate at DEBUG, by the key's first 12 characters)."""
+        return {"troubles": self.ledger.troubles(corrs), "logs": self.logs()}
+
+    def logs(self) -> str:
+        return str(self.f.workdir)
 
 
 @contextlib.asynccontextmanager
@@ -227,12 +240,14 @@ def test_an_agent_seen_through_the_bridge_goes_away(fleet: BridgedFleet, ggufs: 
                 fleet.signal("x0", signal.SIGKILL)
             finally:
                 fleet.signal("a0", signal.SIGCONT)
-            assert await obs.ledger.answered(TIMEOUT_S, sent), obs.ledger.summary()
+            assert await obs.ledger.answered(TIMEOUT_S, sent), obs.why(sent)
             await obs.settle(["c0", "c1"])
             obs.check(sent)
             dropped = [(e, why) for c in sent for e, was, why in obs.ledger.records[c].experts
                        if was and e == "x0"]
-            assert dropped and all("offline" in why for _e, why in dropped), dropped
+            assert dropped and all("offline" in why for _e, why in dropped), (
+                dropped, {obs.ledger.records[c].key[:16]: obs.ledger.records[c].experts
+                          for c in sent}, obs.logs())
 
     asyncio.run(main())
     fleet.check_alive(["a0", "b0", "c0", "c1"])
@@ -260,9 +275,10 @@ def test_a_far_coordinator_dies_mid_request(fleet: BridgedFleet) -> None:
                 fleet.signal("c1", signal.SIGKILL)
             finally:
                 fleet.signal("b0", signal.SIGCONT)
-            assert await obs.ledger.answered(TIMEOUT_S, sent), obs.ledger.summary()
+            assert await obs.ledger.answered(TIMEOUT_S, sent), obs.why(sent)
             told = [obs.ledger.records[c] for c in sent if obs.ledger.records[c].errors]
-            assert told and all(r.errors == ["shutting_down"] for r in told), told
+            assert told and all(r.errors == ["shutting_down"] for r in told), (
+                told, [obs.ledger.records[c] for c in sent], obs.logs())
             later = await obs.send(10, phones=["pb"])
             await obs.settle(["c0"])
             obs.check(sent)
