@@ -352,6 +352,16 @@ class ExactlyOnce:
         """Whether ``key`` is claimed (by anyone), held or served here."""
         return key in self._serving or key in self._held or self._entry(key) is not None
 
+    def answered_without(self, key: str, coordinator_id: str, incarnation: str) -> bool:
+        """Whether ``key``, which that coordinator served when it died, is answered anyway (its
+        phone must not be told to retry): held or served here, claimed by another, or done."""
+        serving = self._serving.get(key)
+        if key in self._held or (serving is not None and not serving.aborted):
+            return True
+        e = self._entry(key)
+        return e is not None and (e.claim.done or (e.claim.coordinator_id, e.claim.incarnation)
+                                  != (coordinator_id, incarnation))
+
     def on_copy(self, key: str, admit: Callable[[int], None], size: int = 0) -> None:
         """A copy of a request (``size`` bytes) arrived: ``admit(rank)`` answers it now (the
         caller claims it), later (a held copy whose claim never came), or never (a

@@ -27,6 +27,7 @@ import pytest
 
 from moe2.shared import wire
 from moe2.shared.mqtt import MessageReader, make_client, parse_broker_url, payload_bytes
+from moe2.shared.topics import Topics
 from moe2.tools.bench.reliability.fleet import AGENT_ARGS
 from moe2.tools.bench.reliability.ledger import (
     AgentLedger,
@@ -253,32 +254,61 @@ def test_an_agent_seen_through_the_bridge_goes_away(fleet: BridgedFleet, ggufs: 
     fleet.check_alive(["a0", "b0", "c0", "c1"])
 
 
+async def c1_serving(reader: MessageReader, topics: Topics, served: set[str],
+                     claimed: set[str], timeout_s: float) -> None:
+    """Read c1's in-flight markers and claims as broker A has them (their request keys into
+    ``served`` and ``claimed``) until one request has both, or ``timeout_s`` passed."""
+    deadline = time.monotonic() + timeout_s
+    claims = topics.coordinator_claims("c1")
+    while not served & claimed:
+        left = deadline - time.monotonic()
+        m = await reader.next(timeout_s=left) if left > 0 else None
+        if m is None:
+            return
+        if not (data := payload_bytes(m)):
+            continue  # a marker cleared
+        if str(m.topic) == claims.topic:
+            claimed.add(claims.decode(data).key)
+        else:
+            served.add(topics.coordinator_inflight("c1", "x").decode(data).request_key)
+
+
 def test_a_far_coordinator_dies_mid_request(fleet: BridgedFleet) -> None:
-    """c1 (on B) dies while it serves phones on A: its retained in-flight markers crossed the
-    bridge, its Last Will crosses too, and c0 tells those phones (one shutting_down error
-    each, no final). Requests from B's phones afterwards cross to A and c0 answers them."""
+    """c1 (on B) dies while it serves a phone on A: its retained in-flight marker and its claim
+    crossed the bridge (so c0 dropped its own copy of the request), its Last Will crosses too,
+    and c0 tells that phone (one shutting_down error, no final). A request c1 took but had
+    not claimed yet when it died, c0 answers itself (a final, no error: one terminal reply).
+    Requests from B's phones afterwards cross to A and c0 answers them."""
 
     async def main() -> None:
         async with observers(fleet) as obs:
             fleet.signal("b0", signal.SIGSTOP)  # c1's requests stay in flight
             try:
                 sent: list[bytes] = []
+                served: set[str] = set()
+                claimed: set[str] = set()
                 async with make_client(parse_broker_url(fleet.url)) as c, \
                         MessageReader(c) as reader:
                     await c.subscribe(fleet.topics.inflight_filter("c1"), qos=1)
-                    marker = None
-                    while marker is None:
+                    await c.subscribe(fleet.topics.coordinator_claims("c1").topic, qos=1)
+                    while not served:
                         sent.append(await obs.phones["pa"].ask(REQ))
-                        m = await reader.next(timeout_s=1.0)
-                        marker = m if m is not None and payload_bytes(m) else None
+                        await c1_serving(reader, fleet.topics, served, claimed, 1.0)
                         assert len(sent) < 40, "c1 served none of 40 requests"
+                    # its claim too: killed between the two, c1 would leave that request to
+                    # c0's own copy (answered, not told)
+                    await c1_serving(reader, fleet.topics, served, claimed, TIMEOUT_S)
+                    assert served & claimed, (served, claimed, obs.logs())
                 fleet.signal("c1", signal.SIGKILL)
             finally:
                 fleet.signal("b0", signal.SIGCONT)
             assert await obs.ledger.answered(TIMEOUT_S, sent), obs.why(sent)
             told = [obs.ledger.records[c] for c in sent if obs.ledger.records[c].errors]
-            assert told and all(r.errors == ["shutting_down"] for r in told), (
+            keys = {obs.ledger.records[c].key for c in sent}
+            assert served & claimed & keys, (served, claimed, keys)
+            assert {r.key for r in told} >= served & claimed, (
                 told, [obs.ledger.records[c] for c in sent], obs.logs())
+            assert all(r.errors == ["shutting_down"] for r in told), (told, obs.logs())
             later = await obs.send(10, phones=["pb"])
             await obs.settle(["c0"])
             obs.check(sent)

@@ -296,6 +296,27 @@ def test_view_changes_reschedule_held_copies() -> None:
     assert eo.held == 0
 
 
+def test_a_dead_coordinators_request_is_told_only_when_nobody_answers_it() -> None:
+    """What the survivor checks before it tells the phone of a dead coordinator's in-flight
+    request to retry: a copy held or served here, another coordinator's claim, or an answered
+    one mean the phone gets (or got) its answer -- telling it too would be a second reply."""
+    eo, _clock, _counters = shell()
+    dead = ("c9", "i")
+    eo.on_claim(claim("c9", "B", key="1" * 32))  # the dead one claimed it: nobody else will
+    assert not eo.answered_without("1" * 32, *dead)
+    assert eo.answered_without("1" * 32, "c9", "an-earlier-run")
+    assert not eo.answered_without("2" * 32, *dead)  # nobody claimed it
+    eo.claim("2" * 32, 0, sent=lambda: False, abort=lambda: None)  # we serve it
+    assert eo.answered_without("2" * 32, *dead)
+    eo.finished("2" * 32)  # ... and answered it
+    assert eo.answered_without("2" * 32, *dead)
+    eo.on_claim(claim("c8", "C", key="3" * 32))  # a live peer answers it
+    assert eo.answered_without("3" * 32, *dead)
+    eo.claim("4" * 32, 0, sent=lambda: False, abort=lambda: None)
+    eo.on_claim(claim("c9", "B", ts=1.0, key="4" * 32))  # the dead one's claim won: we stopped
+    assert not eo.answered_without("4" * 32, *dead)
+
+
 def test_floods_stay_bounded() -> None:
     eo, clock, _counters = shell()
     for i in range(once.MAX_PEERS + 50):
