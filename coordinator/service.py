@@ -374,7 +374,8 @@ class Coordinator:
             return
         if message.topic.matches(tp.bridge_state("+")):
             if data == b"1" and not message.retain:
-                self.once.greet()  # a bridge (re)connected: the far side learns of us now
+                log.info("bridge %s connected: its outage queue may follow", topic)
+                self.once.on_bridge_up()  # stale copies wait for their claims; greet the far side
             return
         if message.topic.matches(tp.all_coordinator_status):
             gone = self.inflight.on_status(topic, data, retained=bool(message.retain))
