@@ -316,12 +316,16 @@ def _expert_dist(d: wire.Distribution) -> ExpertDist:
 async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: GenerationSettings,
                     emit: Emit, request_id: str, t0: float,
                     experts: list[ExpertState]) -> wire.FinalReply:
+    gates_raw = await ctx.gate_values(gate_text(req))
+    # The fleet as it is now, after the gate's wait (a worker thread): an agent whose Last
+    # Will arrived meanwhile must not be chosen -- nothing would fail its session's open then,
+    # and the request would wait the whole open deadline for it. No await from here to the
+    # opens below.
     allowed = ctx.plan_for(req.app)
     overrides = ctx.allow_overrides
     if overrides and req.experts is not None:
         allowed = list(req.experts)
     reg = ctx.registry()
-    gates_raw = await ctx.gate_values(gate_text(req))
     k = (req.top_k if overrides and req.top_k else None) or ctx.top_k_for(req.app) \
         or settings.top_k
     selection = select_experts(

@@ -23,7 +23,10 @@ that chose it, see README "Scale-out"):
 - **On a copy** (:func:`on_copy`): a key already claimed, held or served is dropped. A node that
   ranks first serves at once -- the common case, and the only case on one broker: *no added
   wait*. A node ranked ``r`` holds the copy and serves it only when no claim for the key came
-  within ``r * fallback_s`` (the first node never got it, or died with it).
+  within ``r * fallback_s`` (the first node never got it, or died with it). For a few
+  heartbeats after a bridge of its broker (re)connects, a first-ranked copy waits half a period
+  too (*healing*): the far side's outage queue brings copies answered there meanwhile, each
+  with its claim right behind it, and those are dropped rather than answered again.
 - **Claim**: whoever answers a request -- a final, or any error -- publishes a
   :class:`wire.RequestClaim` (QoS 1, Message Expiry = the claim TTL), after the request's
   retained in-flight marker, so that a claim is never seen without the marker that lets a
@@ -96,6 +99,9 @@ MIN_PERIOD_S, MAX_PERIOD_S = 0.05, 10.0
 #: a copy waits at most this many fallback periods, however many nodes rank before its own
 #: (many nodes, or forged heartbeats, cannot delay a request without bound)
 MAX_HOLD_RANKS = 3
+#: while healing, a first-ranked copy waits this share of ``fallback_s`` for a claim behind it
+#: (under one period: a node holding a fresh copy for a period still hears our claim in time)
+HEAL_HOLD_SHARE = 0.5
 
 
 # --------------------------------------------------------------------------- decisions (pure)
@@ -192,14 +198,23 @@ class Drop:
 CopyAction = Serve | Hold | Drop
 
 
+def hold_s(rank: int, fallback_s: float, healing: bool = False) -> float:
+    """How long a copy ranked ``rank`` here waits for a claim: ``rank`` periods (at most
+    :data:`MAX_HOLD_RANKS`); ranked first, none -- or a share of one while ``healing``."""
+    if rank == 0:
+        return HEAL_HOLD_SHARE * fallback_s if healing else 0.0
+    return min(rank, MAX_HOLD_RANKS) * fallback_s
+
+
 def on_copy(key: str, *, known: bool, node: str, weights: Mapping[str, int], now_s: float,
-            fallback_s: float) -> CopyAction:
+            fallback_s: float, healing: bool = False) -> CopyAction:
     """What to do with a copy of a request: drop a known key, serve when this node ranks
-    first, else hold it ``rank * fallback_s`` (at most :data:`MAX_HOLD_RANKS` periods)."""
+    first (unless ``healing``), else hold it for :func:`hold_s`."""
     if known:
         return Drop()
     r = rank_of(key, node, weights)
-    return Serve(0) if r == 0 else Hold(r, now_s + min(r, MAX_HOLD_RANKS) * fallback_s)
+    wait_s = hold_s(r, fallback_s, healing)
+    return Hold(r, now_s + wait_s) if wait_s > 0 else Serve(r)
 
 
 def claim_order(c: wire.RequestClaim) -> tuple[int, int, float, str, str]:
@@ -268,6 +283,7 @@ class _Held:
     rank: int
     admit: Callable[[int], None]
     size: int
+    healing: bool  # it came while a bridge's outage queue could still be arriving
 
 
 @dataclass(slots=True)
@@ -318,6 +334,8 @@ class ExactlyOnce:
         self._weights: dict[str, int] = {}
         self._warned_nodes: set[str] = set()
         self._greeted_s = -math.inf
+        self._heal_until_s = -math.inf  # monotonic: copies ranked first wait until then
+        self._heal_wall_s = -math.inf  # wall clock of the last bridge (re)connection
         self._names: dict[str, str] = {}  # peers' ids, nodes and incarnations (bounded)
         self._event = asyncio.Event()
 
@@ -352,23 +370,38 @@ class ExactlyOnce:
         """Whether ``key`` is claimed (by anyone), held or served here."""
         return key in self._serving or key in self._held or self._entry(key) is not None
 
+    def answered_without(self, key: str, coordinator_id: str, incarnation: str) -> bool:
+        """Whether ``key``, which that coordinator served when it died, is answered anyway (its
+        phone must not be told to retry): held or served here, claimed by another, or done."""
+        serving = self._serving.get(key)
+        if key in self._held or (serving is not None and not serving.aborted):
+            return True
+        e = self._entry(key)
+        return e is not None and (e.claim.done or (e.claim.coordinator_id, e.claim.incarnation)
+                                  != (coordinator_id, incarnation))
+
     def on_copy(self, key: str, admit: Callable[[int], None], size: int = 0) -> None:
         """A copy of a request (``size`` bytes) arrived: ``admit(rank)`` answers it now (the
         caller claims it), later (a held copy whose claim never came), or never (a
         duplicate)."""
         now = self._clock()
+        healing = now < self._heal_until_s
         action = on_copy(key, known=self.known(key), node=self.node, weights=self.weights(),
-                         now_s=now, fallback_s=self.fallback_s)
+                         now_s=now, fallback_s=self.fallback_s, healing=healing)
         if isinstance(action, Drop):
             self.counters["copies_dropped"] += 1
+            log.debug("request %s: copy dropped", key[:12])
             return
         if isinstance(action, Serve) or len(self._held) >= MAX_HELD \
                 or self._held_bytes + size > MAX_HELD_BYTES:
             # a full table serves at once: a rare duplicate rather than a loss
+            log.debug("request %s: copy served here (rank %d)", key[:12], action.rank)
             admit(action.rank)
             return
         self.counters["copies_held"] += 1
-        self._held[key] = _Held(now, action.until_s, action.rank, admit, size)
+        log.debug("request %s: copy held until +%.2fs (rank %d)", key[:12],
+                  action.until_s - now, action.rank)
+        self._held[key] = _Held(now, action.until_s, action.rank, admit, size, healing)
         self._held_bytes += size
         self._schedule(key, action.until_s)
 
@@ -466,6 +499,13 @@ class ExactlyOnce:
             e.claim if e is not None and self._is_mine(e.claim) else None)
         reaction = on_claim(theirs, mine=mine, serving=serving is not None,
                             sent=serving is not None and serving.sent(), held=key in self._held)
+        log.debug("request %s: claim of %s (rank %d, done %s): %s", key[:12],
+                  theirs.coordinator_id, theirs.rank, theirs.done, reaction.value)
+        now = self._clock()
+        if now < self._heal_until_s and theirs.ts < self._heal_wall_s - CLAIM_SKEW_S:
+            # a claim made before the bridge came back: its outage queue is still arriving
+            self._heal_until_s = max(self._heal_until_s,
+                                     now + HEARTBEAT_MISSES * self.heartbeat_s)
         self._record(theirs)
         if reaction is Reaction.DROP_HELD:
             self._unhold(key)
@@ -519,6 +559,13 @@ class ExactlyOnce:
             self._greeted_s = now
             self.heartbeat()
 
+    def on_bridge_up(self) -> None:
+        """A bridge of our broker (re)connected: heal for a few heartbeats (longer while claims
+        made before now keep coming from its outage queue); the far side learns of us now."""
+        self._heal_until_s = self._clock() + HEARTBEAT_MISSES * self.heartbeat_s
+        self._heal_wall_s = self._wall()
+        self.greet()
+
     def on_peer_gone(self, cid: str) -> None:
         """A peer's Last Will arrived live: it is out of the view now, not in a few seconds."""
         if self.peers.pop(cid, None) is not None:
@@ -535,11 +582,13 @@ class ExactlyOnce:
         node that joins changes nothing for copies already held (it never got them)."""
         weights = self.weights()
         before, self._weights = self._weights, weights
+        if weights != before:
+            log.debug("view: %s", weights)
         if all(weights.get(n, 0) >= w for n, w in before.items()):
             return
         for key, h in self._held.items():
-            until = h.since_s + min(rank_of(key, self.node, weights),
-                                    MAX_HOLD_RANKS) * self.fallback_s
+            until = h.since_s + hold_s(rank_of(key, self.node, weights), self.fallback_s,
+                                       h.healing)
             if until != h.until_s:
                 h.until_s = until
                 self._schedule(key, until)

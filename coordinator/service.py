@@ -374,7 +374,8 @@ class Coordinator:
             return
         if message.topic.matches(tp.bridge_state("+")):
             if data == b"1" and not message.retain:
-                self.once.greet()  # a bridge (re)connected: the far side learns of us now
+                log.info("bridge %s connected: its outage queue may follow", topic)
+                self.once.on_bridge_up()  # stale copies wait for their claims; greet the far side
             return
         if message.topic.matches(tp.all_coordinator_status):
             gone = self.inflight.on_status(topic, data, retained=bool(message.retain))
@@ -606,11 +607,15 @@ class Coordinator:
         self.outbox.put(emit.pack(wire.ErrorReplyPhone(code=code, message=message)))
 
     async def _tell_orphan(self, m: wire.InflightMarker) -> None:
-        """A request whose coordinator died: tell its phone to retry -- unless this coordinator
-        holds a copy of it (the dead one died before its claim went out), which it answers."""
-        if m.request_key and self.once.holds(m.request_key):
-            log.info("%s died serving %s's request, which this coordinator holds a copy of: "
-                     "answering that", m.coordinator_id, m.client_id)
+        """A request whose coordinator died: tell its phone to retry -- unless it is answered
+        anyway: this coordinator holds or serves a copy of it (the dead one died before its
+        claim went out; its Last Will made the held copy due at once), or answered it, or
+        another coordinator's claim says it answers it. One terminal reply, never two."""
+        if m.request_key and self.once.answered_without(m.request_key, m.coordinator_id,
+                                                        m.incarnation):
+            log.info("%s died serving %s's request %s, which is answered anyway (here or by "
+                     "another claim): not telling the phone", m.coordinator_id, m.client_id,
+                     m.request_key[:12])
             return
         self.counters["taken_over"] += 1
         who = ("a previous run of this coordinator" if m.coordinator_id == self.cfg.id

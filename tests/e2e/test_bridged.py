@@ -27,6 +27,7 @@ import pytest
 
 from moe2.shared import wire
 from moe2.shared.mqtt import MessageReader, make_client, parse_broker_url, payload_bytes
+from moe2.shared.topics import Topics
 from moe2.tools.bench.reliability.fleet import AGENT_ARGS
 from moe2.tools.bench.reliability.ledger import (
     AgentLedger,
@@ -35,6 +36,7 @@ from moe2.tools.bench.reliability.ledger import (
     ReplyLedger,
     fence_topic,
     sniff,
+    stepped_by_two,
     stepped_once,
 )
 from moe2.tools.fleet.bridged import BridgedFleet
@@ -65,7 +67,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, ggufs: Ggufs) -> Iterator[Br
         gates = {"c0": "a0 = 1.0\nx0 = 1.0\n", "c1": "b0 = 1.0\n"}
         for c, gate in gates.items():
             f.start_coordinator(coordinator_id=c, name=c, config_text=COORDINATOR_TOML + gate,
-                                broker=f.url_of(SITE_OF[c]))
+                                broker=f.url_of(SITE_OF[c]), log_level="DEBUG")
         asyncio.run(f.wait_bridge(up=True))
         asyncio.run(f.wait_sites({"c0": {"a0"}, "c1": {"b0"}}))
         yield f
@@ -89,7 +91,8 @@ class Observers:
                 lambda: sum(not self.ledger.records[c].terminals for c in out) < in_flight,
                 TIMEOUT_S, "a request answered")
             out.append(await self.phones[phones[i % len(phones)]].ask(REQ))
-        assert await self.ledger.answered(TIMEOUT_S, out), self.ledger.summary()
+        assert await self.ledger.answered(TIMEOUT_S, out), (self.ledger.summary(),
+                                                            self.why(out))
         return out
 
     async def settle(self, coordinators: Sequence[str]) -> None:
@@ -109,18 +112,29 @@ class Observers:
 
     def check(self, corrs: Sequence[bytes] | None = None, *,
               chunks_once: bool = True) -> dict[str, object]:
-        recs = [self.ledger.records[c] for c in (corrs or list(self.ledger.records))]
+        corrs = list(corrs or self.ledger.records)
+        recs = [self.ledger.records[c] for c in corrs]
         s = self.ledger.summary(recs)
-        assert s["lost"] == 0, s
-        assert s["duplicates"] == 0, s
-        assert s["answered_once"] == len(recs), s
+        why = self.why(corrs)
+        assert s["lost"] == 0, (s, why)
+        assert s["duplicates"] == 0, (s, why)
+        assert s["answered_once"] == len(recs), (s, why)
         if chunks_once:
-            assert s["duplicate_chunks"] == 0, s
+            assert s["duplicate_chunks"] == 0, (s, why)
         sub = ReplyLedger()
-        sub.records = {c: self.ledger.records[c] for c in (corrs or list(self.ledger.records))}
+        sub.records = {c: self.ledger.records[c] for c in corrs}
         steps = stepped_once(sub, list(self.agents.values()))
-        assert steps["requests_stepped_by_two_or_more"] == 0, steps
+        assert steps["requests_stepped_by_two_or_more"] == 0, (
+            steps, stepped_by_two(sub, list(self.agents.values())), self.logs())
         return {**s, **steps}
+
+    def why(self, corrs: Sequence[bytes] | None = None) -> dict[str, object]:
+        """What a failed check shows: the requests in trouble, and where the logs are (the
+        coordinators log each copy's fate at DEBUG, by the key's first 12 characters)."""
+        return {"troubles": self.ledger.troubles(corrs), "logs": self.logs()}
+
+    def logs(self) -> str:
+        return str(self.f.workdir)
 
 
 @contextlib.asynccontextmanager
@@ -227,42 +241,74 @@ def test_an_agent_seen_through_the_bridge_goes_away(fleet: BridgedFleet, ggufs: 
                 fleet.signal("x0", signal.SIGKILL)
             finally:
                 fleet.signal("a0", signal.SIGCONT)
-            assert await obs.ledger.answered(TIMEOUT_S, sent), obs.ledger.summary()
+            assert await obs.ledger.answered(TIMEOUT_S, sent), obs.why(sent)
             await obs.settle(["c0", "c1"])
             obs.check(sent)
             dropped = [(e, why) for c in sent for e, was, why in obs.ledger.records[c].experts
                        if was and e == "x0"]
-            assert dropped and all("offline" in why for _e, why in dropped), dropped
+            assert dropped and all("offline" in why for _e, why in dropped), (
+                dropped, {obs.ledger.records[c].key[:16]: obs.ledger.records[c].experts
+                          for c in sent}, obs.logs())
 
     asyncio.run(main())
     fleet.check_alive(["a0", "b0", "c0", "c1"])
 
 
+async def c1_serving(reader: MessageReader, topics: Topics, served: set[str],
+                     claimed: set[str], timeout_s: float) -> None:
+    """Read c1's in-flight markers and claims as broker A has them (their request keys into
+    ``served`` and ``claimed``) until one request has both, or ``timeout_s`` passed."""
+    deadline = time.monotonic() + timeout_s
+    claims = topics.coordinator_claims("c1")
+    while not served & claimed:
+        left = deadline - time.monotonic()
+        m = await reader.next(timeout_s=left) if left > 0 else None
+        if m is None:
+            return
+        if not (data := payload_bytes(m)):
+            continue  # a marker cleared
+        if str(m.topic) == claims.topic:
+            claimed.add(claims.decode(data).key)
+        else:
+            served.add(topics.coordinator_inflight("c1", "x").decode(data).request_key)
+
+
 def test_a_far_coordinator_dies_mid_request(fleet: BridgedFleet) -> None:
-    """c1 (on B) dies while it serves phones on A: its retained in-flight markers crossed the
-    bridge, its Last Will crosses too, and c0 tells those phones (one shutting_down error
-    each, no final). Requests from B's phones afterwards cross to A and c0 answers them."""
+    """c1 (on B) dies while it serves a phone on A: its retained in-flight marker and its claim
+    crossed the bridge (so c0 dropped its own copy of the request), its Last Will crosses too,
+    and c0 tells that phone (one shutting_down error, no final). A request c1 took but had
+    not claimed yet when it died, c0 answers itself (a final, no error: one terminal reply).
+    Requests from B's phones afterwards cross to A and c0 answers them."""
 
     async def main() -> None:
         async with observers(fleet) as obs:
             fleet.signal("b0", signal.SIGSTOP)  # c1's requests stay in flight
             try:
                 sent: list[bytes] = []
+                served: set[str] = set()
+                claimed: set[str] = set()
                 async with make_client(parse_broker_url(fleet.url)) as c, \
                         MessageReader(c) as reader:
                     await c.subscribe(fleet.topics.inflight_filter("c1"), qos=1)
-                    marker = None
-                    while marker is None:
+                    await c.subscribe(fleet.topics.coordinator_claims("c1").topic, qos=1)
+                    while not served:
                         sent.append(await obs.phones["pa"].ask(REQ))
-                        m = await reader.next(timeout_s=1.0)
-                        marker = m if m is not None and payload_bytes(m) else None
+                        await c1_serving(reader, fleet.topics, served, claimed, 1.0)
                         assert len(sent) < 40, "c1 served none of 40 requests"
+                    # its claim too: killed between the two, c1 would leave that request to
+                    # c0's own copy (answered, not told)
+                    await c1_serving(reader, fleet.topics, served, claimed, TIMEOUT_S)
+                    assert served & claimed, (served, claimed, obs.logs())
                 fleet.signal("c1", signal.SIGKILL)
             finally:
                 fleet.signal("b0", signal.SIGCONT)
-            assert await obs.ledger.answered(TIMEOUT_S, sent), obs.ledger.summary()
+            assert await obs.ledger.answered(TIMEOUT_S, sent), obs.why(sent)
             told = [obs.ledger.records[c] for c in sent if obs.ledger.records[c].errors]
-            assert told and all(r.errors == ["shutting_down"] for r in told), told
+            keys = {obs.ledger.records[c].key for c in sent}
+            assert served & claimed & keys, (served, claimed, keys)
+            assert {r.key for r in told} >= served & claimed, (
+                told, [obs.ledger.records[c] for c in sent], obs.logs())
+            assert all(r.errors == ["shutting_down"] for r in told), (told, obs.logs())
             later = await obs.send(10, phones=["pb"])
             await obs.settle(["c0"])
             obs.check(sent)

@@ -293,10 +293,15 @@ async def test_a_copy_held_for_a_node_that_never_claims_is_served(first_dies: bo
             assert f.coordinators["c1"].counters["fallback_serves"] >= 1
 
 
-async def test_a_survivor_holding_a_copy_answers_it_rather_than_telling_the_phone() -> None:
+@pytest.mark.parametrize("will_first", [False, True])
+async def test_a_survivor_holding_a_copy_answers_it_rather_than_telling_the_phone(
+        will_first: bool) -> None:
     """The far coordinator died after its in-flight marker went out but before its claim: the
     survivor still holds its own copy of the request, so it answers that copy (once its view
-    drops the dead node) instead of sending the phone shutting_down -- one terminal reply."""
+    drops the dead node) instead of sending the phone shutting_down -- one terminal reply.
+    ``will_first``: the order on a real broker -- the Last Will makes the held copy due at
+    once, the takeover of the dead one's markers comes a grace period later, when the copy is
+    no longer held but served."""
     broker = MemoryBroker()
     coord = Coordinator(CoordinatorConfig(id="c0", node="A", planner=PlannerSection(
         enabled=False)), UniformGate(), lambda will: broker.client("c0", will=will))
@@ -311,14 +316,19 @@ async def test_a_survivor_holding_a_copy_answers_it_rather_than_telling_the_phon
     coord._on_message(aiomqtt.Message(TP.request("p"), body, 1, False, 1,
                                       response_properties(rt, b"c")))
     assert coord.once.holds(key)
-    await coord._tell_orphan(wire.InflightMarker(coordinator_id="c9", incarnation="x",
-                                                 client_id="p", response_topic=rt,
-                                                 correlation=b"c", request_key=key))
+    marker = wire.InflightMarker(coordinator_id="c9", incarnation="x", client_id="p",
+                                 response_topic=rt, correlation=b"c", request_key=key)
+    if will_first:
+        coord.once.on_peer_gone("c9")
+        coord.once.serve_due(coord.clock())
+        assert not coord.once.holds(key) and coord.in_flight == 1
+    await coord._tell_orphan(marker)
     assert coord.outbox.pending() == [] and coord.counters["taken_over"] == 0
     coord.once.on_peer_gone("c9")
     coord.once.serve_due(coord.clock())
     while coord._requests:
         await asyncio.gather(*list(coord._requests), return_exceptions=True)
+    await coord._tell_orphan(marker)  # the takeover again, after the answer: still nothing
     [reply] = coord.outbox.pending()
     msg = wire.decode_phone_reply(reply.payload, None)
     assert isinstance(msg, wire.ErrorReplyPhone) and msg.code == wire.ErrorCode.NO_EXPERTS

@@ -186,6 +186,38 @@ async def test_an_agent_whose_connection_drops_is_dropped_from_the_request() -> 
         assert used["e1"][0] and "offline" in used["e1"][1]
 
 
+class HeldGate(FixedGate):
+    """A fixed gate that computes (in the coordinator's worker thread) until released."""
+
+    def __init__(self, values: dict[str, float]) -> None:
+        super().__init__(values)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def values(self, text: str) -> dict[str, float]:
+        self.entered.set()
+        self.release.wait(TIMEOUT_S)
+        return super().values(text)
+
+
+async def test_an_agent_gone_while_the_gate_runs_is_not_chosen() -> None:
+    """An agent's Last Will arrives while the gate computes a request's values: the request
+    is served by the agents online when its sessions open -- the gone one is not asked (its
+    open would never be answered nor failed, and the request would wait the open deadline)."""
+    async with memory_fleet() as f, f.phone() as phone:
+        coord = f.coordinators["c0"]
+        coord.gate = gate = HeldGate({"e0": 1.0, "e1": 2.0})
+        task = asyncio.create_task(_ask(phone, wire.PhoneRequest(prompt="hi", max_tokens=4,
+                                                                 raw=True)))
+        await wait_until(gate.entered.is_set, TIMEOUT_S, "the gate computing")
+        f.broker.drop("agent-e1")
+        await wait_until(lambda: "e1" not in coord.registry.agents, TIMEOUT_S, "e1 gone")
+        gate.release.set()
+        ans = await task
+        assert ans.final is not None, ans.error
+        assert [(e.id, e.dropped) for e in ans.final.experts] == [("e0", False)]
+
+
 async def test_a_dead_coordinators_phone_is_told_by_the_survivor() -> None:
     async with memory_fleet(coordinators=("c0", "c1")) as f, f.phone() as phone:
         for g in f.gates.values():

@@ -67,6 +67,17 @@ def test_a_nodes_share_of_first_ranks_follows_its_coordinators() -> None:
     assert abs(firsts["A"] / 3000 - 2 / 3) < 0.04
 
 
+def test_while_healing_a_copy_ranked_first_waits_half_a_period() -> None:
+    weights = {"A": 1, "B": 1}
+    order = once.ranking(KEY, weights)
+    assert once.on_copy(KEY, known=False, node=order[0], weights=weights, now_s=1.0,
+                        fallback_s=0.3, healing=True) == Hold(0, pytest.approx(1.15))
+    assert once.on_copy(KEY, known=False, node=order[1], weights=weights, now_s=1.0,
+                        fallback_s=0.3, healing=True) == Hold(1, pytest.approx(1.3))
+    assert once.on_copy(KEY, known=True, node=order[0], weights=weights, now_s=1.0,
+                        fallback_s=0.3, healing=True) == Drop()
+
+
 def test_one_node_serves_every_copy_at_once() -> None:
     """One broker (or one cluster): every coordinator is on the same node, so every copy ranks
     first -- no wait, ever."""
@@ -294,6 +305,58 @@ def test_view_changes_reschedule_held_copies() -> None:
     heartbeat(eo, "c9", "B", accepting=False)  # draining: out of the view at once
     eo.serve_due(clock.now)
     assert eo.held == 0
+
+
+def test_after_a_bridge_comes_back_copies_ranked_first_wait_for_a_claim_behind_them() -> None:
+    """A bridge (re)connects: the far side's outage queue brings copies it answered meanwhile,
+    each with its claim right behind it. For a few heartbeats a copy that ranks this node first
+    waits half a fallback period: its claim drops it (nothing answered twice); a copy with no
+    claim is served then. Stale claims keep the window open; then copies are served at once."""
+    eo, clock, counters = shell(fallback_s=2.0)
+    clock.now = 5000.0  # the wall clock too: claims made before the heal are older than it
+    keys = [f"{i:032x}" for i in range(3)]
+    got: list[str] = []
+    eo.on_bridge_up()
+    for k in keys:
+        eo.on_copy(k, lambda rank, k=k: got.append(k))
+    assert got == [] and eo.held == 3
+    eo.on_claim(claim("c9", "B", ts=4990.0, key=keys[0]))  # a stale copy: answered there
+    eo.serve_due(clock.now + 0.99)
+    assert got == [] and eo.held == 2
+    clock.now += 1.0
+    eo.serve_due(clock.now)  # no claim came for these: served here, once
+    assert sorted(got) == sorted(keys[1:]) and eo.held == 0
+    assert counters["held_dropped"] == 1
+    clock.now += 1.5
+    eo.on_claim(claim("c9", "B", ts=4990.0, key="c" * 32))  # the queue still arrives ...
+    clock.now += 2.5  # ... so the window (3 heartbeats) is open past its first end
+    eo.on_copy("a" * 32, got.append)
+    assert eo.held == 1
+    eo.on_claim(claim("c9", "B", ts=4990.0, key="a" * 32))
+    clock.now += 3.5
+    eo.on_copy("b" * 32, lambda rank: got.append("b" * 32))  # closed: served at once
+    assert got[-1] == "b" * 32 and eo.held == 0
+
+
+def test_a_dead_coordinators_request_is_told_only_when_nobody_answers_it() -> None:
+    """What the survivor checks before it tells the phone of a dead coordinator's in-flight
+    request to retry: a copy held or served here, another coordinator's claim, or an answered
+    one mean the phone gets (or got) its answer -- telling it too would be a second reply."""
+    eo, _clock, _counters = shell()
+    dead = ("c9", "i")
+    eo.on_claim(claim("c9", "B", key="1" * 32))  # the dead one claimed it: nobody else will
+    assert not eo.answered_without("1" * 32, *dead)
+    assert eo.answered_without("1" * 32, "c9", "an-earlier-run")
+    assert not eo.answered_without("2" * 32, *dead)  # nobody claimed it
+    eo.claim("2" * 32, 0, sent=lambda: False, abort=lambda: None)  # we serve it
+    assert eo.answered_without("2" * 32, *dead)
+    eo.finished("2" * 32)  # ... and answered it
+    assert eo.answered_without("2" * 32, *dead)
+    eo.on_claim(claim("c8", "C", key="3" * 32))  # a live peer answers it
+    assert eo.answered_without("3" * 32, *dead)
+    eo.claim("4" * 32, 0, sent=lambda: False, abort=lambda: None)
+    eo.on_claim(claim("c9", "B", ts=1.0, key="4" * 32))  # the dead one's claim won: we stopped
+    assert not eo.answered_without("4" * 32, *dead)
 
 
 def test_floods_stay_bounded() -> None:

@@ -153,6 +153,21 @@ class ReplyLedger:
         }
 
 
+    def troubles(self, correlations: Iterable[bytes] | None = None) -> list[dict[str, Any]]:
+        """The requests (of those named) that were lost, answered more than once, or got a
+        chunk twice -- what an assertion message should show: phone, key (the coordinators'
+        logs name a request by its first 12 characters), what came back."""
+        out = []
+        for c in (self.records if correlations is None else correlations):
+            r = self.records[c]
+            if r.terminals != 1 or r.duplicate_chunks:
+                out.append({"client": r.client_id, "key": r.key[:16], "finals": r.finals,
+                            "errors": r.errors, "chunks_twice": sorted(
+                                i for i, n in r.chunks.items() if n > 1),
+                            "sent_s": round(r.sent_s, 3)})
+        return out
+
+
 class LedgerPhone:
     """``async with LedgerPhone(client, "p1", topics, ledger) as p: await p.ask(req)`` --
     sends requests (fresh correlation data each; ``expiry_s`` sets a Message Expiry) and feeds
@@ -317,6 +332,19 @@ class CoordinatorWatch:
             self._changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), left)
+
+
+def stepped_by_two(ledger: ReplyLedger, agents: Sequence[AgentLedger]) -> dict[str, list[str]]:
+    """Request key (16 characters) -> the coordinators that sent it steps, for each request
+    two or more coordinators stepped."""
+    out: dict[str, list[str]] = {}
+    for rec in ledger.records.values():
+        s: set[str] = set()
+        for led in agents:
+            s |= led.steppers(rec.key)
+        if len(s) > 1:
+            out[rec.key[:16]] = sorted(s)
+    return out
 
 
 def stepped_once(ledger: ReplyLedger, agents: Sequence[AgentLedger]) -> dict[str, Any]:
