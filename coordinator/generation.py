@@ -268,6 +268,7 @@ class _TextPath:
         self.families = families  # agent -> family
         self.views = views  # family -> vocabulary
         self.utf8_tail = b""  # the incomplete character the answer ends with
+        self._group: dict[str, str] = {}  # agent -> its fusion group this step
 
     def n_vocab(self, e: ExpertState) -> int:
         return len(self.views[self.families[e.agent_id]].pieces)
@@ -275,19 +276,25 @@ class _TextPath:
     def decide(self, parts: Sequence[tuple[ExpertState, float, wire.Distribution]],
                req: wire.PhoneRequest, rng: np.random.Generator, ctx: RequestContext,
                request_id: str, seq: int) -> _Decision:
-        by_family: dict[str, list[tuple[float, ExpertDist]]] = {}
-        pending: dict[str, bytes] = {}
+        # Members of one family may hold different pending bytes (whether an agent commits a
+        # held token at once depends on its own logits, agent.textmode): their distributions
+        # are conditioned on different texts, so each (family, pending) is fused as a group of
+        # its own -- mixing them would read one member's healed tokens as fresh text and emit
+        # its pending bytes twice.
+        by_group: dict[tuple[str, bytes], list[tuple[float, ExpertDist]]] = {}
+        self._group = {}
         for e, w, d in parts:
-            fam = self.families[e.agent_id]
-            by_family.setdefault(fam, []).append((w, _expert_dist(d)))
-            pending.setdefault(fam, d.pending)
-        steps = [FamilyStep(fam, sum(w for w, _ in members), members, pending[fam],
-                            self.views[fam]) for fam, members in sorted(by_family.items())]
+            key = (self.families[e.agent_id], d.pending)
+            by_group.setdefault(key, []).append((w, _expert_dist(d)))
+            self._group[e.agent_id] = _group_name(*key)
+        steps = [FamilyStep(_group_name(fam, pend), sum(w for w, _ in members), members, pend,
+                            self.views[fam]) for (fam, pend), members in sorted(by_group.items())]
         # across families the answer stays valid UTF-8, so that every family can spell it and
         # the phone reads exactly the agents' bytes; one family (forced text path) follows by
         # its own tokens, whatever they are, exactly as the token path does
+        several = len({fam for fam, _pend in by_group}) > 1
         choice = xchoose(steps, req.temperature, req.top_p, rng,
-                         self.utf8_tail if len(steps) > 1 else None)
+                         self.utf8_tail if several else None)
         if not choice.end:
             data = self.utf8_tail + choice.text
             self.utf8_tail = data[len(data) - utf8_tail(data):]
@@ -298,8 +305,13 @@ class _TextPath:
 
     def item(self, e: ExpertState, d: _Decision, seq: int, k: int, speculate: bool
              ) -> wire.StepItem:
-        return wire.StepItem(e.session_id, d.hints.get(self.families[e.agent_id], -1), seq, k,
-                             d.text, speculate=False)
+        return wire.StepItem(e.session_id, d.hints.get(self._group.get(e.agent_id, ""), -1),
+                             seq, k, d.text, speculate=False)
+
+
+def _group_name(family: str, pending: bytes) -> str:
+    """The text path's fusion group: a family's members holding the same pending bytes."""
+    return f"{family}:{pending.hex()}"
 
 
 def worth_speculating(weights: Mapping[str, float], agent_id: str) -> bool:
