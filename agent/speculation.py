@@ -152,6 +152,11 @@ class Speculator:
         return Outcome(missed=sp)
 
     def forget(self, session_id: str) -> None:
-        """The session closed (its KV sequence is freed with it)."""
+        """The session closed (its KV sequence is freed with it): a speculation it still held
+        was decoded for nothing -- wasted, like a miss's (every request's last one, when the
+        coordinator closes instead of stepping)."""
         self._ready.pop(session_id, None)
-        self.spec.pop(session_id, None)
+        sp = self.spec.pop(session_id, None)
+        if sp is not None:
+            self.stats.wasted_s += sp.latency_s
+            self.stats.wasted_j += sp.energy_j

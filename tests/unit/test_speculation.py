@@ -139,3 +139,17 @@ def test_only_experts_of_at_least_their_fair_share_are_told_to_speculate() -> No
     assert worth_speculating(even, "a") and worth_speculating(even, "b")
     assert worth_speculating({"a": 1.0}, "a")
     assert not worth_speculating(gate, "gone")
+
+
+def test_a_speculation_dropped_at_close_is_counted_as_wasted() -> None:
+    """The coordinator closes a session after its last token instead of stepping: the
+    speculation decoded meanwhile cost a decode for nothing (found by adversarial review: 40
+    one-token requests left 36 % of the agent's joules in no counter)."""
+    d, _engine, _meter = _daemon()
+    d.process([_work(wire.OpenSession(session_id="s", k=4, tokens=[1, 5, 6]))])
+    assert d.spec.round() == 1  # 1 J + 0.1 J
+    assert d.process([_work(wire.CloseSession(session_ids=["s"]))]) == [None]
+    st = d.spec.stats
+    assert (st.hits, st.misses) == (0, 0)
+    assert st.wasted_j == pytest.approx(1.1)
+    assert d.telemetry().spec_wasted_j == pytest.approx(1.1)
