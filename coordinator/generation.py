@@ -258,6 +258,10 @@ class _TokenPath:
              ) -> wire.StepItem:
         return wire.StepItem(e.session_id, d.token, seq, k, speculate=speculate)
 
+    def room(self, e: ExpertState, d: _Decision) -> int:
+        """Context cells the next step may take in ``e``'s session: one token."""
+        return 1
+
 
 class _TextPath:
     """Experts of several vocabulary families: fused over texts (:mod:`.xfusion`); every
@@ -269,6 +273,7 @@ class _TextPath:
         self.views = views  # family -> vocabulary
         self.utf8_tail = b""  # the incomplete character the answer ends with
         self._group: dict[str, str] = {}  # agent -> its fusion group this step
+        self._pending: dict[str, int] = {}  # agent -> how many bytes it holds pending
 
     def n_vocab(self, e: ExpertState) -> int:
         return len(self.views[self.families[e.agent_id]].pieces)
@@ -287,6 +292,7 @@ class _TextPath:
             key = (self.families[e.agent_id], d.pending)
             by_group.setdefault(key, []).append((w, _expert_dist(d)))
             self._group[e.agent_id] = _group_name(*key)
+            self._pending[e.agent_id] = len(d.pending)
         steps = [FamilyStep(_group_name(fam, pend), sum(w for w, _ in members), members, pend,
                             self.views[fam]) for (fam, pend), members in sorted(by_group.items())]
         # across families the answer stays valid UTF-8, so that every family can spell it and
@@ -307,6 +313,11 @@ class _TextPath:
              ) -> wire.StepItem:
         return wire.StepItem(e.session_id, d.hints.get(self._group.get(e.agent_id, ""), -1),
                              seq, k, d.text, speculate=False)
+
+    def room(self, e: ExpertState, d: _Decision) -> int:
+        """Context cells the next step may take in ``e``'s session: its own tokens for its
+        pending bytes + the new ones, at most one a byte (agent.textmode)."""
+        return max(1, self._pending.get(e.agent_id, 0) + len(d.text))
 
 
 def _group_name(family: str, pending: bytes) -> str:
@@ -419,7 +430,7 @@ async def _generate(req: wire.PhoneRequest, ctx: RequestContext, settings: Gener
             break
         chunk = stream.push_bytes(decision.text)
         done = stream.stopped or n_tokens >= req.max_tokens or any(
-            e.n_past + 1 >= e.n_ctx for e in active)  # an expert's context is full
+            e.n_past + path.room(e, decision) >= e.n_ctx for e in active)  # a context is full
         if not done:
             # Send the next step before streaming this token: the phone's publish is then off
             # the critical path, overlapping the agents' decode.
