@@ -240,8 +240,10 @@ def choose(steps: Sequence[FamilyStep], temperature: float, top_p: float,
     on the exact path -- right when one family follows every step by its own tokens)."""
     cands, fams = candidates(steps)
     cands = [c for c in cands if c.score > 0.0 and math.isfinite(c.score)]
-    valid = [c for c in cands
-             if c.text is END or utf8_tail is None or utf8_continues(utf8_tail, c.text)]
+    # the end too: an answer that ends in the middle of a character shows the phone a
+    # replacement character the agents never held
+    valid = [c for c in cands if utf8_tail is None or (
+        not utf8_tail if c.text is END else utf8_continues(utf8_tail, c.text))]
     # no valid candidate (no family's top tokens finish the character): better a replacement
     # character on the phone than no answer
     cands = valid or cands

@@ -87,6 +87,22 @@ def test_across_families_the_answer_stays_valid_utf8() -> None:
     assert choose([stuck], 0.0, 1.0, GREEDY, utf8_tail=b"\xc3").text == b"1"
 
 
+def test_the_answer_does_not_end_in_the_middle_of_a_character() -> None:
+    """The end of the answer is no candidate after an incomplete character while one can
+    finish it (found by adversarial review: answers ending in U+FFFD with finish "stop")."""
+    whole = FamilyVocabView.build([b"<e>", "\u00e9".encode(), b"1", b"\xc3", b"\xa9"],
+                                  frozenset({0}))
+    ending = step("a", 0.7, whole, {0: 0.9, 4: 0.1})  # sure the answer ends here
+    other = step("b", 0.3, DIGITS, {0: 0.5, 7: 0.5})
+    assert choose([ending, other], 0.0, 1.0, GREEDY, utf8_tail=b"").end
+    out = choose([ending, other], 0.0, 1.0, GREEDY, utf8_tail=b"\xc3")
+    assert not out.end and out.text == b"\xa9"
+    for seed in range(20):  # sampling too
+        out = choose([ending, other], 1.0, 1.0, np.random.default_rng(seed),
+                     utf8_tail=b"\xc3")
+        assert not out.end
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.floats(0.001, 1.0), min_size=6, max_size=6),
        st.lists(st.floats(0.001, 1.0), min_size=6, max_size=6), st.floats(0.05, 0.95))
