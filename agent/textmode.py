@@ -45,6 +45,9 @@ class PieceIndex:
 
     def __init__(self, pieces: Sequence[bytes]) -> None:
         self.pieces = pieces
+        #: each id's text length (a heal compares them for every token the pending bytes
+        #: begin: 53,021 of Qwen2's begin with b" ")
+        self.lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
         order = sorted((p, i) for i, p in enumerate(pieces) if p)
         self._sorted = [p for p, _ in order]
         self._ids = np.asarray([i for _, i in order], dtype=np.int64)
@@ -164,8 +167,7 @@ def heal(logits: npt.NDArray[np.float32], pending: bytes, index: PieceIndex, k: 
     x -= x.max()
     p = np.exp(x)
     p /= p.sum()
-    exact = np.fromiter((len(index.pieces[int(t)]) == len(pending) for t in cand), bool,
-                        count=cand.shape[0])
+    exact = index.lengths[cand] == len(pending)
     exact_mass = float(p[exact].sum())
     exact_id = int(cand[exact][int(np.argmax(p[exact]))]) if exact.any() else None
     keep = ~exact

@@ -86,3 +86,26 @@ def test_an_agent_follows_another_tokenizers_text_byte_exactly(
         assert held_steps <= len(units), evaluated
         if reader == writer:  # its own tokens with the hint: one a step, nothing pending
             assert evaluated == [1] * len(units) and not ctx.pending
+
+
+
+def test_a_heal_over_most_of_a_vocabulary(engines: dict[str, LlamaEngine]) -> None:
+    """Pending b" " in Qwen2: 53,021 tokens begin with it (their text lengths are an array
+    lookup: a Python loop over them took 21 ms a step). The same as the definition."""
+    import numpy as np
+
+    from moe2.agent.textmode import PieceIndex, heal
+
+    pieces = engines["qwen2"].info.pieces
+    index = PieceIndex(pieces)
+    logits = np.random.default_rng(0).standard_normal(len(pieces)).astype(np.float32)
+    h = heal(logits, b" ", index, 64)
+    cand = [i for i, p in enumerate(pieces) if p.startswith(b" ")]
+    assert len(cand) > 50_000
+    p = np.exp(logits[cand].astype(np.float64) - logits[cand].max())
+    p /= p.sum()
+    exact = [j for j, i in enumerate(cand) if pieces[i] == b" "]
+    assert h.exact_id == cand[exact[0]] and h.exact_mass == pytest.approx(p[exact].sum())
+    longer = np.delete(p, exact)
+    assert h.probs[0] == pytest.approx(longer.max() / longer.sum())
+    assert all(pieces[int(t)].startswith(b" ") and pieces[int(t)] != b" " for t in h.ids)
