@@ -47,6 +47,6 @@ def test_members_of_one_family_with_different_pending_bytes_are_not_mixed() -> N
                            np.random.default_rng(0), _ctx(), "r", 1)
     assert decision.text == b"s"  # never " Winds" (the answer would read " Wind Winds")
     # each member's hint names its own token for its pending bytes + the text
-    assert path.item(e["q2"], decision, 2, 8).token == 2  # " Winds"
-    assert path.item(e["q1"], decision, 2, 8).token == 3  # "s"
-    assert path.item(e["l"], decision, 2, 8).token == 2  # "s"
+    assert path.item(e["q2"], decision, 2, 8, False).token == 2  # " Winds"
+    assert path.item(e["q1"], decision, 2, 8, False).token == 3  # "s"
+    assert path.item(e["l"], decision, 2, 8, False).token == 2  # "s"
