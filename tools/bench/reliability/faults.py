@@ -65,10 +65,11 @@ async def phase_agent_faults(fleet: ReliabilityFleet, spec: LoadSpec, *,
         for a in fleet.agents:
             if a != killed:
                 fleet.signal(a, signal.SIGCONT)
-        await progress.reached(max(1, spec.total * 35 // 100))
+        await progress.reached(max(1, spec.total * 35 // 100), mid_answer=False)
         fleet.restart(killed)
         times["restart"] = time.monotonic()
-        await progress.reached(max(1, spec.total * 55 // 100))
+        # while requests are still being sent: the last wave's may all be near their end
+        await progress.reached(max(1, spec.total * 45 // 100))
         times["stop"] = time.monotonic()
         fleet.signal(hung, signal.SIGSTOP)
         await asyncio.sleep(hang_s)
@@ -93,6 +94,8 @@ async def phase_agent_faults(fleet: ReliabilityFleet, spec: LoadSpec, *,
         killed_agent=killed, hung_agent=hung, hang_s=hang_s,
         finals_with_killed_dropped=len(dropped_killed),
         finals_with_hung_dropped=len(dropped_hung),
+        finals_in_flight_at_stop=sum(1 for o in finals
+                                     if o.sent_s < times.get("stop", -1.0) < o.ended_s),
         hung_dropped_by_step_deadline=sum("deadline" in r for r in dropped_hung),
         finals_in_flight_at_kill_with_killed_dropped=len(dropped_by_kill),
         finals_in_flight_at_kill_with_killed_dropped_offline=sum(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import logging
 import random
 import time
@@ -41,25 +43,53 @@ class LoadSpec:
 
 
 class Progress:
-    """Completed requests so far; fault injectors wait for a share of the load."""
+    """Completed requests so far, and the requests now early in their answer; fault injectors
+    wait for a share of the load with requests mid-answer, so that a fault always finds some
+    in flight with steps left (completions come in waves: the nth may arrive while every other
+    request is at its last token too)."""
 
     def __init__(self) -> None:
         self.done = 0
+        self._chunks: dict[int, int] = {}  # request in flight -> token chunks it received
+        self._early_below = 1  # a request with fewer chunks than this is early in its answer
+        self.finished = False  # the load is over: nothing more to wait for
         self._changed = asyncio.Event()
 
     def bump(self) -> None:
         self.done += 1
         self._changed.set()
 
-    async def reached(self, n: int) -> None:
-        while self.done < n:
+    def chunk(self, request: int, max_tokens: int) -> None:
+        """``request`` received one more token chunk (of ``max_tokens`` at most)."""
+        self._chunks[request] = self._chunks.get(request, 0) + 1
+        self._early_below = max(2, max_tokens // 2)
+        self._changed.set()
+
+    def ended(self, request: int) -> None:
+        self._chunks.pop(request, None)
+
+    def finish(self) -> None:
+        """Every request ended: a waiting injector goes on (and its fault finds no load, which
+        the phase's figures show) instead of waiting for ever."""
+        self.finished = True
+        self._changed.set()
+
+    def early(self) -> int:
+        """Requests that are streaming their answer with half of it or more still to come."""
+        return sum(1 for n in self._chunks.values() if n < self._early_below)
+
+    async def reached(self, n: int, *, mid_answer: bool = True) -> None:
+        """``n`` requests completed and (``mid_answer``) one or more early in its answer: its
+        experts chosen, its sessions open, steps left to take."""
+        while not self.finished and (self.done < n or (mid_answer and not self.early())):
             self._changed.clear()
             await self._changed.wait()
 
 
 async def ask_once(phone: PhoneClient, phase: str, request: wire.PhoneRequest,
-                   timeout_s: float) -> Outcome:
-    """One request, classified (never raises for a protocol outcome)."""
+                   timeout_s: float, on_chunk: Callable[[], None] | None = None) -> Outcome:
+    """One request, classified (never raises for a protocol outcome); ``on_chunk`` is called
+    for every token chunk."""
     t0 = time.monotonic()
     chunks = 0
     try:
@@ -74,6 +104,8 @@ async def ask_once(phone: PhoneClient, phase: str, request: wire.PhoneRequest,
                 return Outcome(phase, phone.client_id, "error", t0, time.monotonic() - t0,
                                code=msg.code.value, message=msg.message)
             chunks += 1
+            if on_chunk is not None:
+                on_chunk()
     except AskError as exc:
         kind = "phone_error" if exc.code in PHONE_ERRORS else exc.code
         return Outcome(phase, phone.client_id, kind, t0, time.monotonic() - t0,
@@ -104,14 +136,18 @@ async def drive_load(fleet: ReliabilityFleet, phase: str, spec: LoadSpec,
     outcomes: list[Outcome] = []
     rng = random.Random(seed)
     tag = uuid.uuid4().hex[:6]
+    numbers = itertools.count()
     phones = [fleet.phone(f"{phase}-{tag}-{i}") for i in range(spec.clients)]
 
     async def client(phone: PhoneClient, quota: list[int]) -> None:
         while quota[0] > 0:
             quota[0] -= 1
             prompt = f"{rng.choice(PROMPTS)} ({len(outcomes)})"
+            n = next(numbers)
             out = await ask_once(phone, phase, wire.PhoneRequest(
-                prompt=prompt, max_tokens=spec.max_tokens, raw=True), spec.timeout_s)
+                prompt=prompt, max_tokens=spec.max_tokens, raw=True), spec.timeout_s,
+                on_chunk=functools.partial(progress.chunk, n, spec.max_tokens))
+            progress.ended(n)
             outcomes.append(out)
             progress.bump()
             if not out.sent:
@@ -132,6 +168,7 @@ async def drive_load(fleet: ReliabilityFleet, phase: str, spec: LoadSpec,
         try:
             await asyncio.gather(*workers)
             wall = time.monotonic() - t0
+            progress.finish()
             injected = await inj if inj is not None else None
         finally:
             for t in [*workers, *([inj] if inj is not None else [])]:
