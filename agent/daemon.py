@@ -12,6 +12,7 @@ shared among its sessions in proportion to the tokens each one evaluated.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -118,7 +119,13 @@ class AgentDaemon:
             max_k=cfg.max_k,
         )
         self.stats = AgentStats()
-        self._queue: asyncio.Queue[Work] = asyncio.Queue()
+        # Work for the engine thread: appended on the event loop, taken by the engine thread
+        # itself between decodes (deque appends and pops are atomic), so that a step which
+        # arrives during a decode costs no hand-off back to the loop and out again.
+        self._inbox: collections.deque[Work] = collections.deque()
+        self._work_ready = asyncio.Event()  # set with every append: wakes an idle worker
+        self._sending: set[asyncio.Task[None]] = set()  # replies on their way to the broker
+        self._halt = False  # shutdown: the engine thread stops taking work
         self._client: MqttClient | None = None
         self._stopping = asyncio.Event()
         self._connected = asyncio.Event()
@@ -193,8 +200,10 @@ class AgentDaemon:
                         raise t.exception()  # type: ignore[misc]
             # Drain: let queued and in-flight work finish (up to the timeout).
             deadline = self.clock() + self.cfg.drain_timeout_s
-            while (not self._queue.empty() or self._busy) and self.clock() < deadline:  # noqa: ASYNC110 - two conditions, polled briefly at shutdown
+            while ((self._inbox or self._busy or self._sending)  # noqa: ASYNC110 - three conditions, polled briefly at shutdown
+                   and self.clock() < deadline):
                 await asyncio.sleep(0.02)
+            self._halt = True
             await cancel_and_wait(loops)
             self.notifier.stopping()
             await self._publish_offline()
@@ -269,9 +278,13 @@ class AgentDaemon:
                 code = (wire.ErrorCode.UNSUPPORTED_VERSION
                         if isinstance(exc, wire.UnsupportedVersionError)
                         else wire.ErrorCode.MALFORMED)
-                self._queue.put_nowait(Work(None, f"malformed request: {exc}", rt, corr, code))
+                self._enqueue(Work(None, f"malformed request: {exc}", rt, corr, code))
             return
-        self._queue.put_nowait(Work(msg, None, rt, corr))
+        self._enqueue(Work(msg, None, rt, corr))
+
+    def _enqueue(self, work: Work) -> None:
+        self._inbox.append(work)
+        self._work_ready.set()
 
     def _on_own_status(self, data: bytes) -> None:
         if self._stopping.is_set():
@@ -305,30 +318,51 @@ class AgentDaemon:
         await client.publish(st.topic, st.encode(self.status("online")), qos=1, retain=True)
 
     async def _worker_loop(self) -> None:
+        """Runs the engine thread whenever there is work, and waits while there is none."""
+        loop = asyncio.get_running_loop()
         while True:
-            if self._queue.empty() and self.spec.pending() and not self._stopping.is_set():
-                # idle: decode the likely next tokens (agent/speculation.py); a step that
-                # arrives meanwhile waits for this one batched decode at most
-                self._busy = True
-                try:
-                    await asyncio.to_thread(self.spec.round)
-                finally:
-                    self._busy = False
+            self._work_ready.clear()
+            if not self._inbox and not self._may_speculate():
+                await self._work_ready.wait()
                 continue
-            first = await self._queue.get()
-            batch = [first]
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
             self._busy = True
             try:
+                await asyncio.to_thread(self._engine_run, loop)
+            finally:
+                self._busy = False
+
+    def _may_speculate(self) -> bool:
+        return self.spec.pending() and not self._stopping.is_set() and not self._halt
+
+    def _engine_run(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Engine thread, until idle: queued work first (a real step always goes before a
+        speculative one), then the sessions' speculations (agent/speculation.py) while nothing
+        is queued -- a step that arrives meanwhile waits for that one batched decode at most.
+        Replies go to the loop to be published while this thread decodes on: with a
+        speculation hit, one token costs its decode and nothing else on the critical path."""
+        while not self._halt:
+            if self._inbox:
+                batch: list[Work] = []
+                while self._inbox:
+                    batch.append(self._inbox.popleft())
                 replies: list[wire.Reply | None]
                 if self._stopping.is_set() and self.cfg.drain_timeout_s <= 0:
                     replies = [self._shutdown_reply(w) for w in batch]
                 else:
-                    replies = await asyncio.to_thread(self.process, batch)
-            finally:
-                self._busy = False
-            await self._send_replies(batch, replies)
+                    replies = self.process(batch)
+                try:
+                    loop.call_soon_threadsafe(self._start_sending, batch, replies)
+                except RuntimeError:  # the loop is closed: the daemon has exited
+                    return
+            elif self._may_speculate():
+                self.spec.round()
+            else:
+                return
+
+    def _start_sending(self, batch: Sequence[Work], replies: Sequence[wire.Reply | None]) -> None:
+        task = asyncio.create_task(self._send_replies(batch, replies), name="replies")
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     def _shutdown_reply(self, w: Work) -> wire.Reply:
         return wire.Reply(agent_id=self.cfg.id, errors=[wire.ErrorItem(
@@ -628,6 +662,5 @@ class AgentDaemon:
             expired = self.table.expired(self.clock(), self.cfg.idle_timeout_s)
             if expired:
                 log.info("agent %s: closing %d idle session(s)", self.cfg.id, len(expired))
-                self._queue.put_nowait(Work(wire.CloseSession(session_ids=expired), None,
-                                            None, None))
+                self._enqueue(Work(wire.CloseSession(session_ids=expired), None, None, None))
 

@@ -220,9 +220,8 @@ def _batch(d: AgentDaemon, payloads: Sequence[bytes], with_rt: bool = True) -> l
         d._on_message(_message(TP.agent_rpc("fz"), p,
                                TP.coordinator_inbox("c0").topic if with_rt else None,
                                str(i).encode(), None, False))
-    out = []
-    while not d._queue.empty():
-        out.append(d._queue.get_nowait())
+    out = list(d._inbox)
+    d._inbox.clear()
     return out
 
 
