@@ -9,12 +9,17 @@ which agree on most tokens but not all (random experts of different seeds would 
 almost every token: no fleet fuses those). Two fleets run side by side, requests alternating:
 the agents' default speculation, and ``--speculate-min-p 0``. The hit rate is the share of the
 experts' steps answered from a speculative decode (from the finals' expert entries).
+``together_direct_per_token_ms``: both experts decoding at once directly, no messaging -- on a
+machine where the experts share the cores (and memory bandwidth) that is the floor of a fused
+token, and ``together_over_fused`` says how much of the rest the messaging costs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import statistics
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +56,41 @@ def _experts(work: Path, seed: int) -> list[Any]:
     b = ExpertFile(name="large-b", path=path, spec=a.spec, seed=a.seed, n_params=a.n_params,
                    fingerprint=a.fingerprint, file_type=a.file_type, chat_template=None)
     return [a, b]
+
+
+def _concurrent_direct_per_token_s(paths: list[Path], n_tokens: int, repeats: int) -> float:
+    """Every expert decoding at once with llama-cpp-python, one thread each (llama.cpp drops
+    the GIL in its decode), no messaging: the machine's own floor for a fused token, where
+    the experts share its cores and memory bandwidth. Per repeat the slowest expert's time a
+    token; the median over repeats."""
+    import llama_cpp
+
+    llms = [llama_cpp.Llama(str(p), n_ctx=512, n_threads=1, verbose=False) for p in paths]
+    barrier = threading.Barrier(len(llms))
+    per_run: list[float] = []
+
+    def decode(llm: Any, out: list[float]) -> None:
+        n_vocab = llm.n_vocab()
+        llm.reset()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+        llm.eval(llm.tokenize(PROMPT.encode(), add_bos=True, special=False))
+        barrier.wait()
+        t0 = time.perf_counter()
+        for _ in range(n_tokens):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                           shape=(n_vocab,))
+            llm.eval([int(np.argmax(logits))])
+        out.append((time.perf_counter() - t0) / n_tokens)
+
+    for _ in range(repeats):
+        times: list[float] = []
+        threads = [threading.Thread(target=decode, args=(llm, times)) for llm in llms]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        per_run.append(max(times))
+    return statistics.median(per_run)
 
 
 async def _per_token(fleet: Fleet, roots: dict[str, str], agents: dict[str, list[str]],
@@ -107,6 +147,8 @@ def run_large(work: Path, *, quick: bool, seed: int) -> dict[str, Any]:
     direct = {e.name: _direct_per_token_s(e.path, n_tokens, max(2, repeats // 2))
               for e in experts}
     slowest_s = max(direct.values())
+    together_s = _concurrent_direct_per_token_s([e.path for e in experts], n_tokens,
+                                                max(2, repeats // 2))
     roots = {"speculation": "large-spec", "no_speculation": "large-plain"}
     agents: dict[str, list[str]] = {}
     with Fleet(work / "fleet") as fleet:
@@ -127,11 +169,16 @@ def run_large(work: Path, *, quick: bool, seed: int) -> dict[str, Any]:
                     for e in experts},
         "perturb": PERTURB, "tokens_per_request": n_tokens, "repeats": repeats,
         "slowest_direct_per_token_ms": 1e3 * slowest_s,
+        # both decoding at once, directly: what two experts cost on these cores before any
+        # messaging (large_ratio's ceiling here when experts share a machine)
+        "together_direct_per_token_ms": 1e3 * together_s,
         **sides,
     }
     for side in roots:
         ratio = 1e3 * slowest_s / sides[side]["fused_per_token_ms"]
         out["large_ratio" if side == "speculation" else "large_ratio_no_speculation"] = ratio
+    out["together_over_fused"] = (1e3 * together_s
+                                  / out["speculation"]["fused_per_token_ms"])
     out["spec_hit_rate"] = sides["speculation"]["spec_hit_rate"]
     out["target_large_ratio"] = 0.85
     return out
