@@ -208,6 +208,7 @@ class AgentDaemon:
             self.notifier.stopping()
             await self._publish_offline()
         finally:
+            self._halt = True  # also when a loop failed: the engine thread takes no more work
             await cancel_and_wait([session, *loops, stop])
         return 0
 
