@@ -43,6 +43,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,24 +66,36 @@ from moe2.tools.models.fixtures import make_real_vocab_expert
 PROMPT = "What is the capital of France?"
 
 
-def _direct_per_token_s(path: Path, n_tokens: int, repeats: int) -> float:
+def _direct_llm(path: Path) -> Any:
+    """An expert loaded straight into llama-cpp-python, as the direct side of a bench."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=1, verbose=False)
+    return llama_cpp.Llama(str(path), n_ctx=512, n_threads=1, verbose=False)
+
+
+def _greedy_per_token_s(llm: Any, n_tokens: int,
+                        ready: Callable[[], object] | None = None) -> float:
+    """One greedy run of ``n_tokens`` after :data:`PROMPT` from an empty cache, seconds a
+    token; ``ready`` is called between the prompt and the clock's start."""
+    import llama_cpp
+
     n_vocab = llm.n_vocab()
-    times = []
-    for _ in range(repeats):
-        llm.reset()  # type: ignore[no-untyped-call]
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
-        toks = llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
-        llm.eval(toks)
-        t0 = time.perf_counter()
-        for _ in range(n_tokens):
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
-                                           shape=(n_vocab,))
-            llm.eval([int(np.argmax(logits))])
-        times.append((time.perf_counter() - t0) / n_tokens)
-    return statistics.median(times)
+    llm.reset()
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+    llm.eval(llm.tokenize(PROMPT.encode(), add_bos=True, special=False))
+    if ready is not None:
+        ready()
+    t0 = time.perf_counter()
+    for _ in range(n_tokens):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                       shape=(n_vocab,))
+        llm.eval([int(np.argmax(logits))])
+    return (time.perf_counter() - t0) / n_tokens
+
+
+def _direct_per_token_s(path: Path, n_tokens: int, repeats: int) -> float:
+    llm = _direct_llm(path)
+    return statistics.median(_greedy_per_token_s(llm, n_tokens) for _ in range(repeats))
 
 
 async def _bare_rtt_s(url: str, payload_size: int, n: int) -> float:

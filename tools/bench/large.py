@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import statistics
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -63,28 +62,18 @@ def _concurrent_direct_per_token_s(paths: list[Path], n_tokens: int, repeats: in
     the GIL in its decode), no messaging: the machine's own floor for a fused token, where
     the experts share its cores and memory bandwidth. Per repeat the slowest expert's time a
     token; the median over repeats."""
-    import llama_cpp
+    from moe2.tools.bench.fusion import _direct_llm, _greedy_per_token_s
 
-    llms = [llama_cpp.Llama(str(p), n_ctx=512, n_threads=1, verbose=False) for p in paths]
+    llms = [_direct_llm(p) for p in paths]
     barrier = threading.Barrier(len(llms))
     per_run: list[float] = []
 
-    def decode(llm: Any, out: list[float]) -> None:
-        n_vocab = llm.n_vocab()
-        llm.reset()
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
-        llm.eval(llm.tokenize(PROMPT.encode(), add_bos=True, special=False))
-        barrier.wait()
-        t0 = time.perf_counter()
-        for _ in range(n_tokens):
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
-                                           shape=(n_vocab,))
-            llm.eval([int(np.argmax(logits))])
-        out.append((time.perf_counter() - t0) / n_tokens)
+    def run(llm: Any, times: list[float]) -> None:
+        times.append(_greedy_per_token_s(llm, n_tokens, barrier.wait))
 
     for _ in range(repeats):
         times: list[float] = []
-        threads = [threading.Thread(target=decode, args=(llm, times)) for llm in llms]
+        threads = [threading.Thread(target=run, args=(m, times)) for m in llms]
         for t in threads:
             t.start()
         for t in threads:

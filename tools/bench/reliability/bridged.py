@@ -186,6 +186,15 @@ async def _ready(fleet: Fleet) -> None:
     await fleet.wait_sites({c: {a} for c, a in GATES.items()})
 
 
+async def _measured_load(run: Run, n: int, in_flight: int, max_tokens: int) -> dict[str, Any]:
+    """A warm-up, then ``n`` requests whose every reply is counted once it has settled."""
+    await run.load(max(8, n // 10), in_flight, max_tokens)
+    run.ledger.records.clear()
+    sent = await run.load(n, in_flight, max_tokens)
+    await run.settle(list(GATES))
+    return run.figures(sent)
+
+
 async def _single(work: Path, experts: Sequence[Path], n: int, in_flight: int,
                   max_tokens: int) -> dict[str, Any]:
     with Fleet(work / "single") as fleet:
@@ -193,11 +202,7 @@ async def _single(work: Path, experts: Sequence[Path], n: int, in_flight: int,
         ports = _start(fleet, experts, urls)
         await _ready(fleet)
         async with observed(fleet, urls) as run:
-            await run.load(max(8, n // 10), in_flight, max_tokens)  # warm-up
-            run.ledger.records.clear()
-            sent = await run.load(n, in_flight, max_tokens)
-            await run.settle(list(GATES))
-            out = run.figures(sent)
+            out = await _measured_load(run, n, in_flight, max_tokens)
         out["coordinator_events"] = scrape(ports)
         return out
 
@@ -209,11 +214,7 @@ async def _bridged(work: Path, experts: Sequence[Path], n: int, in_flight: int,
         ports = _start(fleet, experts, urls)
         await _ready(fleet)
         async with observed(fleet, urls) as run:
-            await run.load(max(8, n // 10), in_flight, max_tokens)  # warm-up
-            run.ledger.records.clear()
-            sent = await run.load(n, in_flight, max_tokens)
-            await run.settle(list(GATES))
-            load = run.figures(sent)
+            load = await _measured_load(run, n, in_flight, max_tokens)
             load["coordinator_events"] = scrape(ports)
             # the bridge drops for drop_s under load, and comes back
             t0 = time.monotonic()
