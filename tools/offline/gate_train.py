@@ -269,7 +269,7 @@ def _train_gate(cal: Calibration, cfg: GateTrainConfig, *, progress: bool) -> Ga
                         "lr": float(opt.param_groups[0]["lr"])})
         if val_loss < best_loss - 1e-6:
             best_loss, best_epoch, best_state = val_loss, epoch, copy.deepcopy(mlp.state_dict())
-        bar.set_postfix(val=f"{val_loss:.4f}", best=f"{best_loss:.4f}")
+        bar.set_postfix(val=f"{val_loss:.4f}", best=f"{best_loss:.4f}", refresh=False)
         if epoch - best_epoch >= cfg.patience:
             logger.info("early stop at epoch %d (best %d, val loss %.5f)", epoch, best_epoch,
                         best_loss)
