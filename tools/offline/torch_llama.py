@@ -317,7 +317,7 @@ def train_lm(
         value = float(loss.detach())
         losses.append(value)
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{value:.3f}")
+            bar.set_postfix(loss=f"{value:.3f}", refresh=False)
     bar.close()
     model.eval()
     logger.debug("%s: %d steps, final loss %.4f", desc, config.steps,
