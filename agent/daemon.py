@@ -366,8 +366,19 @@ class AgentDaemon:
         task.add_done_callback(self._sending.discard)
 
     def _shutdown_reply(self, w: Work) -> wire.Reply:
+        """Work taken after a stop without drain: each session it names is told, so that the
+        coordinator fails those steps at once (an error without a session only gets logged)."""
+        msg = w.msg
+        named: list[tuple[str | None, int | None]]
+        if isinstance(msg, wire.Step):
+            named = [(item.session_id, item.seq) for item in msg.items]
+        elif isinstance(msg, (wire.OpenSession, wire.ScoreAnswer)):
+            named = [(msg.session_id, None)]
+        else:
+            named = [(None, None)]
         return wire.Reply(agent_id=self.cfg.id, errors=[wire.ErrorItem(
-            code=wire.ErrorCode.SHUTTING_DOWN, message="agent is shutting down")])
+            code=wire.ErrorCode.SHUTTING_DOWN, message="agent is shutting down",
+            session_id=sid, seq=seq) for sid, seq in named])
 
     async def _send_replies(self, batch: Sequence[Work],
                             replies: Sequence[wire.Reply | None]) -> None:

@@ -4,9 +4,7 @@ their decode's time and joules, and what is never speculated on."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import pytest
@@ -155,48 +153,3 @@ def test_a_speculation_dropped_at_close_is_counted_as_wasted() -> None:
     assert (st.hits, st.misses) == (0, 0)
     assert st.wasted_j == pytest.approx(1.1)
     assert d.telemetry().spec_wasted_j == pytest.approx(1.1)
-
-
-def test_the_engine_thread_serves_queued_work_before_speculating_and_until_idle() -> None:
-    """One run of the engine thread: the open queued for it first, then the speculation its
-    reply made worth it, then the step that arrived meanwhile -- answered from that
-    speculation without going back to the event loop -- then the next speculation; replies are
-    handed to the loop in order, and the thread returns once nothing is left."""
-    d, engine, _meter = _daemon()
-    loop = asyncio.new_event_loop()
-    handed: list[tuple[list[wire.Reply | None], int]] = []
-    try:
-        def hand_over(batch: Sequence[Work], replies: Sequence[wire.Reply | None]) -> None:
-            handed.append((list(replies), len(engine.calls)))
-
-        speculate = d.spec.round
-
-        def round_then_a_step_arrives() -> int:
-            n = speculate()
-            if len(handed) == 1:  # the coordinator's step, sent while the thread decoded
-                [dist] = next(r for r in handed[0][0] if r is not None).dists
-                d._inbox.append(_work(wire.Step(items=[
-                    wire.StepItem("s", int(dist.id_array()[0]), 1, 4)])))
-            return n
-
-        d.spec.round = round_then_a_step_arrives  # type: ignore[method-assign]
-        d._start_sending = hand_over  # type: ignore[method-assign]
-        d._inbox.append(_work(wire.OpenSession(session_id="s", k=4, tokens=[1, 5, 6])))
-        # the loop's callbacks are run by hand: call_soon_threadsafe only queues them
-        real = loop.call_soon_threadsafe
-
-        def run_now(cb: Any, *args: Any) -> Any:
-            cb(*args)
-            return real(lambda: None)
-
-        loop.call_soon_threadsafe = run_now  # type: ignore[method-assign]
-        d._engine_run(loop)
-    finally:
-        loop.close()
-    assert len(handed) == 2
-    open_calls, step_calls = handed[0][1], handed[1][1]
-    assert step_calls == open_calls + 1  # the one speculative decode; the hit decoded nothing
-    [[step_reply]] = [handed[1][0]]
-    assert step_reply is not None and step_reply.dists[0].spec == 1  # a hit
-    assert len(engine.calls) == step_calls + 1  # and the next speculation, then idle
-    assert not d._inbox and not d.spec.pending()
