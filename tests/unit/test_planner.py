@@ -591,3 +591,18 @@ def test_table_enumeration_equals_the_matrix_evaluation(problem: Problem, seed: 
     assert fast.loss == pytest.approx(table.loss(fast.mask), abs=1e-12)
     assert fast.mask & include == include
     assert float(problem.energy_j[members(fast.mask & ~include)].sum()) <= capacity + 1e-9
+
+
+def test_a_proven_optimum_has_no_gap_whatever_its_bound_says() -> None:
+    """The search's own bound may sit a float's breadth under the loss it proved optimal
+    (hypothesis found 5.6e-17): the reported bound is then the loss and the gap exactly 0."""
+    from moe2.coordinator.planner.problem import _Run
+
+    problem = random_problem(8, seed=1, specialist=False)
+    best = exhaustive(problem, None)
+    assert best.loss is not None
+    run = _Run(problem, "exact", None)
+    res = run.result(best.mask, optimal=True, bound=best.loss - 5.551115123125783e-17)
+    assert (res.bound, res.gap) == (res.loss, 0.0)
+    stopped = run.result(best.mask, optimal=False, bound=best.loss - 0.25)
+    assert stopped.gap == pytest.approx(0.25)
