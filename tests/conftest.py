@@ -11,6 +11,7 @@ folder:
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from moe2.tools.fleet.harness import spawn_moe2
 from moe2.tools.fleet.localbroker import LocalBroker
@@ -26,6 +28,13 @@ from moe2.tools.models.fixtures import make_real_vocab_expert
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
+
+
+# Property tests draw the same examples on every run (CI must not pass or fail by the draw);
+# HYPOTHESIS_PROFILE=explore draws fresh ones, to look for new counterexamples.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
