@@ -12,7 +12,7 @@ def test_a_fault_waits_for_a_request_early_in_its_answer() -> None:
     and a fault injected then finds nothing in flight (the chaos test saw no drop)."""
 
     async def scenario() -> list[str]:
-        p = Progress()
+        p = Progress(max_tokens=12)
         seen: list[str] = []
 
         async def injector() -> None:
@@ -24,10 +24,10 @@ def test_a_fault_waits_for_a_request_early_in_its_answer() -> None:
         p.bump()  # two done, but no request is streaming yet
         await asyncio.sleep(0)
         for _ in range(7):
-            p.chunk(1, max_tokens=12)  # request 1 is past half of its answer
+            p.chunk(1)  # request 1 is past half of its answer
         await asyncio.sleep(0)
         seen.append("late ones only")
-        p.chunk(2, max_tokens=12)  # request 2 has just begun
+        p.chunk(2)  # request 2 has just begun
         await task
         assert p.early() == 1
         p.ended(2)

@@ -48,10 +48,11 @@ class Progress:
     in flight with steps left (completions come in waves: the nth may arrive while every other
     request is at its last token too)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_tokens: int = 16) -> None:
         self.done = 0
         self._chunks: dict[int, int] = {}  # request in flight -> token chunks it received
-        self._early_below = 1  # a request with fewer chunks than this is early in its answer
+        # a request with fewer chunks than this is early in its answer
+        self._early_below = max(2, max_tokens // 2)
         self.finished = False  # the load is over: nothing more to wait for
         self._changed = asyncio.Event()
 
@@ -59,10 +60,9 @@ class Progress:
         self.done += 1
         self._changed.set()
 
-    def chunk(self, request: int, max_tokens: int) -> None:
-        """``request`` received one more token chunk (of ``max_tokens`` at most)."""
+    def chunk(self, request: int) -> None:
+        """``request`` received one more token chunk."""
         self._chunks[request] = self._chunks.get(request, 0) + 1
-        self._early_below = max(2, max_tokens // 2)
         self._changed.set()
 
     def ended(self, request: int) -> None:
@@ -132,7 +132,7 @@ async def drive_load(fleet: ReliabilityFleet, phase: str, spec: LoadSpec,
                      seed: int = 0) -> LoadRun:
     """``spec.clients`` phones, each with ``spec.concurrency`` requests in flight, until each
     has made ``spec.per_client`` requests; ``injector`` runs alongside (faults)."""
-    progress = Progress()
+    progress = Progress(spec.max_tokens)
     outcomes: list[Outcome] = []
     rng = random.Random(seed)
     tag = uuid.uuid4().hex[:6]
@@ -146,7 +146,7 @@ async def drive_load(fleet: ReliabilityFleet, phase: str, spec: LoadSpec,
             n = next(numbers)
             out = await ask_once(phone, phase, wire.PhoneRequest(
                 prompt=prompt, max_tokens=spec.max_tokens, raw=True), spec.timeout_s,
-                on_chunk=functools.partial(progress.chunk, n, spec.max_tokens))
+                on_chunk=functools.partial(progress.chunk, n))
             progress.ended(n)
             outcomes.append(out)
             progress.bump()
