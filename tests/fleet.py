@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,13 @@ def start_coordinator(procs: Any, broker_url: str, *extra: str, name: str = "c0"
                       log_name=f"coordinator-{name}")
 
 
-async def wait_plan(broker_url: str, experts: Sequence[str], timeout_s: float = 60.0,
-                    app: str = "default", topics: Topics | None = None) -> wire.PlanMsg:
-    """Until the retained plan lets ``app`` use exactly ``experts`` (coordinator sees them)."""
+async def plan_where(broker_url: str, pred: Callable[[wire.PlanMsg], bool], *,
+                     timeout_s: float = 60.0, topics: Topics | None = None
+                     ) -> tuple[wire.PlanMsg | None, wire.PlanMsg | None]:
+    """The first retained or published plan ``pred`` accepts (None at the deadline), and the
+    last plan seen; reconnects while the broker is not there yet."""
     topics = topics or Topics()
     deadline = time.monotonic() + timeout_s
-    want = sorted(experts)
     last: wire.PlanMsg | None = None
     while time.monotonic() < deadline:
         try:
@@ -45,16 +46,27 @@ async def wait_plan(broker_url: str, experts: Sequence[str], timeout_s: float = 
                     MessageReader(c) as reader:
                 await c.subscribe(topics.plan.topic, qos=1)
                 while time.monotonic() < deadline:
-                    m = await reader.next(timeout_s=1.0)
-                    if m is None:
+                    m = await reader.next(timeout_s=min(1.0, deadline - time.monotonic()))
+                    if m is None or not payload_bytes(m):
                         continue
                     last = topics.plan.decode(payload_bytes(m))
-                    ap = last.apps.get(app, last.joint)
-                    if sorted(ap.experts or []) == want:
-                        return last
+                    if pred(last):
+                        return last, last
         except aiomqtt.MqttError:
             await asyncio.sleep(0.2)
-    raise AssertionError(f"plan never showed {want}; last plan: {last}")
+    return None, last
+
+
+async def wait_plan(broker_url: str, experts: Sequence[str], timeout_s: float = 60.0,
+                    app: str = "default", topics: Topics | None = None) -> wire.PlanMsg:
+    """Until the retained plan lets ``app`` use exactly ``experts`` (coordinator sees them)."""
+    want = sorted(experts)
+    plan, last = await plan_where(
+        broker_url, lambda p: sorted(p.apps.get(app, p.joint).experts or []) == want,
+        timeout_s=timeout_s, topics=topics)
+    if plan is None:
+        raise AssertionError(f"plan never showed {want}; last plan: {last}")
+    return plan
 
 
 async def ask(broker_url: str, request: wire.PhoneRequest, *, client_id: str | None = None,

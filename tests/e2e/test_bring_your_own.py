@@ -13,13 +13,11 @@ from typing import Any
 
 import pytest
 
-from moe2.shared import wire
-from moe2.shared.mqtt import MessageReader, make_client, parse_broker_url, payload_bytes
 from moe2.shared.topics import Topics
 from moe2.tools.fleet.harness import moe2_argv
 from moe2.tools.fleet.localbroker import LocalBroker
 from tests.conftest import RealGgufs, log_of
-from tests.fleet import start_agent, start_coordinator
+from tests.fleet import plan_where, start_agent, start_coordinator
 
 ROOT = "byo"
 REAL_AGENT_ARGS = ("--max-sessions", "4", "--n-ctx", "512", "--root", ROOT)
@@ -33,23 +31,6 @@ ROWS = [
     {"question": "2 + 3 = ?", "choices": ["4", "5"], "answer": "B", "app": "math"},
     {"prompt": "Translate to French: cat", "answer": "chat", "app": "lang"},
 ]
-
-
-async def _plan_from_calibration(url: str, topics: Topics, timeout_s: float = 120.0
-                                 ) -> wire.PlanMsg | None:
-    """The first retained plan that sees every agent and plans on the calibration's loss."""
-    async with make_client(parse_broker_url(url)) as c, MessageReader(c) as reader:
-        await c.subscribe(topics.plan.topic, qos=1)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while loop.time() < deadline:
-            m = await reader.next(timeout_s=deadline - loop.time())
-            if m is None or not payload_bytes(m):
-                continue
-            plan = topics.plan.decode(payload_bytes(m))
-            if plan.loss_source == "calibration" and sum(map(len, plan.families.values())) == 3:
-                return plan
-    return None
 
 
 def moe2(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -100,7 +81,10 @@ def test_own_experts_and_data_through_calibrate_train_plan_and_eval(
 
     coord = start_coordinator(procs, broker.url, "--root", ROOT, "--gate", str(gate),
                               "--calibration", str(cal_path), name="cbyo")
-    plan = asyncio.run(_plan_from_calibration(broker.url, Topics(ROOT)))
+    # the first plan that sees every agent and plans on the calibration's loss
+    plan, _last = asyncio.run(plan_where(
+        broker.url, lambda p: p.loss_source == "calibration"
+        and sum(map(len, p.families.values())) == 3, timeout_s=120.0, topics=Topics(ROOT)))
     assert plan is not None, log_of(coord)[-2000:]
     assert sorted(a for m in plan.families.values() for a in m) == sorted(experts)
     assert plan.joint.experts  # whichever set the calibration loss favours

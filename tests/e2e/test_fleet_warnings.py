@@ -12,13 +12,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from moe2.shared import wire
-from moe2.shared.mqtt import MessageReader, make_client, parse_broker_url, payload_bytes
 from moe2.shared.topics import Topics
 from moe2.tools.fleet.harness import moe2_argv
 from moe2.tools.fleet.localbroker import LocalBroker
 from tests.conftest import log_of
-from tests.fleet import start_agent, start_coordinator
+from tests.fleet import plan_where, start_agent, start_coordinator
 
 #: a hung command is a failed test; the commands here must answer at once
 COMMAND_TIMEOUT_S = 60.0
@@ -29,21 +27,6 @@ def moe2(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=COMMAND_TIMEOUT_S, check=False)
 
 
-
-async def _plan_with_warnings(url: str, topics: Topics, timeout_s: float) -> wire.PlanMsg:
-    async with make_client(parse_broker_url(url)) as c, MessageReader(c) as reader:
-        await c.subscribe(topics.plan.topic, qos=1)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while loop.time() < deadline:
-            m = await reader.next(timeout_s=deadline - loop.time())
-            if m is not None and payload_bytes(m):
-                plan = topics.plan.decode(payload_bytes(m))
-                if plan.warnings:
-                    return plan
-    raise AssertionError("no plan with warnings was published")
-
-
 def test_a_gate_that_knows_none_of_the_agents_is_reported(
         procs: Any, broker: LocalBroker, tiny_model: Path) -> None:
     """Log, plan message and monitor say so, instead of answering no_experts in silence."""
@@ -51,7 +34,9 @@ def test_a_gate_that_knows_none_of_the_agents_is_reported(
     start_agent(procs, broker.url, "math", tiny_model, "--root", topics.root)
     coord = start_coordinator(procs, broker.url, "--root", topics.root,
                               "--fixed-gate", "expert-0=1", "--fixed-gate", "expert-1=1")
-    plan = asyncio.run(_plan_with_warnings(broker.url, topics, COMMAND_TIMEOUT_S))
+    plan, last = asyncio.run(plan_where(broker.url, lambda p: bool(p.warnings),
+                                        timeout_s=COMMAND_TIMEOUT_S, topics=topics))
+    assert plan is not None, f"no plan with warnings was published; last plan: {last}"
     [warning] = plan.warnings
     assert "expert-0, expert-1" in warning and "math" in warning
     assert warning in log_of(coord)
