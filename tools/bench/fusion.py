@@ -43,7 +43,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,18 @@ from moe2.tools.models import make_test_experts
 from moe2.tools.models.fixtures import make_real_vocab_expert
 
 PROMPT = "What is the capital of France?"
+
+
+def start_bench_fleet(fleet: Fleet, experts: Sequence[Any], extra_config: str = "") -> None:
+    """The tiny experts as agents (64 sessions each, estimated meters) and one coordinator
+    with ``dist_k`` 64 and no per-client limits in the way of a bench's load."""
+    for e in experts:
+        fleet.start_agent(e.name, e.path, "--max-sessions", "64", "--n-ctx", "256",
+                          "--meter", "estimated", log_level="WARNING", name=e.name)
+    fleet.start_coordinator(
+        log_level="WARNING", name="coordinator",
+        config_text=("dist_k = 64\nmax_concurrent_per_client = 64\n"
+                     "rate_per_client_per_s = 1000.0\n" + extra_config))
 
 
 def _direct_llm(path: Path) -> Any:
@@ -352,13 +364,7 @@ def run_fusion_bench(*, quick: bool = False, out_dir: str | None = None,
     reply_size = len(wire.encode(wire.Reply(agent_id="e0", dists=[wire.Distribution(
         session_id="x" * 24, seq=1, probs=bytes(4 * 64), ids=bytes(4 * 64))])))
     with Fleet(work / "fleet") as fleet:
-        for e in experts:
-            fleet.start_agent(e.name, e.path, "--max-sessions", "64", "--n-ctx", "256",
-                              "--meter", "estimated", log_level="WARNING", name=e.name)
-        fleet.start_coordinator(
-            log_level="WARNING", name="coordinator",
-            config_text=("dist_k = 64\nmax_concurrent_per_client = 64\n"
-                         "rate_per_client_per_s = 1000.0\nallow_overrides = true\n"))
+        start_bench_fleet(fleet, experts, "allow_overrides = true\n")
 
         async def main() -> tuple[float, dict[str, Any], float]:
             await fleet.wait_plan([e.name for e in experts])

@@ -31,7 +31,7 @@ from typing import Any
 
 from moe2.shared import wire
 from moe2.shared.mqtt import make_client, parse_broker_url
-from moe2.tools.bench.fusion import _cpu_s
+from moe2.tools.bench.fusion import _cpu_s, start_bench_fleet
 from moe2.tools.clients.phone import PhoneClient
 from moe2.tools.fleet.harness import Fleet
 from moe2.tools.models import make_test_experts
@@ -175,13 +175,7 @@ def run_gateway_bench(*, quick: bool = False, out_dir: str | None = None,
     work = Path(out_dir or tempfile.mkdtemp(prefix="moe2-bench-gateway-"))
     experts = make_test_experts(work, count=2)
     with Fleet(work / "fleet") as fleet:
-        for e in experts:
-            fleet.start_agent(e.name, e.path, "--max-sessions", "64", "--n-ctx", "256",
-                              "--meter", "estimated", log_level="WARNING", name=e.name)
-        fleet.start_coordinator(
-            log_level="WARNING", name="coordinator",
-            config_text=("dist_k = 64\nmax_concurrent_per_client = 64\n"
-                         "rate_per_client_per_s = 1000.0\n"))
+        start_bench_fleet(fleet, experts)
         base_url = fleet.start_gateway(log_level="WARNING", name="gateway")
 
         async def main() -> dict[str, Any]:
