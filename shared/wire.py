@@ -497,13 +497,17 @@ def _wrap(exc: Exception) -> DecodeError:
     return DecodeError(text)
 
 
+#: what msgspec raises on input it cannot decode (a deep nesting or huge integer included)
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
+                  RecursionError, OverflowError)
+
+
 def decode_agent_inbound(data: bytes) -> OpenSession | Step | CloseSession | ScoreAnswer:
     """Decode what a coordinator sends an agent; anything else raises :class:`DecodeError`."""
     try:
         msg: OpenSession | Step | CloseSession | ScoreAnswer = _agent_inbound.decode(data)
         return msg
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
-            RecursionError, OverflowError) as exc:
+    except _DECODE_ERRORS as exc:
         raise _wrap(exc) from None
 
 
@@ -517,8 +521,7 @@ def decode_as(data: bytes, kind: type[T]) -> T:
         dec = _typed_decoders[kind] = msgspec.msgpack.Decoder(kind)
     try:
         out: T = dec.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
-            RecursionError, OverflowError) as exc:
+    except _DECODE_ERRORS as exc:
         raise _wrap(exc) from None
     return out
 
@@ -527,8 +530,7 @@ def decode_any(data: bytes) -> AnyAgentMsg:
     try:
         msg: AnyAgentMsg = _any.decode(data)
         return msg
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
-            RecursionError, OverflowError) as exc:
+    except _DECODE_ERRORS as exc:
         raise _wrap(exc) from None
 
 
@@ -652,26 +654,24 @@ def is_msgpack(content_type: str | None) -> bool:
     return bool(content_type) and "msgpack" in str(content_type).lower()
 
 
+def _decode_phone(json_dec: msgspec.json.Decoder[T], mp_dec: msgspec.msgpack.Decoder[T],
+                  data: bytes, content_type: str | None) -> T:
+    """JSON unless the MQTT 5 content type names MessagePack."""
+    try:
+        out: T = (mp_dec if is_msgpack(content_type) else json_dec).decode(data)
+    except _DECODE_ERRORS as exc:
+        raise _wrap(exc) from None
+    return out
+
+
 def decode_phone_request(data: bytes, content_type: str | None) -> PhoneRequest:
     """Decode a phone's request; JSON unless the MQTT 5 content type names MessagePack."""
-    try:
-        if is_msgpack(content_type):
-            return _phone_req_mp.decode(data)
-        return _phone_req_json.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
-            RecursionError, OverflowError) as exc:
-        raise _wrap(exc) from None
+    return _decode_phone(_phone_req_json, _phone_req_mp, data, content_type)
 
 
 def decode_phone_cancel(data: bytes, content_type: str | None) -> PhoneCancel:
     """Decode a phone's cancel message; JSON unless the content type names MessagePack."""
-    try:
-        if is_msgpack(content_type):
-            return _phone_cancel_mp.decode(data)
-        return _phone_cancel_json.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
-            RecursionError, OverflowError) as exc:
-        raise _wrap(exc) from None
+    return _decode_phone(_phone_cancel_json, _phone_cancel_mp, data, content_type)
 
 
 def encode_phone(msg: msgspec.Struct, content_type: str | None) -> bytes:
@@ -682,13 +682,8 @@ def encode_phone(msg: msgspec.Struct, content_type: str | None) -> bytes:
 
 
 def decode_phone_reply(data: bytes, content_type: str | None) -> PhoneReply:
-    try:
-        msg: PhoneReply = (_phone_reply_mp if is_msgpack(content_type)
-                           else _phone_reply_json).decode(data)
-        return msg
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
-            RecursionError, OverflowError) as exc:
-        raise _wrap(exc) from None
+    reply: PhoneReply = _decode_phone(_phone_reply_json, _phone_reply_mp, data, content_type)
+    return reply
 
 
 def to_builtins(msg: msgspec.Struct) -> Any:
