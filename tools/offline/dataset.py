@@ -77,23 +77,6 @@ class Row:
             session_id=session_id, continuation=self.answer, prompt=self.prompt,
             messages=list(self.messages) if self.messages else None, raw=self.raw)
 
-    def to_json(self) -> dict[str, object]:
-        out: dict[str, object] = {"answer": self.answer, "app": self.app}
-        if self.choices is not None:
-            out["question"] = self.question
-            out["choices"] = list(self.choices)
-            return out
-        if self.prompt is not None:
-            out["prompt"] = self.prompt
-        else:
-            out["messages"] = [{"role": m.role, "content": m.content}
-                               for m in self.messages or ()]
-        if self.raw:
-            out["raw"] = True
-        if self.label:
-            out["family"] = self.label
-        return out
-
 
 def mc_prompt(question: str, choices: Sequence[str]) -> str:
     """The standard MMLU prompt: the question, one lettered option a line, ``Answer:``."""
@@ -187,11 +170,6 @@ def read_rows(path: str | os.PathLike[str]) -> list[Row]:
     if not rows:
         raise DataError(f"{p}: no rows")
     return rows
-
-
-def write_rows(path: str | os.PathLike[str], rows: Sequence[Row]) -> None:
-    Path(path).write_text("".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n"
-                                  for r in rows), encoding="utf-8")
 
 
 def split_validation(rows: Sequence[Row], fraction: float, seed: int

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import statistics
 import time
 import uuid
@@ -429,7 +428,3 @@ def write_outputs(result: Mapping[str, Any], out_dir: str | Path) -> dict[str, s
     Path(paths["markdown"]).write_text(markdown_table(result))
     plot(result, paths["png"])
     return paths
-
-
-def finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
