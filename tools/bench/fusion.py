@@ -419,4 +419,5 @@ def run_fusion_bench(*, quick: bool = False, out_dir: str | None = None,
         "large_ratio": large["large_ratio"],
         "large_ratio_no_speculation": large["large_ratio_no_speculation"],
         "large_spec_hit_rate": large["spec_hit_rate"],
+        "large_cpu_ceiling_ratio": large["cpu_ceiling_ratio"],
     }

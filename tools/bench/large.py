@@ -12,11 +12,19 @@ experts' steps answered from a speculative decode (from the finals' expert entri
 ``together_direct_per_token_ms``: both experts decoding at once directly, no messaging -- on a
 machine where the experts share the cores (and memory bandwidth) that is the floor of a fused
 token, and ``together_over_fused`` says how much of the rest the messaging costs.
+
+``cpu_ms_per_fused_token``: the CPU each process (agents, coordinator, broker, this process
+as the phone) spent per fused token, and ``cpu_floor_ms_per_fused_token`` their sum over the
+cores: a fused token cannot take less wall time than that, so
+``cpu_ceiling_ratio`` = slowest direct / that floor is the best ``large_ratio`` this machine
+allows for the work done; where it is below the target the box has too few cores, and no
+scheduling of the messaging can meet it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import threading
 from pathlib import Path
@@ -84,7 +92,15 @@ def _concurrent_direct_per_token_s(paths: list[Path], n_tokens: int, repeats: in
 
 async def _per_token(fleet: Fleet, roots: dict[str, str], agents: dict[str, list[str]],
                      n_tokens: int, repeats: int) -> dict[str, Any]:
+    from moe2.tools.bench.fusion import _cpu_s
+
     u = parse_broker_url(fleet.url)
+    # per side: its agents and coordinator; the broker and this process (the phone) serve both
+    # sides, but requests alternate, so each request's CPU belongs to its side
+    pids = {side: {**{aid.removesuffix(f"-{side}"): fleet.pid(aid) for aid in agents[side]},
+                   "coordinator": fleet.pid(f"coordinator-{side}"),
+                   "broker": fleet.broker.pid, "phone": os.getpid()}
+            for side in roots}
     out: dict[str, Any] = {}
     phones: dict[str, PhoneClient] = {}
     clients = {side: make_client(u, identifier=f"bench-large-{side}") for side in roots}
@@ -99,15 +115,25 @@ async def _per_token(fleet: Fleet, roots: dict[str, str], agents: dict[str, list
         per: dict[str, list[float]] = {side: [] for side in roots}
         hits = dict.fromkeys(roots, 0)
         misses = dict.fromkeys(roots, 0)
+        cpu_s: dict[str, dict[str, float]] = {side: dict.fromkeys(pids[side], 0.0)
+                                              for side in roots}
+        tokens = dict.fromkeys(roots, 0)
         for r in range(repeats + 1):  # the first round warms up
             for side in roots:
+                before = {name: _cpu_s(pid) for name, pid in pids[side].items()}
                 ans = await phones[side].ask(req, timeout_s=300)
+                after = {name: _cpu_s(pid) for name, pid in pids[side].items()}
                 f = ans.final
                 if f is None or f.tokens < 2 or f.ttft_s is None:
                     raise RuntimeError(f"bench request failed: {ans.error}")
                 if any(e.dropped for e in f.experts):
                     raise RuntimeError(f"an expert was dropped: {f.experts}")
                 if r:
+                    for name, b in before.items():
+                        a = after[name]
+                        if a is not None and b is not None:
+                            cpu_s[side][name] += a - b
+                    tokens[side] += f.tokens
                     per[side].append((f.latency_s - f.ttft_s) / (f.tokens - 1))
                     hits[side] += sum(e.spec_hits for e in f.experts)
                     misses[side] += sum(e.spec_misses for e in f.experts)
@@ -118,7 +144,11 @@ async def _per_token(fleet: Fleet, roots: dict[str, str], agents: dict[str, list
                 "spec_hits": hits[side], "spec_misses": misses[side],
                 "spec_hit_rate": (hits[side] / (hits[side] + misses[side])
                                   if hits[side] + misses[side] else None),
+                "cpu_ms_per_fused_token": {name: 1e3 * v / max(1, tokens[side])
+                                           for name, v in cpu_s[side].items()},
             }
+            out[side]["cpu_floor_ms_per_fused_token"] = (
+                sum(out[side]["cpu_ms_per_fused_token"].values()) / (os.cpu_count() or 1))
     finally:
         for side in roots:
             await phones[side].__aexit__(None, None, None)
@@ -169,5 +199,9 @@ def run_large(work: Path, *, quick: bool, seed: int) -> dict[str, Any]:
     out["together_over_fused"] = (1e3 * together_s
                                   / out["speculation"]["fused_per_token_ms"])
     out["spec_hit_rate"] = sides["speculation"]["spec_hit_rate"]
+    # the best large_ratio these cores allow for the work the fused tokens took (module doc)
+    out["cpu_ceiling_ratio"] = (1e3 * slowest_s
+                                / sides["speculation"]["cpu_floor_ms_per_fused_token"])
+    out["cpu_count"] = os.cpu_count()
     out["target_large_ratio"] = 0.85
     return out
