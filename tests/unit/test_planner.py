@@ -439,7 +439,7 @@ def test_masks_round_trip() -> None:
 
 def test_bench_reports_sizes_and_gap() -> None:
     report = run_planner_bench(sizes=(6, 10, 22), seed=1, repeats=2, exact_time_limit_s=60.0,
-                               cli_sizes=())
+                               cli_sizes=(), relaxation_sizes=(6,))
     for kind in ("specialist", "uniform"):
         rows = {row["n"]: row for row in report["kinds"][kind]}
         assert set(rows) == {6, 10, 22}
@@ -453,6 +453,13 @@ def test_bench_reports_sizes_and_gap() -> None:
                 assert gap["mean"] >= -TOL
                 assert gap["max"] >= -TOL
             assert row["plan_all_exact"]["instances"] == 2
+    # the coupled relaxation and exact's bound are lower bounds on each node's true optimum
+    nodes = {tuple(r["include"]): r for r in report["relaxation"]}
+    assert set(nodes) == {(), (0,), (1,), (2,)}
+    for r in nodes.values():
+        assert r["relaxation"] <= r["optimum"] + TOL
+        assert r["exact_bound"] <= r["optimum"] + TOL
+        assert math.isfinite(r["relaxation"])
     json.dumps(report)
 
 

@@ -226,13 +226,16 @@ def run_planner_bench(
     exact_time_limit_s: float = EXACT_TIME_LIMIT_S,
     cli_sizes: Sequence[int] = CLI_SIZES,
     cli_repeats: int = 3,
+    relaxation_sizes: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Per instance kind and size: ``smo`` (every size) and ``exact`` (N ≤ 32, under
     ``exact_time_limit_s``) on the joint budget, with median seconds, evaluations, nodes, how
     often exact proved optimality and its largest proven gap where it did not; ``plan_all``:
     exact over all budgets as ``moe2 plan`` runs it (N ≤ 32, one limit per instance);
     ``exhaustive`` (N ≤ 20); ``smo_minus_exact``: smo's loss above exact's proven optimum.
-    ``cli``: the operator's command under ``--time-limit 1`` (see :func:`_cli_check`)."""
+    ``cli``: the operator's command under ``--time-limit 1`` (see :func:`_cli_check`);
+    ``relaxation``: how close a relaxation coupling the samples gets (see
+    :mod:`moe2.tools.bench.planner_dual`)."""
     kinds: dict[str, list[dict[str, Any]]] = {}
     for kind in KINDS:
         rows: list[dict[str, Any]] = []
@@ -252,8 +255,13 @@ def run_planner_bench(
                                  if n <= EXHAUSTIVE_MAX_EXPERTS else None)
             rows.append(row)
         kinds[kind] = rows
+    from moe2.tools.bench.planner_dual import DUAL_SIZES, relaxation_rows
+
+    dual_sizes = tuple(DUAL_SIZES if relaxation_sizes is None else relaxation_sizes)
     return {"seed": seed, "repeats": repeats, "exact_time_limit_s": exact_time_limit_s,
             "kinds": kinds,
+            # the tightest sample-coupling relaxation vs the optimum (planner_dual.py)
+            "relaxation": relaxation_rows(seed, dual_sizes),
             "cli": _cli_check(cli_sizes, seed, cli_repeats) if cli_sizes else [],
             "cli_time_limit_s": CLI_TIME_LIMIT_S}
 
