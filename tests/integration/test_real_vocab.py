@@ -4,6 +4,8 @@ agent publishes (what the coordinator streams to phones with)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from moe2.agent.engine import LlamaEngine, family_size
@@ -82,3 +84,35 @@ def test_fast_metadata_reader_agrees_with_gguf() -> None:
     assert field is not None
     assert ours["tokenizer.ggml.tokens"] == [bytes(field.parts[i]) for i in field.data]
     assert int(ours["tokenizer.ggml.eos_token_id"]) == 2  # type: ignore[call-overload]
+
+
+def test_bench_experts_are_confident_fine_tunes(tmp_path: Path, real_ggufs: RealGgufs) -> None:
+    """The benches' real-vocabulary pair: the base is sure of itself like a trained model (its
+    greedy top-1 probability above the agents' speculate_min_p, where the default generator's
+    151,936-token expert is flat and never speculated on), the fine-tune is the base's weights
+    plus a little noise, and both files hold exactly the weights their ExpertFile regenerates."""
+    import gguf
+    import numpy as np
+
+    from moe2.shared.config import SPECULATE_MIN_P
+    from moe2.tools.bench.fusion import greedy_top1_p
+    from moe2.tools.models.fixtures import CONFIDENT_LOGIT_STD
+
+    out = tmp_path / "bench"
+    base = make_real_vocab_expert(out, "qwen2", name="base", seed=4200,
+                                  logit_std=CONFIDENT_LOGIT_STD)
+    tuned = make_real_vocab_expert(out, "qwen2", name="tuned", seed=4200,
+                                   logit_std=CONFIDENT_LOGIT_STD, perturb=0.05, perturb_seed=1)
+    flat = real_ggufs.qwen2  # the default generator's
+    tops = {e.name: sorted(greedy_top1_p(e.path, 16)) for e in (base, tuned, flat)}
+    assert tops["base"][8] > 2 * SPECULATE_MIN_P
+    assert tops["tuned"][8] > 2 * SPECULATE_MIN_P
+    assert tops[flat.name][8] < SPECULATE_MIN_P
+    written = {e.name: {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1)
+                        for t in gguf.GGUFReader(e.path).tensors} for e in (base, tuned)}
+    for e in (base, tuned):
+        for name, value in e.weights().items():
+            np.testing.assert_array_equal(written[e.name][name], value.reshape(-1), err_msg=name)
+    w_base, w_tuned = base.weights()["output.weight"], tuned.weights()["output.weight"]
+    spread = float(np.std(w_tuned - w_base) / np.std(w_base))
+    assert 0.03 < spread < 0.07  # 5 % of the matrix's spread, as perturb says

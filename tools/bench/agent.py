@@ -118,7 +118,10 @@ def _make_models(work: Path, seed: int) -> list[BenchModel]:
     fixtures = importlib.import_module("moe2.tools.models.fixtures")
     tiny = gm.make_test_experts(work / "tiny", count=1, seeds=[1000 + seed])[0]
     large = gm.make_large_expert(work / "large", seed=3000 + seed)
-    qwen2 = fixtures.make_real_vocab_expert(work / "qwen2", "qwen2", seed=4000 + seed)
+    # as sure of itself as a trained model: at the generator's default a 151,936-token expert
+    # is flat (top-1 ~0.03, under speculate_min_p), and the agent never speculated
+    qwen2 = fixtures.make_real_vocab_expert(work / "qwen2", "qwen2", seed=4000 + seed,
+                                            logit_std=fixtures.CONFIDENT_LOGIT_STD)
     return [BenchModel(tiny.name, tiny.path, tiny.n_params, "tiny"),
             BenchModel(large.name, large.path, large.n_params, "large"),
             BenchModel(qwen2.name, qwen2.path, qwen2.n_params, "qwen2")]
@@ -306,6 +309,8 @@ async def _echo_rtt_ms(broker_url: str, n: int, gap_s: float = 0.0) -> float:
 
 async def _bench_model(model: BenchModel, fleet: Fleet, *, runs: int, n_tokens: int, k: int,
                        n_threads: int, n_ctx: int, rtt_ms: float) -> dict[str, Any]:
+    from moe2.tools.bench.fusion import greedy_top1_p  # needs the models' extras, like this
+
     tag = uuid.uuid4().hex[:4]  # the same model may be benched on two brokers in one run
     agent_id = f"bench-{model.role}-{tag}"
     plain_id = f"bench-{model.role}-nospec-{tag}"
@@ -388,6 +393,8 @@ async def _bench_model(model: BenchModel, fleet: Fleet, *, runs: int, n_tokens: 
             "softmax_topk": softmax_ms,
         },
         "same_tokens": d_runs.tokens == m_runs.tokens == p_runs.tokens,
+        # how sure of itself the expert is (speculation needs speculate_min_p)
+        "greedy_top1_p_median": statistics.median(greedy_top1_p(model.path, 32)),
         "agent_exit_code": rc,
     }
 

@@ -26,13 +26,17 @@ milliseconds per fused token for each agent, the coordinator, the broker and the
 process), and their sum divided by the core count -- the per-token time below which no
 scheduling could go on this machine.
 
-``real_vocab``: the same family pair with llama.cpp's real Qwen2 tokenizer (151,936 ids,
-random weights: decode is dominated by the 151,936-row output matrix), greedy 48-token
+``real_vocab``: a same-family pair with llama.cpp's real Qwen2 tokenizer (151,936 ids,
+random weights: decode is dominated by the 151,936-row output matrix): a base as sure of itself
+as a trained model (greedy top-1 probability ~0.6; at the generator's default the experts were
+flat, ~0.03, and never speculated) and a fine-tune of it, greedy 48-token
 requests: per token through the coordinator, the first expert alone and both fused (target:
 fused ≤ 1.3 × alone), beside the experts' direct llama-cpp-python decode -- on a broker with
 ``set_tcp_nodelay true``, on a stock one (Mosquitto's default), and on the stock one with the
 coordinator's quick ACKs off (``tcp_quickack = false``: the stall its clients otherwise hide),
-with what the coordinator's plan then says (``stall_warning``).
+with what the coordinator's plan then says (``stall_warning``); and the flat random pair of
+earlier runs on the first broker, for comparison. Each expert's median greedy top-1
+probability and each case's speculation hit rate are in the result.
 """
 
 from __future__ import annotations
@@ -61,9 +65,14 @@ from moe2.shared.mqtt import (
 from moe2.tools.clients.phone import PhoneClient
 from moe2.tools.fleet.harness import Fleet
 from moe2.tools.models import make_test_experts
-from moe2.tools.models.fixtures import make_real_vocab_expert
+from moe2.tools.models.fixtures import CONFIDENT_LOGIT_STD, make_real_vocab_expert
 
 PROMPT = "What is the capital of France?"
+#: the real-vocabulary pairs: a base and a fine-tune of it (its matrices plus noise of this
+#: share of their spread, as in the large case), or two random experts of different seeds
+REAL_VOCAB_PERTURB = 0.05
+PAIR_TUNED = "confident base + fine-tune"
+PAIR_FLAT = "flat random pair (no speculation)"
 
 
 def start_bench_fleet(fleet: Fleet, experts: Sequence[Any], extra_config: str = "") -> None:
@@ -108,6 +117,24 @@ def _greedy_per_token_s(llm: Any, n_tokens: int,
 def _direct_per_token_s(path: Path, n_tokens: int, repeats: int) -> float:
     llm = _direct_llm(path)
     return statistics.median(_greedy_per_token_s(llm, n_tokens) for _ in range(repeats))
+
+
+def greedy_top1_p(path: Path, n_tokens: int) -> list[float]:
+    """The probability of the likeliest token at each of ``n_tokens`` greedy steps after
+    :data:`PROMPT`: how sure of itself an expert is (speculation needs ``speculate_min_p``)."""
+    import llama_cpp
+
+    llm = _direct_llm(path)
+    n_vocab = llm.n_vocab()
+    llm.eval(llm.tokenize(PROMPT.encode(), add_bos=True, special=False))
+    tops: list[float] = []
+    for _ in range(n_tokens):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                       shape=(n_vocab,)).astype(np.float64)
+        best = int(np.argmax(logits))
+        tops.append(float(1.0 / np.exp(logits - logits[best]).sum()))
+        llm.eval([best])
+    return tops
 
 
 async def _bare_rtt_s(url: str, payload_size: int, n: int) -> float:
@@ -226,9 +253,10 @@ async def _latest_plan(fleet: Fleet, wait_s: float) -> wire.PlanMsg | None:
 
 async def _alone_and_fused(fleet: Fleet, names: list[str], n_tokens: int, repeats: int,
                            pids: dict[str, int | None]
-                           ) -> tuple[list[float], list[float], dict[str, float]]:
+                           ) -> tuple[list[float], list[float], dict[str, float], list[int]]:
     """Per-token seconds of greedy requests, the first expert alone and both fused,
-    interleaved; and the CPU milliseconds each process spent per fused token."""
+    interleaved; the CPU milliseconds each process spent per fused token; and the fused
+    requests' speculation hits and misses (all experts, [hits, misses])."""
     u = parse_broker_url(fleet.url)
     fused = wire.PhoneRequest(prompt=PROMPT, max_tokens=n_tokens, raw=True)
     alone = wire.PhoneRequest(prompt=PROMPT, max_tokens=n_tokens, raw=True, experts=names[:1])
@@ -236,6 +264,7 @@ async def _alone_and_fused(fleet: Fleet, names: list[str], n_tokens: int, repeat
     fused_s: list[float] = []
     cpu_s = dict.fromkeys(pids, 0.0)
     tokens = 0
+    spec = [0, 0]
     cid = f"bench-{uuid.uuid4().hex[:6]}"
     async with make_client(u, identifier=cid) as c, PhoneClient(c, cid) as ph:
         for _ in range(2):  # warm up
@@ -250,13 +279,17 @@ async def _alone_and_fused(fleet: Fleet, names: list[str], n_tokens: int, repeat
                 if a is not None and b is not None:
                     cpu_s[name] += a - b
             fused_s.append(_steady_per_token_s(ans))
-            tokens += ans.final.tokens if ans.final is not None else 0
-    return alone_s, fused_s, {n: 1000.0 * v / max(1, tokens) for n, v in cpu_s.items()}
+            if ans.final is not None:
+                tokens += ans.final.tokens
+                spec[0] += sum(e.spec_hits for e in ans.final.experts)
+                spec[1] += sum(e.spec_misses for e in ans.final.experts)
+    return alone_s, fused_s, {n: 1000.0 * v / max(1, tokens) for n, v in cpu_s.items()}, spec
 
 
 def _real_vocab_case(work: Path, experts: list[Any], *, nodelay: bool, quickack: bool,
-                     n_tokens: int, repeats: int) -> dict[str, Any]:
-    label = f"{'nodelay' if nodelay else 'stock'}{'' if quickack else '-no-quickack'}"
+                     n_tokens: int, repeats: int, pair: str = PAIR_TUNED) -> dict[str, Any]:
+    label = (f"{'nodelay' if nodelay else 'stock'}{'' if quickack else '-no-quickack'}"
+             f"{'' if pair == PAIR_TUNED else '-flat'}")
     names = [e.name for e in experts]
     with Fleet(work / f"fleet-{label}", broker_nodelay=nodelay) as fleet:
         for e in experts:
@@ -273,16 +306,18 @@ def _real_vocab_case(work: Path, experts: list[Any], *, nodelay: bool, quickack:
         pids["broker"] = fleet.broker.pid
         pids["phone"] = os.getpid()
 
-        async def main() -> tuple[list[float], list[float], dict[str, float],
+        async def main() -> tuple[list[float], list[float], dict[str, float], list[int],
                                   wire.PlanMsg | None]:
             await fleet.wait_plan(names)
-            alone_s, fused_s, cpu = await _alone_and_fused(fleet, names, n_tokens, repeats, pids)
-            return alone_s, fused_s, cpu, await _latest_plan(fleet, 2.0)
+            alone_s, fused_s, cpu, spec = await _alone_and_fused(fleet, names, n_tokens,
+                                                                 repeats, pids)
+            return alone_s, fused_s, cpu, spec, await _latest_plan(fleet, 2.0)
 
-        alone_s, fused_s, cpu_ms, plan = asyncio.run(main())
+        alone_s, fused_s, cpu_ms, spec, plan = asyncio.run(main())
     alone, fused = statistics.median(alone_s), statistics.median(fused_s)
     warnings = plan.warnings if plan is not None else []
     return {
+        "pair": pair,
         "broker": "set_tcp_nodelay true" if nodelay else "stock (Nagle on)",
         "coordinator_tcp_quickack": quickack,
         "alone_per_token_ms": alone * 1e3,
@@ -292,9 +327,15 @@ def _real_vocab_case(work: Path, experts: list[Any], *, nodelay: bool, quickack:
         "fused_runs_ms": [x * 1e3 for x in fused_s],
         "coordinator_step_overhead_ms": None if plan is None else plan.step_overhead_s * 1e3,
         "stall_warning": any("set_tcp_nodelay" in w for w in warnings),
+        # share of the fused requests' expert-steps answered from a speculative decode
+        "spec_hit_rate": spec[0] / (spec[0] + spec[1]) if spec[0] + spec[1] else None,
+        "spec_steps": spec[0] + spec[1],
         # fused requests: CPU ms each process spent per token, and their sum over the cores
         "cpu_ms_per_fused_token": cpu_ms,
         "cpu_floor_ms_per_fused_token": sum(cpu_ms.values()) / (os.cpu_count() or 1),
+        # the least fused ÷ alone these cores allow for that work (above 1.3: no scheduling
+        # of the messaging can meet the target on this machine)
+        "cpu_floor_over_alone": sum(cpu_ms.values()) / (os.cpu_count() or 1) / (alone * 1e3),
     }
 
 
@@ -334,18 +375,33 @@ def coordinator_step_ms(n_vocab: int = 151_646, repeats: int = 50) -> dict[str, 
 
 
 def run_real_vocab_fusion(work: Path, *, quick: bool = False) -> dict[str, Any]:
-    """Two Qwen2-vocabulary experts (see the module docstring)."""
+    """Two Qwen2-vocabulary experts (see the module docstring): a base as sure of itself as a
+    trained model and a fine-tune of it, on the three brokers; and the flat random pair of
+    earlier runs (two seeds, top-1 probability ~0.03, under ``speculate_min_p``: the agents
+    never speculate) on the ``set_tcp_nodelay`` broker, for comparison."""
     n_tokens, repeats = (24, 3) if quick else (48, 7)
-    experts = [make_real_vocab_expert(work / "qwen2", "qwen2", name=f"qwen2-{i}", seed=4200 + i)
-               for i in range(2)]
-    direct = {e.name: _direct_per_token_s(e.path, n_tokens, 3 if quick else 5) for e in experts}
+    base = make_real_vocab_expert(work / "qwen2", "qwen2", name="qwen2-0", seed=4200,
+                                  logit_std=CONFIDENT_LOGIT_STD)
+    tuned = make_real_vocab_expert(work / "qwen2", "qwen2", name="qwen2-1", seed=4200,
+                                   logit_std=CONFIDENT_LOGIT_STD, perturb=REAL_VOCAB_PERTURB,
+                                   perturb_seed=1)
+    flat = [make_real_vocab_expert(work / "qwen2-flat", "qwen2", name=f"flat-{i}", seed=4200 + i)
+            for i in range(2)]
+    experts = [base, tuned]
+    direct = {e.name: _direct_per_token_s(e.path, n_tokens, 3 if quick else 5)
+              for e in [*experts, *flat]}
+    top1 = {e.name: statistics.median(greedy_top1_p(e.path, n_tokens)) for e in [*experts, *flat]}
     cases = [_real_vocab_case(work, experts, nodelay=nodelay, quickack=quickack,
                               n_tokens=n_tokens, repeats=repeats)
              for nodelay, quickack in ((True, True), (False, True), (False, False))]
+    cases.append(_real_vocab_case(work, flat, nodelay=True, quickack=True, n_tokens=n_tokens,
+                                  repeats=repeats, pair=PAIR_FLAT))
     return {
         "vocab": "qwen2 (llama.cpp ggml-vocab-qwen2.gguf)",
         "experts": {e.name: {"params": e.n_params, "n_vocab": e.spec.n_vocab,
-                             "direct_per_token_ms": direct[e.name] * 1e3} for e in experts},
+                             "direct_per_token_ms": direct[e.name] * 1e3,
+                             "greedy_top1_p_median": top1[e.name]}
+                    for e in [*experts, *flat]},
         "tokens_per_request": n_tokens, "repeats": repeats, "dist_k": 64,
         "target_fused_over_alone": 1.3,
         "cases": cases,

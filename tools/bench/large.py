@@ -30,8 +30,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from moe2.shared import wire
 from moe2.shared.mqtt import make_client, parse_broker_url
 from moe2.shared.topics import Topics
@@ -51,17 +49,16 @@ def _experts(work: Path, seed: int) -> list[Any]:
         random_weights,
         write_gguf,
     )
+    from moe2.tools.models.llama import perturb_weights
 
     a = make_large_expert(work, seed=3000 + seed, name="large-a")
-    rng = np.random.default_rng(seed + 1)
-    weights = {k: (v + PERTURB * float(v.std()) * rng.standard_normal(v.shape).astype(
-                   np.float32)) if v.ndim == 2 else v
-               for k, v in random_weights(a.spec, a.seed).items()}
+    weights = perturb_weights(random_weights(a.spec, a.seed), PERTURB, seed + 1)
     path = work / "large-b.gguf"
     vocab = default_vocab(a.spec.n_vocab)
     write_gguf(path, a.spec, weights, vocab, name="large-b")
     b = ExpertFile(name="large-b", path=path, spec=a.spec, seed=a.seed, n_params=a.n_params,
-                   fingerprint=a.fingerprint, file_type=a.file_type, chat_template=None)
+                   fingerprint=a.fingerprint, file_type=a.file_type, chat_template=None,
+                   perturb=PERTURB, perturb_seed=seed + 1)
     return [a, b]
 
 

@@ -116,6 +116,16 @@ def random_weights(
     return out
 
 
+def perturb_weights(weights: Mapping[str, FloatArray], share: float, seed: int
+                    ) -> dict[str, FloatArray]:
+    """A fine-tune of the same base, as a stand-in: every matrix plus Gaussian noise of
+    ``share`` of its own spread, norm weights kept. Two such experts agree on most tokens but
+    not all, as fine-tunes of one base do (experts of different seeds agree on almost none)."""
+    rng = np.random.default_rng(seed)
+    return {k: (v + share * float(v.std()) * rng.standard_normal(v.shape).astype(np.float32))
+            if v.ndim == 2 else v for k, v in weights.items()}
+
+
 def round_weights(weights: Mapping[str, FloatArray], file_type: FileType) -> dict[str, FloatArray]:
     """The weights as a GGUF of ``file_type`` stores them (f16 rounds matrices, not norms);
     feed these to :func:`reference_logits` when comparing with an f16 file."""
