@@ -47,7 +47,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,10 +184,48 @@ def _cpu_s(pid: int | None) -> float | None:
         return None
 
 
-def _steady_per_token_s(ans: Any) -> float:
-    f = ans.final
+class CpuTally:
+    """CPU seconds each of some processes spends inside measured windows (Linux ``/proc``),
+    summed over the windows: ``w = tally.start(); ...; tally.stop(w)``. A process whose
+    counters cannot be read is left out."""
+
+    def __init__(self, pids: Mapping[str, int | None]) -> None:
+        self._pids = dict(pids)
+        self.spent_s = dict.fromkeys(self._pids, 0.0)
+        self._unread: set[str] = set()
+
+    def start(self) -> dict[str, float | None]:
+        return {name: _cpu_s(pid) for name, pid in self._pids.items()}
+
+    def stop(self, window: Mapping[str, float | None]) -> None:
+        for name, pid in self._pids.items():
+            before, after = window[name], _cpu_s(pid)
+            if before is None or after is None:
+                self._unread.add(name)
+            else:
+                self.spent_s[name] += after - before
+
+    def ms_per_token(self, tokens: int) -> dict[str, float]:
+        return {name: 1000.0 * v / max(1, tokens) for name, v in self.spent_s.items()
+                if name not in self._unread}
+
+    def floor_ms_per_token(self, tokens: int) -> float:
+        """The processes' CPU per token summed over the usable cores: no scheduling makes a
+        token take less wall time than that for this work."""
+        return sum(self.ms_per_token(tokens).values()) / usable_cores()
+
+
+def _checked_final(ans: Any) -> wire.FinalReply:
+    """A bench request's final reply, or an error when it failed or was too short to time."""
+    f: wire.FinalReply | None = ans.final
     if f is None or f.tokens < 2 or f.ttft_s is None:
         raise RuntimeError(f"bench request failed: {ans.error}")
+    return f
+
+
+def _steady_per_token_s(ans: Any) -> float:
+    f = _checked_final(ans)
+    assert f.ttft_s is not None  # checked
     return float((f.latency_s - f.ttft_s) / (f.tokens - 1))
 
 
@@ -205,20 +243,15 @@ async def _fused(url: str, n_tokens: int, repeats: int, concurrency: tuple[int, 
             await ph.ask(alone)
         for _ in range(repeats):
             alone_per_token.append(_steady_per_token_s(await ph.ask(alone)))
-        cpu0 = {name: _cpu_s(pid) for name, pid in pids.items()}
+        tally = CpuTally(pids)
+        window = tally.start()
         tokens_total = 0
         for _ in range(repeats):
             ans = await ph.ask(req)
-            f = ans.final
-            if f is None or f.tokens < 2 or f.ttft_s is None:
-                raise RuntimeError(f"bench request failed: {ans.error}")
-            per_token.append((f.latency_s - f.ttft_s) / (f.tokens - 1))
-            tokens_total += f.tokens
-        cpu_ms: dict[str, float] = {}
-        for name, pid in pids.items():
-            before, after = cpu0[name], _cpu_s(pid)
-            if before is not None and after is not None:
-                cpu_ms[name] = 1000.0 * (after - before) / tokens_total
+            per_token.append(_steady_per_token_s(ans))
+            tokens_total += _checked_final(ans).tokens
+        tally.stop(window)
+        cpu_ms = tally.ms_per_token(tokens_total)
     throughput: dict[str, float] = {}
     for conc in concurrency:
         n_clients = max(1, conc // 8)
@@ -261,16 +294,16 @@ async def _latest_plan(fleet: Fleet, wait_s: float) -> wire.PlanMsg | None:
 
 async def _alone_and_fused(fleet: Fleet, names: list[str], n_tokens: int, repeats: int,
                            pids: dict[str, int | None]
-                           ) -> tuple[list[float], list[float], dict[str, float], list[int]]:
+                           ) -> tuple[list[float], list[float], CpuTally, int, list[int]]:
     """Per-token seconds of greedy requests, the first expert alone and both fused,
-    interleaved; the CPU milliseconds each process spent per fused token; and the fused
-    requests' speculation hits and misses (all experts, [hits, misses])."""
+    interleaved; the CPU each process spent on the fused requests and their tokens; and the
+    fused requests' speculation hits and misses (all experts, [hits, misses])."""
     u = parse_broker_url(fleet.url)
     fused = wire.PhoneRequest(prompt=PROMPT, max_tokens=n_tokens, raw=True)
     alone = wire.PhoneRequest(prompt=PROMPT, max_tokens=n_tokens, raw=True, experts=names[:1])
     alone_s: list[float] = []
     fused_s: list[float] = []
-    cpu_s = dict.fromkeys(pids, 0.0)
+    tally = CpuTally(pids)
     tokens = 0
     spec = [0, 0]
     cid = f"bench-{uuid.uuid4().hex[:6]}"
@@ -280,18 +313,15 @@ async def _alone_and_fused(fleet: Fleet, names: list[str], n_tokens: int, repeat
             await ph.ask(alone)
         for _ in range(repeats):
             alone_s.append(_steady_per_token_s(await ph.ask(alone)))
-            before = {name: _cpu_s(pid) for name, pid in pids.items()}
+            window = tally.start()
             ans = await ph.ask(fused)
-            for name, pid in pids.items():
-                b, a = before[name], _cpu_s(pid)
-                if a is not None and b is not None:
-                    cpu_s[name] += a - b
+            tally.stop(window)
             fused_s.append(_steady_per_token_s(ans))
-            if ans.final is not None:
-                tokens += ans.final.tokens
-                spec[0] += sum(e.spec_hits for e in ans.final.experts)
-                spec[1] += sum(e.spec_misses for e in ans.final.experts)
-    return alone_s, fused_s, {n: 1000.0 * v / max(1, tokens) for n, v in cpu_s.items()}, spec
+            f = _checked_final(ans)
+            tokens += f.tokens
+            spec[0] += sum(e.spec_hits for e in f.experts)
+            spec[1] += sum(e.spec_misses for e in f.experts)
+    return alone_s, fused_s, tally, tokens, spec
 
 
 def _real_vocab_case(work: Path, experts: list[Any], *, nodelay: bool, quickack: bool,
@@ -314,14 +344,13 @@ def _real_vocab_case(work: Path, experts: list[Any], *, nodelay: bool, quickack:
         pids["broker"] = fleet.broker.pid
         pids["phone"] = os.getpid()
 
-        async def main() -> tuple[list[float], list[float], dict[str, float], list[int],
+        async def main() -> tuple[list[float], list[float], CpuTally, int, list[int],
                                   wire.PlanMsg | None]:
             await fleet.wait_plan(names)
-            alone_s, fused_s, cpu, spec = await _alone_and_fused(fleet, names, n_tokens,
-                                                                 repeats, pids)
-            return alone_s, fused_s, cpu, spec, await _latest_plan(fleet, 2.0)
+            measured = await _alone_and_fused(fleet, names, n_tokens, repeats, pids)
+            return *measured, await _latest_plan(fleet, 2.0)
 
-        alone_s, fused_s, cpu_ms, spec, plan = asyncio.run(main())
+        alone_s, fused_s, tally, tokens, spec, plan = asyncio.run(main())
     alone, fused = statistics.median(alone_s), statistics.median(fused_s)
     warnings = plan.warnings if plan is not None else []
     return {
@@ -339,11 +368,11 @@ def _real_vocab_case(work: Path, experts: list[Any], *, nodelay: bool, quickack:
         "spec_hit_rate": spec[0] / (spec[0] + spec[1]) if spec[0] + spec[1] else None,
         "spec_steps": spec[0] + spec[1],
         # fused requests: CPU ms each process spent per token, and their sum over the cores
-        "cpu_ms_per_fused_token": cpu_ms,
-        "cpu_floor_ms_per_fused_token": sum(cpu_ms.values()) / usable_cores(),
+        "cpu_ms_per_fused_token": tally.ms_per_token(tokens),
+        "cpu_floor_ms_per_fused_token": tally.floor_ms_per_token(tokens),
         # the least fused ÷ alone these cores allow for that work (above 1.3: no scheduling
         # of the messaging can meet the target on this machine)
-        "cpu_floor_over_alone": sum(cpu_ms.values()) / usable_cores() / (alone * 1e3),
+        "cpu_floor_over_alone": tally.floor_ms_per_token(tokens) / (alone * 1e3),
     }
 
 

@@ -91,7 +91,7 @@ def _concurrent_direct_per_token_s(paths: list[Path], n_tokens: int, repeats: in
 
 async def _per_token(fleet: Fleet, roots: dict[str, str], agents: dict[str, list[str]],
                      n_tokens: int, repeats: int) -> dict[str, Any]:
-    from moe2.tools.bench.fusion import _cpu_s, usable_cores
+    from moe2.tools.bench.fusion import CpuTally, _checked_final, _steady_per_token_s
 
     u = parse_broker_url(fleet.url)
     # per side: its agents and coordinator; the broker and this process (the phone) serve both
@@ -114,26 +114,21 @@ async def _per_token(fleet: Fleet, roots: dict[str, str], agents: dict[str, list
         per: dict[str, list[float]] = {side: [] for side in roots}
         hits = dict.fromkeys(roots, 0)
         misses = dict.fromkeys(roots, 0)
-        cpu_s: dict[str, dict[str, float]] = {side: dict.fromkeys(pids[side], 0.0)
-                                              for side in roots}
+        tallies = {side: CpuTally(pids[side]) for side in roots}
         tokens = dict.fromkeys(roots, 0)
         for r in range(repeats + 1):  # the first round warms up
             for side in roots:
-                before = {name: _cpu_s(pid) for name, pid in pids[side].items()}
+                window = tallies[side].start()
                 ans = await phones[side].ask(req, timeout_s=300)
-                after = {name: _cpu_s(pid) for name, pid in pids[side].items()}
-                f = ans.final
-                if f is None or f.tokens < 2 or f.ttft_s is None:
-                    raise RuntimeError(f"bench request failed: {ans.error}")
+                if r:
+                    tallies[side].stop(window)
+                steady_s = _steady_per_token_s(ans)
+                f = _checked_final(ans)
                 if any(e.dropped for e in f.experts):
                     raise RuntimeError(f"an expert was dropped: {f.experts}")
                 if r:
-                    for name, b in before.items():
-                        a = after[name]
-                        if a is not None and b is not None:
-                            cpu_s[side][name] += a - b
                     tokens[side] += f.tokens
-                    per[side].append((f.latency_s - f.ttft_s) / (f.tokens - 1))
+                    per[side].append(steady_s)
                     hits[side] += sum(e.spec_hits for e in f.experts)
                     misses[side] += sum(e.spec_misses for e in f.experts)
         for side in roots:
@@ -143,11 +138,9 @@ async def _per_token(fleet: Fleet, roots: dict[str, str], agents: dict[str, list
                 "spec_hits": hits[side], "spec_misses": misses[side],
                 "spec_hit_rate": (hits[side] / (hits[side] + misses[side])
                                   if hits[side] + misses[side] else None),
-                "cpu_ms_per_fused_token": {name: 1e3 * v / max(1, tokens[side])
-                                           for name, v in cpu_s[side].items()},
+                "cpu_ms_per_fused_token": tallies[side].ms_per_token(tokens[side]),
+                "cpu_floor_ms_per_fused_token": tallies[side].floor_ms_per_token(tokens[side]),
             }
-            out[side]["cpu_floor_ms_per_fused_token"] = (
-                sum(out[side]["cpu_ms_per_fused_token"].values()) / usable_cores())
     finally:
         for side in roots:
             await phones[side].__aexit__(None, None, None)
