@@ -89,8 +89,9 @@ def test_fast_metadata_reader_agrees_with_gguf() -> None:
 def test_bench_experts_are_confident_fine_tunes(tmp_path: Path, real_ggufs: RealGgufs) -> None:
     """The benches' real-vocabulary pair: the base is sure of itself like a trained model (its
     greedy top-1 probability above the agents' speculate_min_p, where the default generator's
-    151,936-token expert is flat and never speculated on), the fine-tune is the base's weights
-    plus a little noise, and both files hold exactly the weights their ExpertFile regenerates."""
+    151,936-token expert is flat and almost never speculated on), the fine-tune is the base's
+    weights plus a little noise, and both files hold exactly the weights their ExpertFile
+    regenerates."""
     import gguf
     import numpy as np
 

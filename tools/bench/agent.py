@@ -119,7 +119,7 @@ def _make_models(work: Path, seed: int) -> list[BenchModel]:
     tiny = gm.make_test_experts(work / "tiny", count=1, seeds=[1000 + seed])[0]
     large = gm.make_large_expert(work / "large", seed=3000 + seed)
     # as sure of itself as a trained model: at the generator's default a 151,936-token expert
-    # is flat (top-1 ~0.03, under speculate_min_p), and the agent never speculated
+    # is flat (top-1 ~0.02, under speculate_min_p), and the agent almost never speculated
     qwen2 = fixtures.make_real_vocab_expert(work / "qwen2", "qwen2", seed=4000 + seed,
                                             logit_std=fixtures.CONFIDENT_LOGIT_STD)
     return [BenchModel(tiny.name, tiny.path, tiny.n_params, "tiny"),

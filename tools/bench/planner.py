@@ -260,7 +260,7 @@ def run_planner_bench(
     dual_sizes = tuple(DUAL_SIZES if relaxation_sizes is None else relaxation_sizes)
     return {"seed": seed, "repeats": repeats, "exact_time_limit_s": exact_time_limit_s,
             "kinds": kinds,
-            # the tightest sample-coupling relaxation vs the optimum (planner_dual.py)
+            # relaxations that couple the samples, vs the optimum (planner_dual.py)
             "relaxation": relaxation_rows(seed, dual_sizes),
             "cli": _cli_check(cli_sizes, seed, cli_repeats) if cli_sizes else [],
             "cli_time_limit_s": CLI_TIME_LIMIT_S}
